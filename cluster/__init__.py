@@ -1,0 +1,1 @@
+"""raylm core: everything the jobs, sweeps and Serve app import."""

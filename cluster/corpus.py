@@ -1,0 +1,522 @@
+"""jobs.prepare's pipeline (raw text -> sharded token blocks) and the Corpus that later stages open.
+
+Ray Data stages: read -> clean -> de-duplicate + split + weight -> tokenize -> pack -> write Parquet.
+A corpus directory holds `shards/*.parquet`, `tokenizer/`, `config.yaml` and `manifest.json`; the
+manifest is written last, so a directory without one is an unfinished or failed corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from pydantic import Field, field_validator
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
+
+from cluster import storage
+from cluster.config import Section
+from cluster.packing import chunk_sentences, pack_blocks, split_of, split_sentences
+from cluster.runs import RunDir, check_name
+from cluster.sources import CorpusError, SourceConfig, source_dataset
+from cluster.text import CHARSETS, DROP_DUPLICATE, DROP_WEIGHT, clean, content_hash, hash_unit
+from cluster.tokenizer import (
+    TokenizerConfig,
+    end_of_document_id,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation")
+MANIFEST = "manifest.json"
+
+
+class CleanConfig(Section):
+    min_chars: int = Field(20, ge=0, description="drop documents shorter than this after normalising")
+    max_chars: int = Field(1_000_000, ge=1, description="drop documents longer than this")
+    dedup: bool = Field(True, description="exact de-duplication by content hash across all sources")
+    charsets: list[str] | None = Field(None, description=f"keep only text mostly in these: {sorted(CHARSETS)}")
+    min_charset_fraction: float = Field(0.9, gt=0, le=1, description="fraction of letters in `charsets`")
+    max_line_mb: float = Field(16, gt=0, description="a longer line in a source file is an error")
+
+    @field_validator("charsets")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if name not in CHARSETS:
+                raise ValueError(f"unknown charset '{name}' (known: {', '.join(sorted(CHARSETS))})")
+        return value
+
+
+class PackConfig(Section):
+    layout: Literal["blocks", "segments"] = Field(
+        "blocks", description="blocks: fixed-length packed rows; segments: sentence-aware chunks (NSP/SOP)"
+    )
+    block_size: int = Field(256, ge=8, le=65536, description="tokens per packed row (blocks layout)")
+    max_segment_tokens: int = Field(
+        253, ge=8, description="tokens per chunk of whole sentences (segments layout)"
+    )
+
+
+class SplitConfig(Section):
+    validation_fraction: float = Field(0.02, ge=0, lt=1, description="share of documents held out")
+    seed: int = Field(0, description="salt of the hash that assigns documents to splits")
+
+
+class OutputConfig(Section):
+    shard_mb: float = Field(64.0, gt=0, description="target size of one Parquet shard (uncompressed)")
+
+
+class PrepareConfig(Section):
+    name: str = Field("corpus", description="corpus name: written to <RAYLM_STORAGE>/prepare/<name>/")
+    sources: list[SourceConfig] = Field(min_length=1, description="where documents come from, mixed by weight")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
+
+# ---------------------------------------------------------------- Ray Data stage functions
+
+
+def _clean_batch(batch: dict[str, Any], clean_cfg: dict, split_cfg: dict) -> dict[str, Any]:
+    texts, drops, hashes, splits = [], [], [], []
+    for text, drop in zip(batch["text"], batch["drop"], strict=True):
+        if drop:
+            cleaned, reason = "", drop
+        else:
+            cleaned, reason = clean(
+                text,
+                clean_cfg["min_chars"],
+                clean_cfg["max_chars"],
+                clean_cfg["charsets"],
+                clean_cfg["min_charset_fraction"],
+            )
+        digest = content_hash(cleaned)
+        texts.append(cleaned)
+        drops.append(reason)
+        hashes.append(digest)
+        splits.append(split_of(digest, split_cfg["validation_fraction"], split_cfg["seed"]))
+    return {**batch, "text": texts, "drop": drops, "hash": hashes, "split": splits}
+
+
+def _select_batch(batch: dict[str, Any], duplicates: set[int], weights: dict[str, float]) -> pa.Table:
+    """Drop duplicates; apply each source's weight as a deterministic number of copies."""
+    keep: list[int] = []
+    for i, (key, source, digest) in enumerate(zip(batch["key"], batch["source"], batch["hash"], strict=True)):
+        if int(key) in duplicates:
+            continue
+        w = weights[source]
+        copies = int(math.floor(w)) + int(hash_unit(digest, salt=7) < w - math.floor(w))
+        keep.extend([i] * copies)
+    idx = np.asarray(keep, dtype=np.int64)
+    cols = ("text", "key", "source", "logprob", "split")
+    return pa.table({c: pa.array(np.asarray(batch[c], dtype=object)[idx] if c in ("text", "source", "split")
+                                  else np.asarray(batch[c])[idx]) for c in cols})
+
+
+def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max_segment_tokens: int) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    texts = [str(t) for t in batch["text"]]
+    n_bytes = [len(t.encode("utf-8")) for t in texts]
+    out: dict[str, Any] = {
+        "split": batch["split"],
+        "key": batch["key"],
+        "n_bytes": n_bytes,
+        "logprob": batch["logprob"],
+    }
+    if layout == "blocks":
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+        out["ids"] = [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        out["n_tokens"] = [len(e.ids) for e in encs]
+        return out
+    # segments: tokenise sentence by sentence so chunk boundaries fall between sentences
+    sentences = [split_sentences(t) for t in texts]
+    flat = [s for doc in sentences for s in doc]
+    encs = iter(tok.encode_batch_fast(flat, add_special_tokens=False))
+    chunks, n_tokens = [], []
+    for doc in sentences:
+        ids = [np.asarray(next(encs).ids, dtype=np.int32) for _ in doc]
+        n_tokens.append(int(sum(len(x) for x in ids)))
+        chunks.append(chunk_sentences(ids, max_segment_tokens))
+    out["ids"] = [np.concatenate([c[0] for c in ch]) if ch else np.zeros(0, np.int32) for ch in chunks]
+    out["chunk_lens"] = [np.asarray([len(c[0]) for c in ch], dtype=np.int32) for ch in chunks]
+    out["chunk_sents"] = [np.asarray([len(c[1]) for c in ch], dtype=np.int32) for ch in chunks]
+    out["sent_starts"] = [
+        np.concatenate([c[1] for c in ch]).astype(np.int32) if ch else np.zeros(0, np.int32) for ch in chunks
+    ]
+    out["n_tokens"] = n_tokens
+    return out
+
+
+def _pack_batch(batch: dict[str, Any], block_size: int, eod_id: int) -> dict[str, Any]:
+    blocks, _tail = pack_blocks(list(batch["ids"]), block_size, eod_id)
+    return {"input_ids": list(blocks)}
+
+
+def _segment_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """One row per chunk of whole sentences, from the per-document encoding of `_tokenize_batch`."""
+    rows_ids, rows_starts, rows_doc = [], [], []
+    cols = ("ids", "chunk_lens", "chunk_sents", "sent_starts", "key")
+    for ids, lens, n_sents, starts, key in zip(*(batch[c] for c in cols), strict=True):
+        tok_off = sent_off = 0
+        for length, n_sent in zip(lens, n_sents, strict=True):
+            rows_ids.append(np.asarray(ids[tok_off : tok_off + length], dtype=np.int32))
+            rows_starts.append(np.asarray(starts[sent_off : sent_off + n_sent], dtype=np.int32))
+            rows_doc.append(int(key))
+            tok_off += int(length)
+            sent_off += int(n_sent)
+    return {"input_ids": rows_ids, "sentence_starts": rows_starts, "doc_id": rows_doc}
+
+
+class _ShardNames(FilenameProvider):
+    """Deterministic shard names: `<split>-<task>.parquet` (Ray's default has a random id)."""
+
+    def __init__(self, split: str):
+        super().__init__(file_format="parquet")
+        self.split = split
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.split}-{task_index:05d}.parquet"
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class _Counts:
+    docs_in: int
+    dropped: dict[str, int]
+    problems: list[str]
+    duplicates: set[int]
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps errors raised in tasks; find our own CorpusError inside, if any."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, CorpusError):
+            return CorpusError(str(seen).splitlines()[-1].removeprefix("cluster.sources.CorpusError: "))
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return exc
+
+
+def _count_and_dedup(cleaned: ray.data.Dataset, dedup: bool, max_problems: int = 50) -> _Counts:
+    """One pass over the small columns on the driver: drop counts, problem notes and the keys of
+    duplicate documents. Exact de-duplication needs a global view; holding 16-byte hashes on the
+    driver costs far less than a shuffle by hash and keeps the corpus order (hence determinism)."""
+    keys, hashes = [], []
+    dropped: Counter[str] = Counter()
+    problems: list[str] = []
+    docs_in = 0
+    for batch in cleaned.select_columns(["key", "hash", "drop", "note"]).iter_batches(batch_format="numpy"):
+        docs_in += len(batch["key"])
+        for key, digest, drop, note in zip(batch["key"], batch["hash"], batch["drop"], batch["note"], strict=True):
+            if drop:
+                dropped[str(drop)] += 1
+                if note and len(problems) < max_problems:
+                    problems.append(f"{note} ({drop})")
+            else:
+                keys.append(int(key))
+                hashes.append(bytes(digest))
+    duplicates: set[int] = set()
+    if dedup:
+        seen: set[bytes] = set()
+        for i in np.argsort(np.asarray(keys, dtype=np.int64), kind="stable"):
+            if hashes[i] in seen:
+                duplicates.add(keys[i])
+            else:
+                seen.add(hashes[i])
+    dropped[DROP_DUPLICATE] = len(duplicates)
+    return _Counts(docs_in, dict(dropped), problems, duplicates)
+
+
+def _split_stats(tokenized: ray.data.Dataset) -> dict[str, dict[str, float]]:
+    stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "logprob": 0.0, "synthetic_docs": 0} for s in SPLITS}
+    cols = ["split", "n_tokens", "n_bytes", "logprob"]
+    for batch in tokenized.select_columns(cols).iter_batches(batch_format="numpy"):
+        for split, n_tok, n_bytes, lp in zip(*(batch[c] for c in cols), strict=True):
+            s = stats[str(split)]
+            s["documents"] += 1
+            s["tokens"] += int(n_tok)
+            s["bytes"] += int(n_bytes)
+            if not math.isnan(lp):
+                s["logprob"] += float(lp)
+                s["synthetic_docs"] += 1
+    return stats
+
+
+def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_split(ds: ray.data.Dataset, out_dir: str, split: str, rows_per_shard: int) -> list[dict]:
+    ds = ds.materialize()
+    rows = ds.count()
+    if rows == 0:
+        return []
+    split_dir = storage.join(out_dir, split)
+    # OVERWRITE (the split's folder is ours alone) lets shard names carry no random write id.
+    ds.repartition(max(1, math.ceil(rows / rows_per_shard))).write_parquet(
+        split_dir, filename_provider=_ShardNames(split), mode=SaveMode.OVERWRITE
+    )
+    fs, base = storage.filesystem(split_dir)
+    shards = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.path):
+        name = os.path.basename(info.path)
+        if name.startswith(split + "-") and name.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                n = pq.ParquetFile(f).metadata.num_rows
+            shards.append({"file": f"shards/{split}/{name}", "split": split, "rows": n,
+                           "sha256": _file_sha256(fs, info.path)})
+    return shards
+
+
+def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset, workdir: str):
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+        log.info("reusing tokenizer %s", cfg.tokenizer.path)
+    else:
+        sample = kept.filter(expr="split == 'train'").limit(cfg.tokenizer.train_docs).select_columns(["text"])
+        texts = [r["text"] for r in sample.take_all()]
+        if not texts:
+            raise CorpusError("no training documents to train the tokenizer on (all were held out)")
+        log.info("training a %s tokenizer (vocab %d) on %d documents", cfg.tokenizer.kind,
+                 cfg.tokenizer.vocab_size, len(texts))
+        tok = train_tokenizer(texts, cfg.tokenizer)
+    if cfg.pack.layout == "segments" and (tok.cls_token_id is None or tok.sep_token_id is None):
+        raise CorpusError("pack.layout 'segments' needs a tokenizer with [CLS] and [SEP] (tokenizer.kind: wordpiece)")
+    local = os.path.join(workdir, "tokenizer")
+    save_tokenizer(tok, local)
+    return tok, local
+
+
+def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (also written as summary.json)."""
+    t0 = time.time()
+    run = RunDir("prepare", cfg.name, root).create()
+    # A re-run replaces the corpus: remove the completion marker first so that nothing
+    # half-written ever looks complete.
+    for marker in (MANIFEST, "summary.json"):
+        if storage.exists(run.file(marker)):
+            fs, p = storage.filesystem(run.file(marker))
+            fs.delete_file(p)
+    storage.delete_dir(run.file("shards"))
+    run.write_config(cfg)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    try:
+        max_line = int(cfg.clean.max_line_mb * 2**20)
+        datasets = [source_dataset(s, i, max_line) for i, s in enumerate(cfg.sources)]
+        raw = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        log.info("stage 1/4: read + clean")
+        cleaned = raw.map_batches(
+            _clean_batch,
+            fn_kwargs={"clean_cfg": cfg.clean.to_dict(), "split_cfg": cfg.split.to_dict()},
+            batch_size=512,
+        ).materialize()
+        counts = _count_and_dedup(cleaned, cfg.clean.dedup)
+        weights = {s.label: s.weight for s in cfg.sources}
+        kept = cleaned.map_batches(
+            _select_batch,
+            fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
+            batch_size=2048,
+            batch_format="numpy",
+        ).materialize()
+        n_kept = kept.count()
+        if n_kept == 0:
+            raise CorpusError(
+                f"corpus '{cfg.name}' is empty after filtering: {counts.docs_in} documents in, dropped "
+                + ", ".join(f"{k}={v}" for k, v in sorted(counts.dropped.items()) if v)
+            )
+
+        with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
+            log.info("stage 2/4: tokenizer")
+            tok, tok_local = _tokenizer(cfg, kept, workdir)
+            eod = end_of_document_id(tok)
+            log.info("stage 3/4: tokenize")
+            tokenized = kept.map_batches(
+                _tokenize_batch,
+                fn_kwargs={"tokenizer_json": tok.backend_tokenizer.to_str(), "layout": cfg.pack.layout,
+                           "max_segment_tokens": cfg.pack.max_segment_tokens},
+                batch_size=1024,
+            ).materialize()
+            stats = _split_stats(tokenized)
+
+            log.info("stage 4/4: pack + write shards")
+            shards_dir = run.file("shards")
+            shards: list[dict] = []
+            for split in SPLITS:
+                part = tokenized.filter(expr=f"split == '{split}'")
+                if cfg.pack.layout == "blocks":
+                    rows = part.map_batches(
+                        _pack_batch, fn_kwargs={"block_size": cfg.pack.block_size, "eod_id": eod},
+                        batch_size=4096,
+                    )
+                    row_bytes = cfg.pack.block_size * 4
+                else:
+                    rows = part.map_batches(_segment_rows, batch_size=1024)
+                    row_bytes = cfg.pack.max_segment_tokens * 8
+                rows_per_shard = max(1, int(cfg.output.shard_mb * 2**20 // row_bytes))
+                shards += _write_split(rows, shards_dir, split, rows_per_shard)
+            _upload_tokenizer(tok_local, run.file("tokenizer"))
+    except Exception as exc:
+        raise _unwrap(exc) from None
+
+    manifest = _manifest(cfg, counts, n_kept, stats, shards, tok, eod)
+    storage.write_json_atomic(run.file(MANIFEST), manifest)
+    return {
+        "corpus": run.path,
+        "manifest": run.file(MANIFEST),
+        "documents": manifest["documents"],
+        "splits": manifest["splits"],
+        "entropy_floor_bpb": manifest.get("entropy_floor_bpb"),
+        "shards": len(shards),
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+def _upload_tokenizer(local: str, dest: str) -> None:
+    if storage.is_uri(dest):
+        storage.delete_dir(dest)
+        pafs.copy_files(local, dest, source_filesystem=pafs.LocalFileSystem())
+    else:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(local, dest)
+
+
+def _manifest(cfg, counts: _Counts, n_kept, stats, shards, tok, eod) -> dict[str, Any]:
+    splits = {}
+    for split, s in stats.items():
+        rows = sum(sh["rows"] for sh in shards if sh["split"] == split)
+        packed = rows * cfg.pack.block_size if cfg.pack.layout == "blocks" else s["tokens"]
+        splits[split] = {
+            "documents": s["documents"],
+            "tokens": s["tokens"] + (s["documents"] if cfg.pack.layout == "blocks" else 0),  # + end-of-doc
+            "bytes": s["bytes"],
+            "rows": rows,
+            "tokens_packed": packed,
+        }
+    dropped_total = sum(counts.dropped.values())
+    manifest: dict[str, Any] = {
+        "format": "raylm-corpus/1",
+        "name": cfg.name,
+        "layout": cfg.pack.layout,
+        "block_size": cfg.pack.block_size if cfg.pack.layout == "blocks" else None,
+        "max_segment_tokens": cfg.pack.max_segment_tokens if cfg.pack.layout == "segments" else None,
+        "columns": ["input_ids"] if cfg.pack.layout == "blocks" else ["input_ids", "sentence_starts", "doc_id"],
+        "documents": {
+            "in": counts.docs_in,
+            "kept": counts.docs_in - dropped_total,
+            "dropped": counts.dropped,
+            "after_weighting": n_kept,
+        },
+        "problems": counts.problems,
+        "splits": splits,
+        "sources": [s.to_dict() for s in cfg.sources],
+        "tokenizer": {
+            "path": "tokenizer",
+            "kind": cfg.tokenizer.kind if not cfg.tokenizer.path else "reused",
+            "vocab_size": len(tok),
+            "hash": tokenizer_hash(tok),
+            "eod_id": eod,
+        },
+        "shards": shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # The exact entropy floor is known only when every document came from the synthetic generator.
+    floor = {}
+    for split, s in stats.items():
+        if s["documents"] and s["synthetic_docs"] == s["documents"]:
+            floor[split] = -s["logprob"] / math.log(2) / s["bytes"]
+    if floor:
+        manifest["entropy_floor_bpb"] = floor
+    return manifest
+
+
+# ---------------------------------------------------------------- opening a prepared corpus
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus directory, opened by name (under RAYLM_STORAGE/prepare/) or by path."""
+
+    path: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, name_or_path: str, root: str | None = None) -> Corpus:
+        candidates = [name_or_path]
+        if "/" not in name_or_path and not storage.is_uri(name_or_path):
+            candidates.insert(0, storage.join(root or storage.storage_root(), "prepare", name_or_path))
+        for path in candidates:
+            if storage.exists(storage.join(path, MANIFEST)):
+                return cls(path, storage.read_json(storage.join(path, MANIFEST)))
+        for path in candidates:
+            if storage.exists(path):
+                raise CorpusError(
+                    f"corpus '{path}' has no {MANIFEST}: its prepare run did not finish; re-run jobs.prepare"
+                )
+        raise CorpusError(
+            f"corpus '{name_or_path}' not found (looked in: {', '.join(candidates)}); "
+            "prepare it with `raylm prepare` or jobs.prepare"
+        )
+
+    @property
+    def layout(self) -> str:
+        return self.manifest["layout"]
+
+    @property
+    def tokenizer_path(self) -> str:
+        return storage.join(self.path, self.manifest["tokenizer"]["path"])
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [storage.join(self.path, s["file"]) for s in self.manifest["shards"] if s["split"] == split]
+
+    def split_info(self, split: str) -> dict[str, Any]:
+        return self.manifest["splits"][split]
+
+    def bytes_per_token(self, split: str) -> float:
+        """Raw bytes represented by one packed token, for bits-per-byte from summed nats."""
+        info = self.split_info(split)
+        return info["bytes"] / max(1, info["tokens"])
+
+    def entropy_floor(self, split: str = "validation") -> float | None:
+        return (self.manifest.get("entropy_floor_bpb") or {}).get(split)
+
+    def local_tokenizer_dir(self) -> str:
+        """A local directory holding the tokenizer (downloaded once from a URI corpus)."""
+        if not storage.is_uri(self.path):
+            return self.tokenizer_path
+        local = os.path.join(tempfile.gettempdir(), "raylm-tokenizers", self.manifest["tokenizer"]["hash"])
+        if not os.path.exists(os.path.join(local, "tokenizer.json")):
+            pafs.copy_files(self.tokenizer_path, local, destination_filesystem=pafs.LocalFileSystem())
+        return local

@@ -1,0 +1,76 @@
+"""What every entry point shares: parse `--config/--set`, print the resolved config, connect to
+Ray, run, write summary.json and print its path as the last line. Known bad input exits non-zero
+with one clear message instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from cluster.config import ConfigError, Section, load_config
+
+T = TypeVar("T", bound=Section)
+log = logging.getLogger("raylm")
+
+
+class JobError(RuntimeError):
+    """A job failed for a reason the user can act on; the message says what and where."""
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    p.add_argument(
+        "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+    return p
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("RAYLM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from cluster.sources import CorpusError
+
+    return (ConfigError, JobError, CorpusError, FileNotFoundError, PermissionError)
+
+
+def run_job(
+    name: str,
+    config_cls: type[T],
+    argv: list[str] | None,
+    run: Callable[[T], str],
+    description: str,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    config_from_args: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
+) -> int:
+    """Parse, build the config, call `run(config) -> summary path`, print it last."""
+    p = parser(f"python -m jobs.{name}", description)
+    if extra_args:
+        extra_args(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        sets = list(args.set)
+        if config_from_args:
+            sets = [f"{k}={v}" for k, v in config_from_args(args).items()] + sets
+        cfg = load_config(config_cls, args.config, sets)
+        print(f"# resolved config ({name})\n{cfg.to_yaml()}", flush=True)
+        summary_path = run(cfg)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2 if isinstance(exc, ConfigError) else 1
+    print(summary_path, flush=True)
+    return 0

@@ -1,0 +1,80 @@
+"""Packing tokenized documents into training rows, and the deterministic train/validation split.
+
+Two layouts, recorded in the manifest as `layout`:
+- "blocks": documents joined with an end-of-document token and cut into fixed-length blocks, no
+  padding (causal LMs, MLM-only encoders). The tail shorter than a block is dropped and counted.
+- "segments": one row per document chunk of whole sentences, with token offsets of each sentence,
+  for pair objectives (NSP, SOP) that need to know where sentences start.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from cluster.text import hash_unit
+
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+")
+
+
+def pack_blocks(docs: list[np.ndarray], block_size: int, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate docs, each followed by `eod_id`, into (N, block_size) blocks; returns the
+    blocks and the leftover tail so callers can count every token."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    parts: list[np.ndarray] = []
+    eod = np.array([eod_id], dtype=np.int32)
+    for ids in docs:
+        parts.append(np.asarray(ids, dtype=np.int32))
+        parts.append(eod)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    n = len(stream) // block_size
+    return stream[: n * block_size].reshape(n, block_size), stream[n * block_size :]
+
+
+def split_of(digest: bytes, validation_fraction: float, seed: int) -> str:
+    """'validation' or 'train' from the document's content hash: stable across runs and machines."""
+    return "validation" if hash_unit(digest, salt=seed) < validation_fraction else "train"
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences at ., ! or ? (and their CJK forms) followed by whitespace; newlines too."""
+    out: list[str] = []
+    for para in text.split("\n"):
+        out.extend(s for s in _SENTENCE_END_RE.split(para.strip()) if s)
+    return out
+
+
+def chunk_sentences(
+    sentence_ids: list[np.ndarray], max_tokens: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Greedily group whole sentences into chunks of <= max_tokens tokens.
+
+    Returns (input_ids, sentence_starts) per chunk; a sentence longer than max_tokens is cut into
+    max_tokens pieces, each its own "sentence", so no token is lost.
+    """
+    pieces: list[np.ndarray] = []
+    for ids in sentence_ids:
+        ids = np.asarray(ids, dtype=np.int32)
+        for start in range(0, max(len(ids), 1), max_tokens):
+            if len(ids[start : start + max_tokens]):
+                pieces.append(ids[start : start + max_tokens])
+    chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    cur: list[np.ndarray] = []
+    cur_len = 0
+    for piece in pieces:
+        if cur and cur_len + len(piece) > max_tokens:
+            chunks.append(_finish_chunk(cur))
+            cur, cur_len = [], 0
+        cur.append(piece)
+        cur_len += len(piece)
+    if cur:
+        chunks.append(_finish_chunk(cur))
+    return chunks
+
+
+def _finish_chunk(sentences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(s) for s in sentences], dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    return np.concatenate(sentences).astype(np.int32), starts

@@ -1,0 +1,85 @@
+"""The run directory contract: `<storage>/<job>/<run-name>/` with config.yaml, metrics.jsonl and
+summary.json written last. No summary.json means the run did not finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+from cluster import storage
+from cluster.config import Section
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str, key: str = "name") -> str:
+    if not _NAME_RE.match(name or ""):
+        raise ValueError(
+            f"config key '{key}': '{name}' is not a valid run name "
+            "(letters, digits, '.', '_', '-'; at most 128 characters)"
+        )
+    return name
+
+
+def default_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunDir:
+    """One run's directory. Local paths append metrics as they come; URIs buffer and rewrite."""
+
+    def __init__(self, job: str, name: str, root: str | None = None):
+        self.job = job
+        self.name = check_name(name)
+        self.path = storage.join(root or storage_root(), job, name)
+        self._metrics: list[dict[str, Any]] = []
+
+    @property
+    def summary_path(self) -> str:
+        return storage.join(self.path, "summary.json")
+
+    def file(self, *parts: str) -> str:
+        return storage.join(self.path, *parts)
+
+    def create(self) -> RunDir:
+        storage.makedirs(self.path)
+        return self
+
+    def write_config(self, config: Section) -> None:
+        storage.write_text_atomic(self.file("config.yaml"), config.to_yaml())
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, default=float) + "\n"
+        if storage.is_uri(self.path):
+            self._metrics.append(row)
+            body = "".join(json.dumps(r, default=float) + "\n" for r in self._metrics)
+            storage.write_text_atomic(self.file("metrics.jsonl"), body)
+        else:
+            with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(line)
+
+    def has_summary(self) -> bool:
+        return storage.exists(self.summary_path)
+
+    def clear_summary(self) -> None:
+        """A re-run is unfinished until it writes its own summary."""
+        if self.has_summary():
+            fs, p = storage.filesystem(self.summary_path)
+            fs.delete_file(p)
+
+    def write_summary(self, summary: dict[str, Any]) -> str:
+        summary = {"job": self.job, "name": self.name, "run_dir": self.path, **summary}
+        storage.write_json_atomic(self.summary_path, summary)
+        return self.summary_path
+
+
+def storage_root() -> str:
+    return storage.storage_root()
+
+
+def local_path(path: str) -> str:
+    """A path usable by libraries that need a local directory; URIs are returned unchanged."""
+    return path if storage.is_uri(path) else os.path.abspath(path)

@@ -1,0 +1,101 @@
+"""Storage for every stage: a local path or any pyarrow filesystem URI (s3://, gs://, ...).
+
+`RAYLM_STORAGE` (default `./runs`) is the root; each job writes `<root>/<job>/<run-name>/`.
+Files that mark completion (manifest.json, summary.json) are written atomically: to a temporary
+name and renamed on a local disk, and as a single PUT on object stores (which is atomic there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_root() -> str:
+    root = os.environ.get("RAYLM_STORAGE", "./runs")
+    return root.rstrip("/") if is_uri(root) else os.path.abspath(root.removeprefix("file://"))
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or URI."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    fs, p = filesystem(path)
+    parent = posixpath.dirname(p) if is_uri(path) else os.path.dirname(p)
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    else:
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def delete_dir(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Sorted full paths of files directly inside `path` ending with `suffix`."""
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    names = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if is_uri(path):
+        scheme = path.split("://", 1)[0]
+        return [f"{scheme}://{n}" for n in names]
+    return names

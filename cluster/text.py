@@ -1,0 +1,85 @@
+"""Text cleaning used by jobs.prepare's Ray Data stages: pure functions on one document.
+
+Every function either returns the cleaned text or a drop reason, so counts reconcile:
+documents in = kept + dropped by each reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+# ANSI/VT100 escape sequences (colours, cursor moves) that real logs and scraped text carry.
+_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+# C0/C1 control characters except tab and newline (which whitespace normalisation handles).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SPACES_RE = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
+_NEWLINES_RE = re.compile(r"\n{3,}")
+
+DROP_EMPTY = "empty"
+DROP_TOO_SHORT = "too_short"
+DROP_TOO_LONG = "too_long"
+DROP_CHARSET = "charset"
+DROP_DUPLICATE = "duplicate"
+DROP_UNDECODABLE = "undecodable"
+DROP_WEIGHT = "weight_subsample"
+
+# Unicode script ranges for the optional charset filter. CJK must survive intact by default.
+CHARSETS: dict[str, list[tuple[int, int]]] = {
+    "latin": [(0x0000, 0x024F), (0x1E00, 0x1EFF), (0x2000, 0x206F), (0x20A0, 0x20CF)],
+    "cjk": [(0x3000, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xFF00, 0xFFEF)],
+    "cyrillic": [(0x0400, 0x04FF)],
+}
+
+
+def normalize(text: str) -> str:
+    """NFC, escape/control characters removed, whitespace runs folded, lines stripped."""
+    text = unicodedata.normalize("NFC", text)
+    text = _ANSI_RE.sub("", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL_RE.sub("", text)
+    text = _SPACES_RE.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return _NEWLINES_RE.sub("\n\n", text).strip()
+
+
+def charset_fraction(text: str, charsets: list[str]) -> float:
+    """Fraction of non-space, non-digit, non-punctuation characters inside the given charsets."""
+    ranges = [r for name in charsets for r in CHARSETS[name]]
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return 1.0
+    inside = sum(1 for c in letters if any(lo <= ord(c) <= hi for lo, hi in ranges))
+    return inside / len(letters)
+
+
+def clean(
+    text: str,
+    min_chars: int,
+    max_chars: int,
+    charsets: list[str] | None = None,
+    min_charset_fraction: float = 0.9,
+) -> tuple[str, str]:
+    """(cleaned text, drop reason or "")."""
+    text = normalize(text)
+    if not text:
+        return text, DROP_EMPTY
+    if len(text) < min_chars:
+        return text, DROP_TOO_SHORT
+    if len(text) > max_chars:
+        return text, DROP_TOO_LONG
+    if charsets and charset_fraction(text, charsets) < min_charset_fraction:
+        return text, DROP_CHARSET
+    return text, ""
+
+
+def content_hash(text: str) -> bytes:
+    """16-byte digest used for exact de-duplication and the train/validation split."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def hash_unit(digest: bytes, salt: int = 0) -> float:
+    """Map a content hash to [0, 1) deterministically; `salt` gives independent draws."""
+    h = hashlib.blake2b(digest + salt.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64

@@ -1,0 +1,115 @@
+"""Tokenizers trained on the corpus with the `tokenizers` library, saved as Hugging Face tokenizers.
+
+- byte-level BPE (GPT-2/Llama style) for causal LMs: every byte is in the alphabet, so no
+  character is ever unknown and decode(encode(text)) == text.
+- WordPiece with BERT special tokens for encoders. Words are mapped to byte-level characters
+  before WordPiece, and every byte exists as a word-initial and a `##` piece, so no character is
+  unknown either; decoding re-inserts spaces the BERT way (around punctuation), so it is not exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import Field
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from cluster.config import Section
+
+BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": "<|pad|>"}
+BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                 "mask_token": "[MASK]"}
+
+
+class TokenizerConfig(Section):
+    kind: Literal["bpe", "wordpiece"] = Field("bpe", description="bpe for causal LMs, wordpiece for BERT family")
+    vocab_size: int = Field(4096, ge=300, le=262144, description="target vocabulary size, specials included")
+    train_docs: int = Field(20000, ge=1, description="documents sampled (in corpus order) to train on")
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
+    model_max_length: int = Field(2048, ge=8, description="context length recorded in the tokenizer")
+    path: str | None = Field(None, description="reuse this saved tokenizer directory instead of training")
+
+
+def _train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokenizer, dict[str, str]]:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[BPE_SPECIALS["eos_token"], BPE_SPECIALS["pad_token"]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok, dict(BPE_SPECIALS)
+
+
+def _train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokenizer, dict[str, str]]:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=400))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    specials = list(BERT_SPECIALS.values())
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size - len(alphabet),  # room for the "##<byte>" pieces added below
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    # Byte fallback: a word WordPiece cannot split is mapped whole to [UNK]; having every byte as a
+    # continuation piece means every word can be split, so [UNK] never appears.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for ch in alphabet:
+        for piece in (ch, "##" + ch):
+            vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.ByteLevel()])
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return tok, dict(BERT_SPECIALS)
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
+    tok, specials = (_train_bpe if cfg.kind == "bpe" else _train_wordpiece)(texts, cfg)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=cfg.model_max_length, **specials)
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    tok.save_pretrained(path)
+    return tokenizer_hash(tok)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"tokenizer directory '{path}' has no tokenizer.json")
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
+    """Hash of the vocabulary and merges: two tokenizers with the same hash encode identically."""
+    body = tok.backend_tokenizer.to_str()
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+
+
+def end_of_document_id(tok: PreTrainedTokenizerFast) -> int:
+    """Token appended after each document when packing: EOS for BPE, SEP for WordPiece."""
+    token_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if token_id is None:
+        raise ValueError("tokenizer has neither an eos nor a sep token to mark document ends")
+    return int(token_id)

@@ -1,0 +1,48 @@
+"""jobs.prepare: raw text -> cleaned, de-duplicated, tokenized, packed Parquet shards (Ray Data).
+
+    python -m jobs.prepare --config configs/prepare-synthetic.yaml [--set name=mycorpus]
+    raylm prepare notes/*.txt books.jsonl --name mycorpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster import runtime
+from cluster.corpus import PrepareConfig, prepare
+from cluster.entry import run_job
+from cluster.runs import RunDir
+
+
+def run(cfg: PrepareConfig) -> str:
+    runtime.connect()
+    summary = prepare(cfg)
+    return RunDir("prepare", cfg.name).write_summary(summary)
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", help="files, folders or globs to prepare (instead of a config's sources)")
+    p.add_argument("--name", help="corpus name (default: the config's, or 'corpus')")
+    p.add_argument("--text-column", default=None, help="JSON key / parquet column holding the text")
+
+
+def _from_args(args: argparse.Namespace) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if args.inputs:
+        source = {"kind": "files", "paths": args.inputs}
+        if args.text_column:
+            source["text_column"] = args.text_column
+        out["sources"] = json.dumps([source])
+    if args.name:
+        out["name"] = args.name
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("prepare", PrepareConfig, argv, run, __doc__, _extra, _from_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
