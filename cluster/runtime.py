@@ -25,12 +25,19 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
             ray.init(address=address, **kwargs)
         else:
             ray.init(
-                num_cpus=num_cpus or os.cpu_count(),
+                num_cpus=num_cpus or embedded_cpus(),
                 dashboard_host="127.0.0.1",
                 include_dashboard=os.environ.get("RAYLM_DASHBOARD", "1") != "0",
                 **kwargs,
             )
     return ray.cluster_resources()
+
+
+def embedded_cpus() -> int:
+    """Logical CPUs for the embedded Ray: the machine's cores plus one. Training workers reserve
+    whole CPUs; without the extra slot a worker per core would leave Ray Data's read tasks
+    unschedulable and the run would wait forever. Override with RAYLM_NUM_CPUS."""
+    return int(os.environ.get("RAYLM_NUM_CPUS", (os.cpu_count() or 1) + 1))
 
 
 def is_embedded() -> bool:

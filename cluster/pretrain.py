@@ -1,0 +1,296 @@
+"""jobs.pretrain's core: the typed config, the driver side (datasets, TorchTrainer, summary) and the
+per-worker function that builds the model and runs cluster.train.Loop."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Literal
+
+import ray
+import ray.data
+import ray.train
+from pydantic import Field, field_validator
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster import storage
+from cluster.config import Section
+from cluster.corpus import Corpus
+from cluster.entry import JobError
+from cluster.models import ModelConfig
+from cluster.runs import RunDir, check_name
+from cluster.train import STATE_DIR, Plan
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(16, ge=1, description="rows per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default from epochs or token_budget")
+    epochs: int = Field(1, ge=1, description="passes over the training split (when max_steps/token_budget unset)")
+    token_budget: int | None = Field(None, ge=1, description="total training tokens across workers")
+    log_every: int = Field(10, ge=1, description="steps between training-metric rows")
+    eval_every: int = Field(100, ge=1, description="steps between validation passes")
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per worker")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept (plus the best)")
+    seed: int = Field(0, description="seeds weights, data order and masking")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    shuffle_buffer: int = Field(256, ge=0, description="rows in the local shuffle buffer (0: off)")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (matrices only)")
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each)")
+    use_gpu: bool = Field(False, description="one GPU per worker (times gpus_per_worker)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(1, ge=0, description="GPUs per worker when use_gpu")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: DDP or FSDP")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
+
+    def resources(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker, **self.resources_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+class PretrainConfig(Section):
+    name: str = Field("pretrain", description="run name: <RAYLM_STORAGE>/pretrain/<name>/; same name resumes")
+    corpus: str = Field(description="corpus name (under RAYLM_STORAGE/prepare/) or path")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: unlimited)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def plan_run(cfg: PretrainConfig, corpus: Corpus, run_dir: str) -> Plan:
+    rows = corpus.split_info("train")["rows"]
+    per_rank = rows // cfg.scaling.num_workers
+    steps_per_epoch = per_rank // cfg.train.batch_size // cfg.train.grad_accum
+    if steps_per_epoch < 1:
+        raise JobError(
+            f"corpus '{corpus.path}' has {rows} training rows: too few for {cfg.scaling.num_workers} worker(s) x "
+            f"train.batch_size {cfg.train.batch_size} x train.grad_accum {cfg.train.grad_accum}"
+        )
+    block = corpus.manifest.get("block_size") or corpus.manifest.get("max_segment_tokens") or 0
+    tokens_per_step = cfg.scaling.num_workers * cfg.train.batch_size * cfg.train.grad_accum * block
+    if cfg.train.max_steps:
+        max_steps = cfg.train.max_steps
+    elif cfg.train.token_budget:
+        max_steps = max(1, math.ceil(cfg.train.token_budget / tokens_per_step))
+    else:
+        max_steps = steps_per_epoch * cfg.train.epochs
+    return Plan(
+        run_dir=run_dir,
+        tokenizer_dir=corpus.tokenizer_path,
+        tokenizer_hash=corpus.manifest["tokenizer"]["hash"],
+        bytes_per_token=corpus.bytes_per_token("validation"),
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        epochs=math.ceil(max_steps / steps_per_epoch),
+        tokens_per_step=tokens_per_step,
+    )
+
+
+def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
+    problems = []
+    if corpus.layout == "blocks" and cfg.model.max_len < corpus.manifest["block_size"]:
+        problems.append(
+            f"model.max_len ({cfg.model.max_len}) is shorter than the corpus block_size ({corpus.manifest['block_size']})"
+        )
+    if cfg.model.is_causal and corpus.layout != "blocks":
+        problems.append(f"model.family '{cfg.model.family}' needs a corpus with layout 'blocks', not '{corpus.layout}'")
+    if not corpus.shard_paths("validation"):
+        problems.append(f"corpus '{corpus.path}' has no validation shards (split.validation_fraction is 0)")
+    if problems:
+        raise JobError("; ".join(problems))
+
+
+def check_resources(cfg: PretrainConfig) -> None:
+    """Say so instead of hanging when the cluster cannot hold the workers."""
+    need = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.resources().items()}
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+    if short and os.environ.get("RAYLM_WAIT_FOR_RESOURCES") != "1":
+        detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
+        raise JobError(
+            f"scaling: {cfg.scaling.num_workers} worker(s) need more than the cluster has ({detail}); "
+            "lower scaling.num_workers / cpus_per_worker, or set RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling cluster"
+        )
+
+
+def latest_checkpoint_state(run_dir: str) -> dict | None:
+    if storage.is_uri(run_dir):
+        return None  # Ray Train itself restores; tokenizer mismatch is caught on the worker
+    states = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*", STATE_DIR, "state.json")))
+    if not states:
+        return None
+    with open(states[-1]) as f:
+        return json.load(f)
+
+
+def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.Dataset]:
+    """One dataset per epoch: shard order and block order seeded by (seed, epoch), so an epoch's
+    order is reproducible (resume) and different from the other epochs."""
+    import numpy as np
+
+    shards = corpus.shard_paths("train")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step is noise in job logs
+    out = {}
+    for epoch in range(plan.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+        ds = ray.data.read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
+        out[f"train_{epoch}"] = ds.randomize_block_order(seed=seed * 7919 + epoch)
+    # Validation is small and read at every evaluation: materialise it once in the object store.
+    val = ray.data.read_parquet(corpus.shard_paths("validation"), columns=corpus.manifest["columns"])
+    out["validation"] = val.materialize()
+    return out
+
+
+def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
+    t0 = time.time()
+    corpus = Corpus.open(cfg.corpus, root)
+    check_inputs(cfg, corpus)
+    run = RunDir("pretrain", cfg.name, root)
+    try:
+        run.create()
+        run.write_config(cfg)
+        run.clear_summary()
+    except OSError as exc:
+        raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
+    previous = latest_checkpoint_state(run.path)
+    tok_hash = corpus.manifest["tokenizer"]["hash"]
+    if previous and previous.get("tokenizer_hash") != tok_hash:
+        raise JobError(
+            f"run '{cfg.name}' has checkpoints trained with tokenizer {previous.get('tokenizer_hash')}, but corpus "
+            f"'{cfg.corpus}' uses {tok_hash}: pick another run name or the original corpus"
+        )
+    check_resources(cfg)
+    plan = plan_run(cfg, corpus, run.path)
+    log.info("plan: %d steps (%d per epoch, %d epochs), %d tokens/step%s", plan.max_steps, plan.steps_per_epoch,
+             plan.epochs, plan.tokens_per_step, f"; resuming from step {previous['step']}" if previous else "")
+
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.resources(), placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage.join(root or storage.storage_root(), "pretrain"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=train_datasets(corpus, plan, cfg.train.seed),
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise JobError(f"training failed: {exc}") from None
+    return summarize(cfg, run, plan, corpus, result, t0)
+
+
+def summarize(cfg: PretrainConfig, run: RunDir, plan: Plan, corpus: Corpus, result, t0: float) -> dict[str, Any]:
+    metrics = result.metrics or {}
+    if "nonfinite_loss_step" in metrics:
+        last = metrics.get("last_good_checkpoint_step")
+        ckpt = result.checkpoint.path if result.checkpoint else None
+        raise JobError(
+            f"loss became NaN/inf at step {metrics['nonfinite_loss_step']}; stopped without checkpointing. "
+            f"Last good checkpoint: {ckpt or 'none'} (step {last})"
+        )
+    best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
+    workers = []
+    for path in sorted(glob.glob(os.path.join(run.path, "workers", "rank-*.json"))):
+        with open(path) as f:
+            workers.append(json.load(f))
+    from cluster.plots import plot_curves
+
+    plot = plot_curves(run.file("metrics.jsonl"), run.file("curves.png"))
+    return {
+        "corpus": corpus.path,
+        "steps": metrics.get("step"),
+        "final": {"checkpoint": result.checkpoint.path if result.checkpoint else None,
+                  "metrics": {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("step", "epoch")}},
+        "best": {"checkpoint": best[0].path, "metrics": best[1]} if best else None,
+        "entropy_floor_bpb": corpus.entropy_floor("validation"),
+        "plan": asdict(plan),
+        "workers": workers,
+        "metrics": run.file("metrics.jsonl"),
+        "plot": plot,
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+# ---------------------------------------------------------------- worker
+
+
+def worker_main(config: dict) -> None:
+    """Runs on every Ray Train worker: rebuild typed config, build model + objective, run the loop."""
+    import socket
+
+    import torch
+
+    from cluster.losses import CausalLM
+    from cluster.models import build_model, special_ids
+    from cluster.train import Loop, seed_everything
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    plan = Plan(**config["plan"])
+    ctx = ray.train.get_context()
+    threads = cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    record = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+              "node_ip": ray.util.get_node_ip_address(), "host": socket.gethostname(), "pid": os.getpid()}
+    storage.write_json_atomic(storage.join(plan.run_dir, "workers", f"rank-{record['rank']}.json"), record)
+
+    seed_everything(cfg.train.seed + ctx.get_world_rank())
+    tok_dir = plan.tokenizer_dir
+    if storage.is_uri(tok_dir):
+        tok_dir = Corpus(os.path.dirname(tok_dir), {"tokenizer": {"path": "tokenizer", "hash": plan.tokenizer_hash}}).local_tokenizer_dir()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    model = build_model(cfg.model, len(tokenizer), special_ids(tokenizer), seed=cfg.train.seed)
+    objective = CausalLM(plan.bytes_per_token)
+    loop = Loop(cfg, plan, objective, model, tokenizer)
+    loop.resume()
+    loop.place()
+    loop.run()

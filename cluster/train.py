@@ -1,0 +1,480 @@
+"""The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
+
+Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
+FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
+a resumed run see the same blocks as an uninterrupted one.
+
+Data position: with `preserve_order`, Ray Data's streaming split hands blocks to ranks in a fixed
+order (each block to the rank that has received the fewest rows), and each epoch's order is seeded,
+so (epoch, batches consumed) pins the exact rows. Resume skips that many batches: exact to one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizerFast
+
+from cluster import storage
+from cluster.losses import Objective
+
+log = logging.getLogger(__name__)
+STATE_DIR = "train_state"
+
+
+@dataclass
+class Plan:
+    """Everything the driver computed that workers need; crosses the Ray boundary as a dict."""
+
+    run_dir: str
+    tokenizer_dir: str
+    tokenizer_hash: str
+    bytes_per_token: float
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+    tokens_per_step: int
+
+
+@dataclass
+class TrainState:
+    """Saved with each checkpoint (as JSON) next to the optimizer/scheduler/RNG tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in `epoch`
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    tokenizer_hash: str = ""
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decoupled weight decay on matrices only: no decay on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in embeddings or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Linear warmup to the peak, then cosine or linear decay to min_ratio * peak."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
+
+    return f
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default, fp32 on CPU (CPU bf16 is slower there and less exact)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def unwrap(model: torch.nn.Module) -> Any:
+    return getattr(model, "module", model)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "FullyShardedDataParallel"
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The unsharded weights (on rank 0 for FSDP); None on other FSDP ranks."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+        return model.state_dict()
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    if is_fsdp(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.full_optim_state_dict(model, optimizer, rank0_only=True)
+    return optimizer.state_dict()
+
+
+def save_checkpoint(
+    dirpath: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, optimizer, scheduler,
+    state: TrainState, config: dict,
+) -> None:
+    """A Hugging Face directory (safetensors + config + tokenizer) plus train_state/ beside it.
+
+    Only weights go through safetensors; optimizer/scheduler/RNG tensors are a torch file loaded
+    with weights_only=True (no arbitrary pickle). state.json is written last: a checkpoint without
+    it is incomplete and never resumed from."""
+    weights = full_state_dict(model)
+    inner = unwrap(model)
+    inner.save_pretrained(dirpath, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(dirpath)
+    sd = os.path.join(dirpath, STATE_DIR)
+    os.makedirs(sd, exist_ok=True)
+    torch.save(
+        {
+            "optimizer": optimizer_state(model, optimizer),
+            "scheduler": scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        },
+        os.path.join(sd, "optim.pt"),
+    )
+    with open(os.path.join(sd, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(sd, "state.json"), "w") as f:
+        json.dump(asdict(state), f, indent=2)
+
+
+def load_train_state(dirpath: str) -> TrainState:
+    path = os.path.join(dirpath, STATE_DIR, "state.json")
+    with open(path) as f:
+        data = json.load(f)
+    return TrainState(**data)
+
+
+def restore(ckpt_dir: str, model: torch.nn.Module, optimizer, scheduler, device: torch.device) -> TrainState:
+    """Load weights (safetensors), optimizer, scheduler and RNG from a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    inner = unwrap(model)
+    weights = load_file(os.path.join(ckpt_dir, "model.safetensors"), device="cpu")
+    missing, unexpected = inner.load_state_dict(weights, strict=False)
+    # Tied output embeddings are not stored twice; anything else missing is a real mismatch.
+    missing = [k for k in missing if k not in getattr(inner, "_tied_weights_keys", {}) and "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+    extra = torch.load(os.path.join(ckpt_dir, STATE_DIR, "optim.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng_torch"])
+    return load_train_state(ckpt_dir)
+
+
+# ---------------------------------------------------------------- metrics sinks (rank 0)
+
+
+class MetricsSink:
+    """metrics.jsonl always; TensorBoard for local run dirs; MLflow when MLFLOW_TRACKING_URI is set."""
+
+    def __init__(self, run_dir: str, run_name: str, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.tb = None
+        self.mlflow = None
+        if not enabled:
+            return
+        if not storage.is_uri(run_dir):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            import mlflow
+
+            mlflow.set_experiment("raylm")
+            mlflow.start_run(run_name=run_name)
+            self.mlflow = mlflow
+        self._remote_rows: list[str] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(row) + "\n"
+        path = storage.join(self.run_dir, "metrics.jsonl")
+        if storage.is_uri(path):
+            self._remote_rows.append(line)
+            storage.write_text_atomic(path, "".join(self._remote_rows))
+        else:
+            with open(path, "a") as f:
+                f.write(line)
+        step = int(row["step"])
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "step"}
+        if self.tb:
+            for k, v in numeric.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.mlflow:
+            self.mlflow.log_metrics(numeric, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.mlflow:
+            self.mlflow.end_run()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Loop:
+    """One worker's training run. Built from plain dicts (configs cross the Ray boundary as dicts)."""
+
+    def __init__(self, cfg: Any, plan: Plan, objective: Objective, model: torch.nn.Module,
+                 tokenizer: PreTrainedTokenizerFast):
+        self.cfg, self.plan, self.objective, self.tokenizer = cfg, plan, objective, tokenizer
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.amp = autocast_dtype(cfg.train.precision, self.device)
+        self.model = model
+        opt = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+            fused=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, plan.max_steps, opt.min_lr_ratio)
+        )
+        self.state = TrainState(tokenizer_hash=plan.tokenizer_hash)
+        self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0)
+        self.last_checkpoint_step = -1
+
+    # -- setup
+    def resume(self) -> None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            state = load_train_state(d)
+            if state.tokenizer_hash != self.plan.tokenizer_hash:
+                raise RuntimeError(
+                    f"checkpoint at step {state.step} was trained with tokenizer {state.tokenizer_hash}, "
+                    f"but the corpus uses {self.plan.tokenizer_hash}"
+                )
+            self.state = restore(d, self.model, self.optimizer, self.scheduler, self.device)
+        self.last_checkpoint_step = self.state.step
+        if self.rank == 0:
+            log.info("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch,
+                     self.state.batches_in_epoch)
+
+    def place(self) -> None:
+        strategy = self.cfg.scaling.strategy
+        self.model = ray.train.torch.prepare_model(self.model, parallel_strategy=strategy)
+        if self.cfg.model.compile:
+            self.model = torch.compile(self.model)
+
+    # -- one optimizer step over grad_accum micro-batches
+    def micro_step(self, inputs: dict[str, torch.Tensor], sync: bool) -> dict[str, torch.Tensor]:
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+        with ctx, torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss, stats = self.objective.forward(self.model, inputs)
+            (loss / self.cfg.train.grad_accum).backward()
+        return stats
+
+    def optimizer_step(self) -> float:
+        if is_fsdp(self.model):
+            norm = self.model.clip_grad_norm_(self.cfg.train.max_grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- evaluation over the whole validation split, reduced across ranks
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        shard = ray.train.get_dataset_shard("validation")
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(shard.iter_batches(batch_size=self.cfg.train.batch_size, batch_format="numpy")):
+            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+                break
+            inputs = self.objective.collate(batch, (self.cfg.train.seed, -1, i, self.rank))
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                _, stats = self.objective.forward(self.model, inputs)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.model.train()
+        return self.objective.summarize(all_reduce_sum(sums, self.device))
+
+    # -- checkpoint via ray.train.report (every rank calls report: it is a barrier)
+    def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        metrics = {**metrics, "step": self.state.step, "epoch": self.state.epoch}
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix="raylm-ckpt-")
+        try:
+            if self.rank == 0 or is_fsdp(self.model):
+                # FSDP gathers the full weights collectively; only rank 0 writes them.
+                if self.rank == 0:
+                    save_checkpoint(tmp, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
+                                    self.cfg.to_dict())
+                else:
+                    full_state_dict(self.model)
+                    optimizer_state(self.model, self.optimizer)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{self.state.step:07d}")
+            self.last_checkpoint_step = self.state.step
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def batches(self, epoch: int):
+        """This rank's micro-batches of `epoch`, skipping those consumed before a resume."""
+        shard = ray.train.get_dataset_shard(f"train_{epoch}")
+        skip = self.state.batches_in_epoch if epoch == self.state.epoch else 0
+        it = shard.iter_batches(
+            batch_size=self.cfg.train.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=self.cfg.train.shuffle_buffer or None,
+            local_shuffle_seed=(self.cfg.train.seed * 1_000_003 + epoch * 1009 + self.rank)
+            if self.cfg.train.shuffle_buffer else None,
+            prefetch_batches=2,
+        )
+        for i, batch in enumerate(it):
+            if i >= skip:
+                yield i, batch
+
+    def run(self) -> None:
+        cfg, plan, st = self.cfg.train, self.plan, self.state
+        accum = cfg.grad_accum
+        t_start = time.perf_counter()
+        window = {"t0": time.perf_counter(), "wait": 0.0, "tokens": 0, "stats": {}, "steps": 0, "norm": 0.0}
+        stopped_for_nan = None
+        for epoch in range(st.epoch, plan.epochs):
+            if st.step >= plan.max_steps:
+                break
+            if epoch != st.epoch:
+                st.epoch, st.batches_in_epoch = epoch, 0
+            t_wait = time.perf_counter()
+            micro = 0
+            for i, batch in self.batches(epoch):
+                window["wait"] += time.perf_counter() - t_wait
+                inputs = self.objective.collate(batch, (cfg.seed, epoch, i, self.rank))
+                micro += 1
+                stats = self.micro_step(inputs, sync=micro % accum == 0)
+                for k, v in stats.items():
+                    window["stats"][k] = window["stats"].get(k, 0.0) + float(v)
+                n_tok = int(inputs["input_ids"].numel())
+                window["tokens"] += n_tok
+                st.tokens_seen += n_tok * self.world
+                st.batches_in_epoch = i + 1
+                if micro % accum:
+                    t_wait = time.perf_counter()
+                    continue
+                window["norm"] = self.optimizer_step()
+                st.step += 1
+                window["steps"] += 1
+                stopped_for_nan = self.after_step(window, t_start)
+                if stopped_for_nan is not None or st.step >= plan.max_steps:
+                    break
+                t_wait = time.perf_counter()
+            if stopped_for_nan is not None or st.step >= plan.max_steps:
+                break
+            # The epoch ended on rows; trailing micro-batches that did not fill a step are discarded.
+            self.optimizer.zero_grad(set_to_none=True)
+        if stopped_for_nan is None:
+            self.finish()
+        self.sink.close()
+
+    def after_step(self, window: dict, t_start: float) -> int | None:
+        cfg, st = self.cfg.train, self.state
+        is_log = st.step % cfg.log_every == 0 or st.step == self.plan.max_steps
+        if is_log:
+            summed = all_reduce_sum(window["stats"], self.device)
+            metrics = self.objective.summarize(summed) if summed else {}
+            if not math.isfinite(metrics.get("loss", 0.0)):
+                return self.stop_for_nan(metrics)
+            elapsed = time.perf_counter() - window["t0"]
+            total_elapsed = time.perf_counter() - t_start
+            tok_s = window["tokens"] / max(elapsed, 1e-9)
+            steps_left = self.plan.max_steps - st.step
+            row = {
+                "step": st.step, "epoch": st.epoch, "split": "train",
+                **{f"train_{k}": v for k, v in metrics.items()},
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": window["norm"],
+                "tokens_per_s_worker": tok_s, "tokens_per_s": tok_s * self.world,
+                "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
+                "elapsed_s": total_elapsed,
+                "eta_s": elapsed / max(window["steps"], 1) * steps_left,
+                "tokens_seen": st.tokens_seen,
+            }
+            self.sink.log(row)
+            window.update(t0=time.perf_counter(), wait=0.0, tokens=0, stats={}, steps=0)
+        is_eval = st.step % cfg.eval_every == 0 or st.step == self.plan.max_steps
+        is_ckpt = st.step % cfg.checkpoint_every == 0 or st.step == self.plan.max_steps
+        if is_eval or is_ckpt:
+            val = self.evaluate()
+            if not math.isfinite(val["loss"]):
+                return self.stop_for_nan(val)
+            st.best_val_loss = min(st.best_val_loss, val["loss"])
+            val_metrics = {f"val_{k}": v for k, v in val.items()}
+            self.sink.log({"step": st.step, "epoch": st.epoch, "split": "validation", **val_metrics})
+            st.history.append({"step": st.step, **val_metrics})
+            self.report(val_metrics, checkpoint=is_ckpt)
+        return None
+
+    def stop_for_nan(self, metrics: dict[str, float]) -> int:
+        """All ranks see the same reduced loss, so all stop here together; no checkpoint is written."""
+        step = self.state.step
+        last = self.last_checkpoint_step
+        self.sink.log({"step": step, "split": "error", "nonfinite_loss": True, "last_checkpoint_step": last})
+        ray.train.report({"nonfinite_loss_step": step, "last_good_checkpoint_step": last,
+                          "step": step, "epoch": self.state.epoch})
+        return step
+
+    def finish(self) -> None:
+        if self.last_checkpoint_step != self.state.step:
+            val = self.evaluate()
+            self.report({f"val_{k}": v for k, v in val.items()}, checkpoint=True)
