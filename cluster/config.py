@@ -7,6 +7,7 @@ and reported together, each named by its dotted key, before anything runs.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound="Section")
+_NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -34,19 +36,37 @@ class Section(BaseModel):
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
+    """Set `a.b.0.c` in nested dicts/lists; a numeric part indexes into an existing list."""
+    node: Any = tree
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config key '{key}': '{part}' is not an index of a {len(node)}-item list")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{parts[i - 1]}' is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
 
 
 def parse_overrides(sets: list[str] | None) -> dict[str, Any]:
     """`["optim.lr=3e-4", "data.seed=1"]` -> nested dict; values parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}
+    for key, value in parse_overrides_flat(sets):
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def parse_overrides_flat(sets: list[str] | None) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for item in sets or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -56,8 +76,15 @@ def parse_overrides(sets: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(io.StringIO(raw)) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
-        _set_dotted(tree, key, value)
-    return tree
+        out.append((key, _number(value)))
+    return out
+
+
+def _number(value: Any) -> Any:
+    """PyYAML reads `3e-4` as a string (YAML 1.1 wants `3.0e-4`); users mean a number."""
+    if isinstance(value, str) and _NUMBER_RE.match(value):
+        return float(value)
+    return value
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -109,5 +136,6 @@ def build(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
 def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | None = None) -> T:
     """YAML file (optional) + dotted overrides -> validated config of type `cls`."""
     data = read_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(sets))
+    for key, value in parse_overrides_flat(sets):
+        _set_dotted(data, key, value)
     return build(cls, data, source=str(path) if path else "config")

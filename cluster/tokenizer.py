@@ -76,7 +76,11 @@ def _train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokeni
         for piece in (ch, "##" + ch):
             vocab.setdefault(piece, len(vocab))
     tok = Tokenizer.from_str(json.dumps(spec))
-    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.ByteLevel()])
+    # WordPiece joins words with a literal space, which is not a byte-level character: map it to
+    # the byte-level space so the ByteLevel decoder turns every piece back into bytes.
+    tok.decoder = decoders.Sequence(
+        [decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" ", "Ġ"), decoders.ByteLevel()]
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -1,0 +1,36 @@
+# raylm: `make demo` runs the pipeline on an embedded local Ray; `make test` runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# CPU-only machines get the CPU torch wheel first, so the project install does not pull a
+# multi-GB CUDA build.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install demo test lint bench drills clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if [ -z "$(HAS_GPU)" ]; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m jobs.demo
+
+# pytest exit 5 ("no tests collected") is a failure here, like any other.
+test: install
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check cluster jobs tune serve tests bench
+
+bench: install
+	$(PY) -m bench.prepare
+	$(PY) -m bench.train_overhead
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,60 @@
+"""Shared fixtures. Integration tests share one local Ray per session (starting Ray costs ~10 s
+here) and one small synthetic corpus per layout; unit tests never start Ray."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("raylm-storage"))
+    os.environ["RAYLM_STORAGE"] = root
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_session(storage_root):
+    import ray
+
+    from cluster import runtime
+
+    os.environ.setdefault("RAYLM_DASHBOARD", "0")
+    os.environ.pop("RAY_ADDRESS", None)
+    runtime.connect()
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _prepare(name: str, config: str, sets: list[str]):
+    from cluster.config import load_config
+    from cluster.corpus import Corpus, PrepareConfig
+    from jobs.prepare import run
+
+    cfg = load_config(PrepareConfig, os.path.join(REPO, "configs", config), [f"name={name}", *sets])
+    run(cfg)
+    return Corpus.open(name)
+
+
+@pytest.fixture(scope="session")
+def gpt_corpus(ray_session):
+    """A small byte-level BPE corpus of synthetic documents, in packed 64-token blocks."""
+    return _prepare("t-gpt", "prepare-synthetic.yaml",
+                    ["sources.0.num_docs=3000", "pack.block_size=64", "tokenizer.vocab_size=1024",
+                     "output.shard_mb=0.1", "split.validation_fraction=0.1"])
+
+
+def subprocess_env(ray_address: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,62 @@
+import glob
+import os
+
+import pytest
+
+from cluster.config import ConfigError, load_config, parse_overrides
+from cluster.corpus import PrepareConfig
+from cluster.pretrain import PretrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    tree = parse_overrides(["optim.lr=3e-4", "train.precision=bf16", "scaling.resources_per_worker={a: 1}"])
+    assert tree == {"optim": {"lr": 3e-4}, "train": {"precision": "bf16"},
+                    "scaling": {"resources_per_worker": {"a": 1}}}
+
+
+def test_all_problems_reported_at_once_with_dotted_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("corpus: x\ntrain: {batch_sise: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, path, ["optim.lr=-1", "model.family=gpt9"])
+    msg = str(err.value)
+    assert "'train.batch_sise': unknown key" in msg
+    assert "'optim.lr'" in msg and "'model.family'" in msg
+    assert "3 problem(s)" in msg
+
+
+def test_override_indexes_lists_and_rejects_bad_index():
+    cfg = load_config(PrepareConfig, os.path.join(REPO, "configs/prepare-synthetic.yaml"), ["sources.0.num_docs=7"])
+    assert cfg.sources[0].num_docs == 7
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(PrepareConfig, os.path.join(REPO, "configs/prepare-synthetic.yaml"), ["sources.3.seed=1"])
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PretrainConfig, "nope.yaml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(PretrainConfig, None, ["corpus"])
+
+
+def test_config_roundtrips_through_plain_dict():
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs/gpt-tiny.yaml"))
+    assert PretrainConfig.model_validate(cfg.to_dict()) == cfg
+
+
+def config_class(filename: str):
+    """Which job a shipped config is for, by its name; a config nobody claims fails the test."""
+    stem = os.path.basename(filename)
+    if stem.startswith("prepare-"):
+        return PrepareConfig
+    if stem.split("-")[0] in ("gpt", "llama", "bert", "roberta", "albert"):
+        return PretrainConfig
+    raise AssertionError(f"{stem}: no job claims this config; add it to config_class()")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))), ids=os.path.basename)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(config_class(path), path)
+    assert cfg.to_dict()

@@ -1,0 +1,41 @@
+import numpy as np
+
+from cluster.packing import chunk_sentences, pack_blocks, split_of, split_sentences
+from cluster.text import content_hash
+
+
+def test_every_token_appears_exactly_once_in_order():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(5, 1000, size=rng.integers(1, 300)).astype(np.int32) for _ in range(200)]
+    blocks, tail = pack_blocks(docs, 64, eod_id=0)
+    assert blocks.shape[1] == 64
+    stream = np.concatenate([np.concatenate([d, [0]]) for d in docs])
+    np.testing.assert_array_equal(np.concatenate([blocks.reshape(-1), tail]), stream)
+    assert len(tail) < 64
+
+
+def test_document_boundaries_marked_by_eod():
+    blocks, tail = pack_blocks([np.array([5, 6, 7]), np.array([8, 9])], 3, eod_id=1)
+    assert blocks.tolist() == [[5, 6, 7], [1, 8, 9]]
+    assert tail.tolist() == [1]
+
+
+def test_split_is_deterministic_and_near_fraction():
+    texts = [f"document {i}" for i in range(20000)]
+    a = [split_of(content_hash(t), 0.05, seed=0) for t in texts]
+    assert a == [split_of(content_hash(t), 0.05, seed=0) for t in texts]
+    share = a.count("validation") / len(a)
+    assert abs(share - 0.05) < 0.006
+    b = [split_of(content_hash(t), 0.05, seed=1) for t in texts]
+    assert a != b  # the seed salts the assignment
+
+
+def test_sentences_and_chunks_keep_every_token():
+    assert split_sentences("One. Two! Three?\nFour") == ["One.", "Two!", "Three?", "Four"]
+    sents = [np.arange(n, dtype=np.int32) + 100 * i for i, n in enumerate([5, 7, 20, 3])]
+    chunks = chunk_sentences(sents, max_tokens=12)
+    assert all(len(ids) <= 12 for ids, _ in chunks)
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]),
+                                  np.concatenate([s[:12] if len(s) <= 12 else s for s in sents]))
+    for ids, starts in chunks:
+        assert starts[0] == 0 and all(np.diff(starts) > 0) and starts[-1] < len(ids)

@@ -1,0 +1,50 @@
+import pytest
+
+from cluster.tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+
+ENGLISH = [f"The quick brown fox {i} jumps over the lazy dog near the river bank." for i in range(300)]
+CHINESE = ["这是中文文本，测试一下。", "机器学习模型在集群上训练。"]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_tokenizer(ENGLISH, TokenizerConfig(kind="bpe", vocab_size=400, min_frequency=1))
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    return train_tokenizer(ENGLISH, TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1))
+
+
+@pytest.mark.parametrize("text", ["The quick brown fox.", *CHINESE, "emoji 🙂 and ünïcödé", "tabs\tand  spaces"])
+def test_bpe_roundtrip_is_exact_even_for_unseen_scripts(bpe, text):
+    ids = bpe(text, add_special_tokens=False).input_ids
+    assert bpe.decode(ids) == text
+
+
+def test_bpe_learned_merges_compress_english(bpe):
+    text = ENGLISH[0]
+    assert len(bpe(text).input_ids) < len(text.encode()) / 2
+
+
+@pytest.mark.parametrize("text", ["The quick brown fox.", *CHINESE])
+def test_wordpiece_never_emits_unknown(wordpiece, text):
+    ids = wordpiece(text, add_special_tokens=False).input_ids
+    assert wordpiece.unk_token_id not in ids
+    assert wordpiece.decode(ids).replace(" ", "") == text.replace(" ", "")
+
+
+def test_wordpiece_has_bert_special_tokens_and_template(wordpiece):
+    for attr in ("cls_token", "sep_token", "mask_token", "pad_token", "unk_token"):
+        assert getattr(wordpiece, attr) is not None
+    ids = wordpiece("a b").input_ids
+    assert ids[0] == wordpiece.cls_token_id and ids[-1] == wordpiece.sep_token_id
+
+
+def test_saved_tokenizer_loads_with_transformers_alone(bpe, tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer(bpe, str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again("hello world").input_ids == bpe("hello world").input_ids
+    assert tokenizer_hash(load_tokenizer(str(tmp_path))) == tokenizer_hash(bpe)
