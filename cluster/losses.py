@@ -60,3 +60,90 @@ class CausalLM:
             "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": loss / math.log(2) / self.bytes_per_token,
         }
+
+
+def _sum_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed nats, count, correct) over positions whose label is not -100, in fp32."""
+    flat_logits, flat_labels = logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1)
+    nats = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    valid = flat_labels != -100
+    correct = ((flat_logits.argmax(-1) == flat_labels) & valid).sum()
+    return nats, valid.sum().to(nats.dtype), correct.to(nats.dtype)
+
+
+class MaskedLM:
+    """BERT-family pretraining on sentence-aware chunks: masked-LM, optionally with a pair task
+    (NSP for BERT, SOP for ALBERT). Masking happens here, on the worker, so it is fresh each epoch
+    unless `static` (then it depends only on the example, as in the original BERT)."""
+
+    def __init__(self, tokenizer: Any, pair: str | None, max_len: int, rate: float, whole_word: bool,
+                 static: bool, seed: int):
+        from cluster import objectives
+
+        self.obj = objectives
+        self.special = objectives.SpecialTokens.from_tokenizer(tokenizer)
+        self.word_starts = torch.from_numpy(objectives.word_start_table(tokenizer)) if whole_word else None
+        self.pair, self.max_len, self.rate, self.static, self.seed = pair, max_len, rate, static, seed
+        self.name = "mlm" + (f"+{pair}" if pair else "")
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        return [
+            {"input_ids": np.asarray(ids), "sentence_starts": np.asarray(starts), "doc_id": int(doc)}
+            for ids, starts, doc in zip(batch["input_ids"], batch["sentence_starts"], batch["doc_id"], strict=True)
+        ]
+
+    def _mask(self, ids: torch.Tensor, rows: list[dict], seed: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.static:
+            gen = self.obj.dynamic_mask_generator(*seed)
+            return self.obj.mask_tokens(ids, self.special, self.rate, gen, self.word_starts)
+        masked, labels = [], []
+        for i, row in enumerate(rows):
+            key = int.from_bytes(np.asarray(row["input_ids"][:16], dtype=np.int64).tobytes()[:8], "little") ^ row["doc_id"]
+            gen = self.obj.static_mask_generator(self.seed, key)
+            m, lab = self.obj.mask_tokens(ids[i : i + 1], self.special, self.rate, gen, self.word_starts)
+            masked.append(m)
+            labels.append(lab)
+        return torch.cat(masked), torch.cat(labels)
+
+    def collate(self, batch: dict[str, np.ndarray], seed: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        rows = self._rows(batch)
+        rng = np.random.default_rng([abs(s) for s in seed])
+        if self.pair:
+            arrays = self.obj.build_pairs(rows, self.pair, self.max_len, rng, self.special)
+        else:
+            arrays = self.obj.build_single(rows, self.max_len, self.special)
+        ids = torch.from_numpy(arrays["input_ids"]).long()  # (B, T)
+        masked, labels = self._mask(ids, rows, seed)
+        out = {
+            "input_ids": masked,
+            "attention_mask": torch.from_numpy(arrays["attention_mask"]).long(),
+            "token_type_ids": torch.from_numpy(arrays["token_type_ids"]).long(),
+            "labels": labels,
+        }
+        if self.pair:
+            out["pair_label"] = torch.from_numpy(arrays["pair_label"]).long()
+        return out
+
+    def forward(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    token_type_ids=inputs["token_type_ids"])
+        mlm_logits = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits  # (B, T, V)
+        nats, count, correct = _sum_ce(mlm_logits, inputs["labels"])
+        loss = nats / count.clamp(min=1)
+        stats = {"mlm_nats": nats.detach(), "mlm_tokens": count, "mlm_correct": correct}
+        if self.pair:
+            pair_logits = out.seq_relationship_logits if self.pair == "nsp" else out.sop_logits  # (B, 2)
+            p_nats, p_count, p_correct = _sum_ce(pair_logits, inputs["pair_label"])
+            loss = loss + p_nats / p_count
+            stats |= {"pair_nats": p_nats.detach(), "pair_count": p_count, "pair_correct": p_correct}
+        return loss, stats
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        mlm = sums["mlm_nats"] / max(sums["mlm_tokens"], 1.0)
+        out = {"mlm_loss": mlm, "mlm_accuracy": sums["mlm_correct"] / max(sums["mlm_tokens"], 1.0),
+               "perplexity": math.exp(min(mlm, 50.0)), "loss": mlm}
+        if self.pair:
+            pair = sums["pair_nats"] / max(sums["pair_count"], 1.0)
+            out |= {f"{self.pair}_loss": pair, f"{self.pair}_accuracy": sums["pair_correct"] / max(sums["pair_count"], 1.0),
+                    "loss": mlm + pair}
+        return out

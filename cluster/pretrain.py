@@ -46,6 +46,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     shuffle_buffer: int = Field(256, ge=0, description="rows in the local shuffle buffer (0: off)")
+    trace_data: bool = Field(
+        False, description="append (epoch, batch, hash of its rows) per rank to data_trace/ to audit data order"
+    )
 
 
 class OptimConfig(Section):
@@ -76,10 +79,27 @@ class ScalingSection(Section):
         return res
 
 
+class ObjectiveConfig(Section):
+    """Encoder objectives (ignored by causal LMs, which always predict the next token)."""
+
+    pair: Literal["auto", "none", "nsp", "sop"] = Field(
+        "auto", description="sentence-pair task: auto = NSP for bert, SOP for albert, none for roberta"
+    )
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="share of non-special tokens selected for MLM")
+    whole_word: bool = Field(False, description="select whole words instead of sub-word tokens")
+    static_masking: bool = Field(False, description="fixed mask per example (original BERT) instead of dynamic")
+
+    def pair_task(self, family: str) -> str | None:
+        if self.pair == "auto":
+            return {"bert": "nsp", "albert": "sop"}.get(family)
+        return None if self.pair == "none" else self.pair
+
+
 class PretrainConfig(Section):
     name: str = Field("pretrain", description="run name: <RAYLM_STORAGE>/pretrain/<name>/; same name resumes")
     corpus: str = Field(description="corpus name (under RAYLM_STORAGE/prepare/) or path")
     model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -131,6 +151,23 @@ def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
         )
     if cfg.model.is_causal and corpus.layout != "blocks":
         problems.append(f"model.family '{cfg.model.family}' needs a corpus with layout 'blocks', not '{corpus.layout}'")
+    if not cfg.model.is_causal:
+        pair = cfg.objective.pair_task(cfg.model.family)
+        if corpus.layout != "segments":
+            problems.append(
+                f"objective: model.family '{cfg.model.family}' needs a corpus prepared with pack.layout 'segments' "
+                f"(sentence boundaries{' for ' + pair.upper() if pair else ''}); corpus '{corpus.path}' has '{corpus.layout}'"
+            )
+        elif cfg.model.max_len < corpus.manifest["max_segment_tokens"] + 3:
+            problems.append(f"model.max_len ({cfg.model.max_len}) must hold max_segment_tokens + 3 special tokens")
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(corpus.local_tokenizer_dir())
+        if tok.mask_token is None:
+            problems.append(
+                f"objective: the tokenizer of corpus '{corpus.path}' has no mask token; prepare it with "
+                "tokenizer.kind: wordpiece"
+            )
     if not corpus.shard_paths("validation"):
         problems.append(f"corpus '{corpus.path}' has no validation shards (split.validation_fraction is 0)")
     if problems:
@@ -183,12 +220,6 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
     corpus = Corpus.open(cfg.corpus, root)
     check_inputs(cfg, corpus)
     run = RunDir("pretrain", cfg.name, root)
-    try:
-        run.create()
-        run.write_config(cfg)
-        run.clear_summary()
-    except OSError as exc:
-        raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
     previous = latest_checkpoint_state(run.path)
     tok_hash = corpus.manifest["tokenizer"]["hash"]
     if previous and previous.get("tokenizer_hash") != tok_hash:
@@ -197,6 +228,12 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
             f"'{cfg.corpus}' uses {tok_hash}: pick another run name or the original corpus"
         )
     check_resources(cfg)
+    try:
+        run.create()
+        run.write_config(cfg)
+        run.clear_summary()  # from here until the new summary, the run is unfinished
+    except OSError as exc:
+        raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
     plan = plan_run(cfg, corpus, run.path)
     log.info("plan: %d steps (%d per epoch, %d epochs), %d tokens/step%s", plan.max_steps, plan.steps_per_epoch,
              plan.epochs, plan.tokens_per_step, f"; resuming from step {previous['step']}" if previous else "")
@@ -269,7 +306,7 @@ def worker_main(config: dict) -> None:
 
     import torch
 
-    from cluster.losses import CausalLM
+    from cluster.losses import CausalLM, MaskedLM
     from cluster.models import build_model, special_ids
     from cluster.train import Loop, seed_everything
     from transformers import PreTrainedTokenizerFast
@@ -289,7 +326,12 @@ def worker_main(config: dict) -> None:
         tok_dir = Corpus(os.path.dirname(tok_dir), {"tokenizer": {"path": "tokenizer", "hash": plan.tokenizer_hash}}).local_tokenizer_dir()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     model = build_model(cfg.model, len(tokenizer), special_ids(tokenizer), seed=cfg.train.seed)
-    objective = CausalLM(plan.bytes_per_token)
+    if cfg.model.is_causal:
+        objective = CausalLM(plan.bytes_per_token)
+    else:
+        objective = MaskedLM(tokenizer, cfg.objective.pair_task(cfg.model.family), cfg.model.max_len,
+                             cfg.objective.mask_rate, cfg.objective.whole_word, cfg.objective.static_masking,
+                             cfg.train.seed)
     loop = Loop(cfg, plan, objective, model, tokenizer)
     loop.resume()
     loop.place()

@@ -386,6 +386,16 @@ class Loop:
             if i >= skip:
                 yield i, batch
 
+    def trace(self, epoch: int, index: int, batch: dict[str, np.ndarray]) -> None:
+        import hashlib
+
+        rows = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in batch["input_ids"]])
+        digest = hashlib.sha1(rows.tobytes()).hexdigest()[:16]
+        path = storage.join(self.plan.run_dir, "data_trace", f"rank-{self.rank}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "batch": index, "step": self.state.step, "hash": digest}) + "\n")
+
     def run(self) -> None:
         cfg, plan, st = self.cfg.train, self.plan, self.state
         accum = cfg.grad_accum
@@ -402,6 +412,8 @@ class Loop:
             for i, batch in self.batches(epoch):
                 window["wait"] += time.perf_counter() - t_wait
                 inputs = self.objective.collate(batch, (cfg.seed, epoch, i, self.rank))
+                if cfg.trace_data:
+                    self.trace(epoch, i, batch)
                 micro += 1
                 stats = self.micro_step(inputs, sync=micro % accum == 0)
                 for k, v in stats.items():

@@ -51,7 +51,7 @@ def config_class(filename: str):
     stem = os.path.basename(filename)
     if stem.startswith("prepare-"):
         return PrepareConfig
-    if stem.split("-")[0] in ("gpt", "llama", "bert", "roberta", "albert"):
+    if stem.split("-")[0] in ("gpt", "gpt2", "llama", "bert", "roberta", "albert"):
         return PretrainConfig
     raise AssertionError(f"{stem}: no job claims this config; add it to config_class()")
 

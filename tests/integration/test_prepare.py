@@ -1,0 +1,97 @@
+"""jobs.prepare on the shared local Ray: manifest contract, determinism, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster import storage
+from cluster.corpus import Corpus
+from jobs import prepare as prepare_job
+
+
+def test_manifest_counts_reconcile_and_shards_match(gpt_corpus):
+    m = gpt_corpus.manifest
+    docs, splits = m["documents"], m["splits"]
+    # `after_weighting` is counted from the dataset itself, independently of the drop counters.
+    assert docs["in"] - sum(docs["dropped"].values()) == docs["after_weighting"]
+    assert splits["train"]["documents"] + splits["validation"]["documents"] == docs["after_weighting"]
+    assert splits["validation"]["documents"] > 0.05 * docs["after_weighting"]
+    for shard in m["shards"]:
+        path = os.path.join(gpt_corpus.path, shard["file"])
+        assert pq.ParquetFile(path).metadata.num_rows == shard["rows"]
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
+        assert pq.read_table(path).column("input_ids").to_pylist()[0].__len__() == m["block_size"]
+    for split in ("train", "validation"):
+        s = splits[split]
+        assert s["rows"] == sum(sh["rows"] for sh in m["shards"] if sh["split"] == split)
+        assert s["tokens_packed"] == s["rows"] * m["block_size"]
+        # only the tail of each packing batch is dropped: less than one block per 4096 documents
+        assert 0 <= s["tokens"] - s["tokens_packed"] < m["block_size"] * (s["documents"] // 4096 + 1)
+    assert len(m["shards"]) > 2  # output.shard_mb was set small: several shards per split
+
+
+def test_synthetic_manifest_carries_the_entropy_floor(gpt_corpus):
+    floor = gpt_corpus.manifest["entropy_floor_bpb"]
+    assert set(floor) == {"train", "validation"}
+    assert 0.3 < floor["validation"] < 3.0
+
+
+def test_tokenizer_saved_beside_shards_loads_with_transformers(gpt_corpus):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt_corpus.tokenizer_path)
+    assert len(tok) == gpt_corpus.manifest["tokenizer"]["vocab_size"]
+    assert tok.eos_token_id == gpt_corpus.manifest["tokenizer"]["eod_id"]
+
+
+def test_rerun_reproduces_identical_shards(gpt_corpus, ray_session):
+    cfg_path = os.path.join(gpt_corpus.path, "config.yaml")
+    assert prepare_job.main(["--config", cfg_path, "--set", "name=t-gpt-again"]) == 0
+    again = Corpus.open("t-gpt-again")
+    strip = lambda m: [(os.path.basename(s["file"]), s["rows"], s["sha256"]) for s in m["shards"]]  # noqa: E731
+    assert strip(again.manifest) == strip(gpt_corpus.manifest)
+    assert again.manifest["tokenizer"]["hash"] == gpt_corpus.manifest["tokenizer"]["hash"]
+
+
+def test_files_cli_counts_every_dropped_document(tmp_path, ray_session, capsys):
+    good = [{"text": f"Document number {i} talks about clusters and models at length."} for i in range(40)]
+    lines = [json.dumps(d).encode() for d in good]
+    lines += [lines[0], lines[1]]  # two exact duplicates
+    lines += [json.dumps({"text": "tiny"}).encode()]  # too short
+    lines += [b'{"text": "broken \xff bytes here, long enough to keep"}']  # undecodable
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "notes.txt").write_text("\x1b[1mBold\x1b[0m note, 中文也可以保留下来。 " * 3)
+    rc = prepare_job.main([str(tmp_path / "a.jsonl"), str(tmp_path / "*.txt"), "--name", "t-files",
+                           "--set", "tokenizer.vocab_size=300", "--set", "split.validation_fraction=0.2"])
+    assert rc == 0
+    summary_path = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary_path.endswith("prepare/t-files/summary.json")
+    m = Corpus.open("t-files").manifest
+    assert m["documents"]["in"] == 45
+    assert m["documents"]["dropped"] == {"duplicate": 2, "too_short": 1, "undecodable": 1}
+    assert m["documents"]["after_weighting"] == 41
+    assert any("a.jsonl:45: invalid UTF-8" in p for p in m["problems"])
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: (d / "x.txt").write_bytes(b"\x00\x01binary\x00" * 100), "x.txt: looks like a binary file"),
+        (lambda d: (d / "x.txt").write_text("short"), "is empty after filtering"),
+    ],
+    ids=["missing", "binary", "empty-after-filtering"],
+)
+def test_bad_input_fails_clearly_and_writes_no_manifest(tmp_path, ray_session, capsys, setup, message):
+    setup(tmp_path)
+    rc = prepare_job.main([str(tmp_path / "x.txt"), "--name", "t-bad"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err
+    assert "Traceback" not in err
+    assert not storage.exists(os.path.join(os.environ["RAYLM_STORAGE"], "prepare", "t-bad", "manifest.json"))

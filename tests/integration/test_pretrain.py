@@ -1,0 +1,233 @@
+"""jobs.pretrain on the shared local Ray: learning, HF-loadable checkpoints, exact resume, worker
+failure recovery and each bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from cluster.config import load_config
+from cluster.pretrain import PretrainConfig
+from jobs import pretrain as pretrain_job
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+# A small, fast setting on the 64-token test corpus; tests override what they exercise.
+BASE = ["corpus=t-gpt", "model.max_len=64", "train.batch_size=8", "train.log_every=5", "train.eval_batches=8",
+        "optim.warmup_steps=5", "scaling.threads_per_worker=1"]
+
+
+def config(name: str, *sets: str) -> PretrainConfig:
+    return load_config(PretrainConfig, os.path.join(REPO, "configs", "gpt-tiny.yaml"), [f"name={name}", *BASE, *sets])
+
+
+def run_dir(name: str) -> str:
+    return os.path.join(os.environ["RAYLM_STORAGE"], "pretrain", name)
+
+
+def summary(name: str) -> dict:
+    with open(os.path.join(run_dir(name), "summary.json")) as f:
+        return json.load(f)
+
+
+def metrics(name: str, split: str) -> list[dict]:
+    with open(os.path.join(run_dir(name), "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r.get("split") == split]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(gpt_corpus):
+    cfg = config("t-2w", "scaling.num_workers=2", "train.max_steps=40", "train.eval_every=10",
+                 "train.checkpoint_every=20")
+    pretrain_job.run(cfg)
+    return summary("t-2w")
+
+
+def test_two_workers_lower_validation_loss(two_worker_run):
+    val = metrics("t-2w", "validation")
+    assert [r["step"] for r in val] == [10, 20, 30, 40]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.3
+    assert {w["rank"] for w in two_worker_run["workers"]} == {0, 1}
+    train = metrics("t-2w", "train")
+    for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_worker", "data_wait_fraction", "eta_s"):
+        assert key in train[-1]
+    assert os.path.exists(os.path.join(run_dir("t-2w"), "curves.png"))
+    assert glob.glob(os.path.join(run_dir("t-2w"), "tensorboard", "events.out.tfevents.*"))
+
+
+def test_summary_names_final_and_best_checkpoints(two_worker_run):
+    final, best = two_worker_run["final"], two_worker_run["best"]
+    assert final["checkpoint"].endswith("checkpoint_0000040")
+    assert final["metrics"]["step"] == 40
+    assert best["metrics"]["val_loss"] <= final["metrics"]["val_loss"] + 1e-9
+    # keep_checkpoints=2: only the two newest (the best among them) remain
+    kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir("t-2w"), "checkpoint_*")))
+    assert kept == ["checkpoint_0000020", "checkpoint_0000040"]
+
+
+def test_checkpoint_loads_and_generates_with_transformers_alone(two_worker_run):
+    script = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {two_worker_run["final"]["checkpoint"]!r}
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        ids = tok("The", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids.shape[1]
+        assert not any(m == "cluster" or m.startswith(("cluster.", "jobs", "raylm")) for m in sys.modules)
+        print("GENERATED", repr(tok.decode(out[0])))
+    """)
+    # -I: isolated mode, so neither the repo nor its path entries are importable.
+    out = subprocess.run([PYTHON, "-I", "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "GENERATED" in out.stdout
+    files = os.listdir(two_worker_run["final"]["checkpoint"])
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pkl")) for f in files)
+
+
+def _trace(name: str) -> dict[tuple[int, int], str]:
+    with open(os.path.join(run_dir(name), "data_trace", "rank-0.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {(r["epoch"], r["batch"]): r["hash"] for r in rows}
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _submit(cfg: PretrainConfig, ray_address: str) -> subprocess.Popen:
+    """The job as `ray job submit` runs it: a driver process joining the cluster via RAY_ADDRESS."""
+    path = os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.yaml")
+    with open(path, "w") as f:
+        f.write(cfg.to_yaml())
+    return subprocess.Popen([PYTHON, "-m", "jobs.pretrain", "--config", path], cwd=REPO,
+                            env=subprocess_env(ray_address), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_killed_run_resumes_at_its_checkpoint_and_sees_the_same_blocks(gpt_corpus, ray_session):
+    sets = ["train.max_steps=24", "train.checkpoint_every=8", "train.eval_every=8", "train.trace_data=true",
+            "train.epochs=1"]
+    pretrain_job.run(config("t-ref", *sets))
+    reference = _trace("t-ref")
+
+    victim = _submit(config("t-resume", *sets, "train.log_every=1"), ray_session)
+    try:
+        _wait_for(lambda: glob.glob(os.path.join(run_dir("t-resume"), "checkpoint_0000008", "train_state")),
+                  240, "the first checkpoint")
+        _wait_for(lambda: len(_trace("t-resume")) > 10, 120, "training past the checkpoint")
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    assert not os.path.exists(os.path.join(run_dir("t-resume"), "summary.json"))
+
+    pretrain_job.run(config("t-resume", *sets))
+    s = summary("t-resume")
+    assert s["final"]["metrics"]["step"] == 24
+    with open(os.path.join(run_dir("t-resume"), "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert min(r["step"] for r in rows if r["split"] == "train" and rows.index(r) > 0) >= 1
+    # After the resume, every batch is the one the uninterrupted run saw at the same position.
+    with open(os.path.join(run_dir("t-resume"), "data_trace", "rank-0.jsonl")) as f:
+        resumed = [json.loads(line) for line in f]
+    restart = next(i for i in range(1, len(resumed)) if resumed[i]["batch"] <= resumed[i - 1]["batch"])
+    after = resumed[restart:]
+    assert after[0]["batch"] == 8 and after[0]["step"] == 8  # resumed at the checkpoint's step and position
+    assert {(r["epoch"], r["batch"]): r["hash"] for r in after} == {
+        k: v for k, v in reference.items() if k[1] >= 8
+    }
+    # and the resumed run ends where the uninterrupted one did
+    ref_val = summary("t-ref")["final"]["metrics"]["val_loss"]
+    assert abs(s["final"]["metrics"]["val_loss"] - ref_val) < 1e-3
+
+
+def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_session):
+    cfg = config("t-fail", "scaling.num_workers=2", "train.max_steps=30", "train.checkpoint_every=10",
+                 "train.eval_every=10", "max_failures=2", "train.log_every=1")
+    driver = _submit(cfg, ray_session)
+    try:
+        _wait_for(lambda: glob.glob(os.path.join(run_dir("t-fail"), "checkpoint_0000010", "train_state")),
+                  240, "the first checkpoint")
+        with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
+            victim_pid = json.load(f)["pid"]
+        os.kill(victim_pid, signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, driver.stderr.read().decode()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    s = summary("t-fail")
+    assert s["final"]["metrics"]["step"] == 30
+    with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
+        assert json.load(f)["pid"] != victim_pid  # a new worker finished the run
+
+
+def _main_err(capsys, *argv: str) -> tuple[int, str]:
+    rc = pretrain_job.main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_missing_corpus(ray_session, capsys):
+    rc, err = _main_err(capsys, "--set", "corpus=no-such-corpus", "--set", "name=t-x")
+    assert rc == 1 and "corpus 'no-such-corpus' not found" in err and "Traceback" not in err
+
+
+def test_incomplete_corpus_without_manifest(ray_session, capsys, tmp_path):
+    (tmp_path / "shards").mkdir()
+    rc, err = _main_err(capsys, "--set", f"corpus={tmp_path}", "--set", "name=t-x")
+    assert rc == 1 and "has no manifest.json" in err
+
+
+def test_more_workers_than_resources_fails_fast(gpt_corpus, capsys):
+    t0 = time.time()
+    rc, err = _main_err(capsys, "--config", os.path.join(REPO, "configs/gpt-tiny.yaml"), "--set", "corpus=t-gpt",
+                        "--set", "name=t-big", "--set", "scaling.num_workers=64")
+    assert rc == 1 and "64 worker(s) need more than the cluster has" in err
+    assert time.time() - t0 < 30
+
+
+def test_storage_not_writable(gpt_corpus, capsys, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("RAYLM_STORAGE", str(blocker / "runs"))
+    rc, err = _main_err(capsys, "--set", f"corpus={gpt_corpus.path}", "--set", "name=t-ro")
+    assert rc == 1 and "is not writable" in err
+
+
+def test_nan_loss_stops_and_names_last_good_checkpoint(gpt_corpus, capsys):
+    rc, err = _main_err(capsys, "--config", os.path.join(REPO, "configs/gpt-tiny.yaml"),
+                        *sum([["--set", s] for s in BASE + ["name=t-nan", "train.max_steps=40",
+                              "train.checkpoint_every=5", "train.eval_every=5", "optim.lr=1e4",
+                              "optim.warmup_steps=0", "train.max_grad_norm=1e9"]], []))
+    assert rc == 1, err
+    assert "loss became NaN/inf at step" in err and "Last good checkpoint" in err
+    ckpts = glob.glob(os.path.join(run_dir("t-nan"), "checkpoint_*"))
+    for c in ckpts:  # every checkpoint that exists is finite
+        state = json.load(open(os.path.join(c, "train_state", "state.json")))
+        assert all(v == v for h in state["history"] for k, v in h.items() if k.startswith("val_"))
+
+
+def test_resuming_with_another_tokenizer_is_refused(gpt_corpus, two_worker_run, capsys):
+    from cluster.config import load_config as lc
+    from cluster.corpus import PrepareConfig
+    from jobs import prepare as prepare_job
+
+    other = lc(PrepareConfig, os.path.join(REPO, "configs/prepare-synthetic.yaml"),
+               ["name=t-gpt-other", "sources.0.num_docs=400", "tokenizer.vocab_size=600", "pack.block_size=64",
+                "split.validation_fraction=0.1"])
+    prepare_job.run(other)
+    rc, err = _main_err(capsys, "--config", os.path.join(REPO, "configs/gpt-tiny.yaml"),
+                        *sum([["--set", s] for s in BASE + ["name=t-2w", "corpus=t-gpt-other"]], []))
+    assert rc == 1 and "trained with tokenizer" in err
+    assert summary("t-2w")["final"]["metrics"]["step"] == 40  # the finished run is untouched
