@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -123,10 +124,11 @@ def _clean_batch(batch: dict[str, Any], clean_cfg: dict, split_cfg: dict) -> dic
 
 
 def _select_batch(batch: dict[str, Any], duplicates: set[int], weights: dict[str, float]) -> pa.Table:
-    """Drop duplicates; apply each source's weight as a deterministic number of copies."""
+    """Drop filtered rows and duplicates; apply each source's weight as a deterministic number of copies."""
     keep: list[int] = []
-    for i, (key, source, digest) in enumerate(zip(batch["key"], batch["source"], batch["hash"], strict=True)):
-        if int(key) in duplicates:
+    cols = (batch["key"], batch["source"], batch["hash"], batch["drop"])
+    for i, (key, source, digest, drop) in enumerate(zip(*cols, strict=True)):
+        if drop or int(key) in duplicates:
             continue
         w = weights[source]
         copies = int(math.floor(w)) + int(hash_unit(digest, salt=7) < w - math.floor(w))
@@ -216,13 +218,19 @@ class _Counts:
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """Ray wraps errors raised in tasks; find our own CorpusError inside, if any."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, CorpusError):
-            return CorpusError(str(seen).splitlines()[-1].removeprefix("cluster.sources.CorpusError: "))
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return exc
+    """Ray wraps errors raised in tasks (RayTaskError, UserCodeException); find our CorpusError."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CorpusError) and type(e) is CorpusError:
+            return e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    # Last resort: the remote traceback is flattened into the message.
+    match = re.search(r"cluster\.sources\.CorpusError: (.+)", str(exc))
+    return CorpusError(match.group(1).strip()) if match else exc
 
 
 def _count_and_dedup(cleaned: ray.data.Dataset, dedup: bool, max_problems: int = 50) -> _Counts:

@@ -442,7 +442,8 @@ class Loop:
 
     def after_step(self, window: dict, t_start: float) -> int | None:
         cfg, st = self.cfg.train, self.state
-        is_log = st.step % cfg.log_every == 0 or st.step == self.plan.max_steps
+        # step 1 is always logged: its wall time is the run's time-to-first-step
+        is_log = st.step % cfg.log_every == 0 or st.step == self.plan.max_steps or st.step == 1
         if is_log:
             summed = all_reduce_sum(window["stats"], self.device)
             metrics = self.objective.summarize(summed) if summed else {}
@@ -461,6 +462,7 @@ class Loop:
                 "elapsed_s": total_elapsed,
                 "eta_s": elapsed / max(window["steps"], 1) * steps_left,
                 "tokens_seen": st.tokens_seen,
+                "time": time.time(),
             }
             self.sink.log(row)
             window.update(t0=time.perf_counter(), wait=0.0, tokens=0, stats={}, steps=0)

@@ -75,7 +75,7 @@ def test_files_cli_counts_every_dropped_document(tmp_path, ray_session, capsys):
     assert m["documents"]["in"] == 45
     assert m["documents"]["dropped"] == {"duplicate": 2, "too_short": 1, "undecodable": 1}
     assert m["documents"]["after_weighting"] == 41
-    assert any("a.jsonl:45: invalid UTF-8" in p for p in m["problems"])
+    assert any("a.jsonl:44: invalid UTF-8" in p for p in m["problems"])
 
 
 @pytest.mark.parametrize(

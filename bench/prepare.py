@@ -1,0 +1,80 @@
+"""Prepare throughput (raw MB/s) against the same trained tokenizer's batch encode, same cores.
+
+    python -m bench.prepare [--docs 60000]
+
+Both sides read the same JSONL file and use the same tokenizer (trained once beforehand, reused by
+prepare through tokenizer.path), so the ratio is the cost of raylm's pipeline (reading, cleaning,
+hashing/de-dup, split, packing, Parquet writing, Ray Data scheduling) over bare tokenization.
+Ray's startup is not counted (a job pays it once, see bench.train_overhead for that)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def write_corpus(path: str, docs: int) -> int:
+    from cluster import synthetic
+
+    with open(path, "w") as f:
+        for d in synthetic.documents(docs, seed=123):
+            f.write(json.dumps({"text": d.text}) + "\n")
+    return os.path.getsize(path)
+
+
+def baseline(path: str, tok_dir: str) -> float:
+    """Read JSONL, parse, encode_batch with the Rust tokenizer (all cores): seconds."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    t0 = time.perf_counter()
+    texts: list[str] = []
+    with open(path) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == 4096:
+                tok.encode_batch_fast(texts, add_special_tokens=False)
+                texts = []
+    if texts:
+        tok.encode_batch_fast(texts, add_special_tokens=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--docs", type=int, default=60000)
+    args = p.parse_args()
+    os.environ.setdefault("RAYLM_DASHBOARD", "0")
+    from cluster import runtime
+    from cluster.corpus import PrepareConfig, prepare
+    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+
+    work = tempfile.mkdtemp(prefix="raylm-bench-prepare-")
+    data = os.path.join(work, "corpus.jsonl")
+    size = write_corpus(data, args.docs)
+    texts = [json.loads(line)["text"] for _, line in zip(range(5000), open(data), strict=False)]
+    tok_dir = os.path.join(work, "tokenizer")
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=2048)), tok_dir)
+
+    base_s = baseline(data, tok_dir)
+    runtime.connect()
+    cfg = PrepareConfig.model_validate({
+        "name": "bench", "sources": [{"kind": "files", "paths": [data]}],
+        "tokenizer": {"path": tok_dir}, "pack": {"block_size": 128},
+    })
+    prepare(cfg, root=work)  # warm: Ray worker processes started, imports done
+    t0 = time.perf_counter()
+    prepare(cfg, root=work)
+    raylm_s = time.perf_counter() - t0
+    mb = size / 2**20
+    print(f"| corpus | {args.docs} docs, {mb:.1f} MB raw JSONL |")
+    print(f"| baseline: json + tokenizer.encode_batch (all cores) | {mb / base_s:.2f} MB/s ({base_s:.2f} s) |")
+    print(f"| raylm prepare (Ray Data, reused tokenizer) | {mb / raylm_s:.2f} MB/s ({raylm_s:.2f} s) |")
+    print(f"| ratio (goal >= 0.7) | {base_s / raylm_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""BERT-family pretraining objectives as batch builders: masked LM (token-level or whole-word),
+next sentence prediction (BERT) and sentence order prediction (ALBERT).
+
+Pure numpy/torch, no Ray and no model: training workers apply them to each batch, so dynamic
+masks are fresh every epoch. Pair builders read "segments"-layout rows (see `cluster.packing`):
+`input_ids` without special tokens, `sentence_starts` (offsets of each sentence, first 0) and
+`doc_id` (shared by the chunks of one document).
+
+Label conventions follow Hugging Face so the outputs feed BertForPreTraining/AlbertForPreTraining:
+MLM labels are -100 where no loss is taken; NSP label 0 means "B follows A"; SOP label 0 means
+"in order"; a pair label is -100 for a row that cannot make a valid pair (it still trains MLM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+_BYTE_LEVEL_SPACE = "Ġ"  # the byte-level character a leading space is mapped to
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids the objectives need. `special_ids` is never masked nor drawn as a random replacement;
+    pad/cls/sep/mask are always added to it, so a hand-built instance cannot forget them."""
+
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+    vocab_size: int
+    special_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        ids = {int(i) for i in self.special_ids} | {self.pad_id, self.cls_id, self.sep_id, self.mask_id}
+        object.__setattr__(self, "special_ids", frozenset(ids))  # frozen: normalise once here
+        if self.vocab_size <= len(ids):
+            raise ValueError(f"vocab_size {self.vocab_size} leaves no ordinary token besides the specials")
+        if max(ids) >= self.vocab_size or min(ids) < 0:
+            raise ValueError(f"special ids {sorted(ids)} must lie in [0, vocab_size={self.vocab_size})")
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> SpecialTokens:
+        """From a Hugging Face tokenizer; ValueError naming every missing token (pad, cls, sep, mask)."""
+        found = {name: getattr(tok, f"{name}_token_id", None) for name in ("pad", "cls", "sep", "mask")}
+        missing = [name for name, token_id in found.items() if token_id is None]
+        if missing:
+            names = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " or " + missing[-1]
+            raise ValueError(f"tokenizer has no {names} token")
+        return cls(
+            pad_id=int(found["pad"]),
+            cls_id=int(found["cls"]),
+            sep_id=int(found["sep"]),
+            mask_id=int(found["mask"]),
+            vocab_size=len(tok),  # includes added tokens, unlike tok.vocab_size
+            special_ids=frozenset(int(i) for i in tok.all_special_ids),
+        )
+
+    def replacement_ids(self) -> torch.Tensor:
+        """Ids a selected token may be randomly replaced with: every non-special id. # (V',)"""
+        ids = torch.arange(self.vocab_size)
+        return ids[~torch.isin(ids, torch.tensor(sorted(self.special_ids)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked language modelling
+
+
+def word_start_table(tok) -> np.ndarray:
+    """bool[vocab]: True where a token begins a word, for whole-word masking.
+
+    WordPiece: pieces without the continuation prefix ("##"). Byte-level BPE: pieces starting with
+    the byte-level space "Ġ", so punctuation glued to a word (and the first word of a text, which
+    has no leading space) joins the preceding word: words are whitespace-delimited. Specials are
+    True so they never extend a neighbouring word.
+    """
+    model = tok.backend_tokenizer.model
+    kind = type(model).__name__
+    if kind == "WordPiece":
+        prefix = model.continuing_subword_prefix
+
+        def starts(token: str) -> bool:
+            return not token.startswith(prefix)
+    elif kind == "BPE":
+
+        def starts(token: str) -> bool:
+            return token.startswith(_BYTE_LEVEL_SPACE)
+    else:
+        raise ValueError(f"whole-word masking supports WordPiece and byte-level BPE, not {kind}")
+    vocab = tok.get_vocab()
+    table = np.zeros(max(len(tok), max(vocab.values()) + 1), dtype=bool)
+    for token, token_id in vocab.items():
+        table[token_id] = starts(token)
+    if kind == "BPE" and not table.any():
+        # A BPE without byte-level spaces (e.g. SentencePiece's "▁") would make each row one "word".
+        raise ValueError(f"no token starts with {_BYTE_LEVEL_SPACE!r}: not a byte-level BPE tokenizer")
+    table[list(tok.all_special_ids)] = True
+    return table
+
+
+def _check_mask_args(input_ids: torch.Tensor, rate: float, random_ratio: float, keep_ratio: float) -> None:
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    if random_ratio < 0 or keep_ratio < 0 or random_ratio + keep_ratio > 1:
+        raise ValueError(
+            f"random_ratio {random_ratio} and keep_ratio {keep_ratio} must be >= 0 and sum to <= 1"
+        )
+    if input_ids.ndim != 2 or input_ids.is_floating_point():
+        raise ValueError(
+            f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
+
+
+def _select_words(
+    ids: torch.Tensor,
+    candidate: torch.Tensor,
+    word_starts: torch.Tensor,
+    rate: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Select each whole word with probability `rate`, so each token is selected with probability
+    `rate` too. A word is a start token plus the non-start tokens after it; a continuation token
+    with no start before it (row begins mid-word, or after a special) begins its own word."""
+    prev_candidate = torch.nn.functional.pad(candidate[:, :-1], (1, 0), value=False)  # (B, T)
+    begins = candidate & (word_starts.to(torch.bool)[ids] | ~prev_candidate)  # (B, T)
+    word_index = torch.cumsum(begins.flatten(), 0) - 1  # (B*T,) word of each position, row-major
+    chosen = torch.rand(int(begins.sum()), generator=generator) < rate  # (W,)
+    if chosen.numel() == 0:
+        return torch.zeros_like(candidate)
+    return candidate & chosen[word_index.clamp(min=0)].view_as(candidate)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special: SpecialTokens,
+    rate: float = 0.15,
+    generator: torch.Generator | None = None,
+    word_starts: torch.Tensor | None = None,
+    random_ratio: float = 0.1,
+    keep_ratio: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of a (B, T) batch; returns (masked_ids, labels), both (B, T) long.
+
+    Each non-special token is selected independently with probability `rate` (with `word_starts`,
+    a bool[vocab] tensor, whole words are selected instead). Of the selected, `random_ratio` become
+    a random non-special id, `keep_ratio` stay unchanged and the rest become `mask_id`. labels hold
+    the original id at selected positions and -100 elsewhere; a row may have none selected.
+
+    All draws come from `generator` on the CPU (the result is moved back to input_ids' device), so
+    a batch masked with a generator from `dynamic_mask_generator` is reproducible. For static
+    masking call it per row, input_ids[i:i + 1], with `static_mask_generator(seed, key_i)`.
+    """
+    _check_mask_args(input_ids, rate, random_ratio, keep_ratio)
+    ids = input_ids.detach().to("cpu", torch.long)  # (B, T)
+    candidate = ~torch.isin(ids, torch.tensor(sorted(special.special_ids)))  # (B, T)
+    if word_starts is None:
+        selected = candidate & (torch.rand(ids.shape, generator=generator) < rate)
+    else:
+        selected = _select_words(ids, candidate, word_starts.cpu(), rate, generator)
+
+    # One uniform draw per position splits the selected into [mask | random | keep].
+    action = torch.rand(ids.shape, generator=generator)  # (B, T)
+    to_random = selected & (action >= 1.0 - random_ratio - keep_ratio) & (action < 1.0 - keep_ratio)
+    to_mask = selected & (action < 1.0 - random_ratio - keep_ratio)
+    pool = special.replacement_ids()  # (V',)
+    random_ids = pool[torch.randint(len(pool), ids.shape, generator=generator)]  # (B, T)
+
+    masked = torch.where(to_mask, special.mask_id, torch.where(to_random, random_ids, ids))
+    labels = torch.where(selected, ids, IGNORE_INDEX)
+    return masked.to(input_ids.device), labels.to(input_ids.device)
+
+
+def _seeded(*entropy: int) -> torch.Generator:
+    # SeedSequence mixes the integers so nearby (seed, epoch, step) give unrelated streams. It takes
+    # only non-negative words, so zigzag-map each int (0, -1, 1, -2 -> 0, 1, 2, 3): evaluation passes
+    # epoch=-1, and the map is one-to-one so no two tuples share a stream.
+    words = [2 * x if x >= 0 else -2 * x - 1 for x in map(int, entropy)]
+    state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def static_mask_generator(seed: int, example_key: int) -> torch.Generator:
+    """Generator for static masking (original BERT): same stream for an example in every epoch.
+    `example_key` is a stable id of the example, e.g. its row index or content hash."""
+    return _seeded(seed, 0, example_key)  # the 0/1 tag keeps static and dynamic streams apart
+
+
+def dynamic_mask_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """Generator for dynamic masking (RoBERTa): a fresh stream per (epoch, step, worker rank).
+    Any ints are accepted, e.g. epoch=-1 for evaluation, whose masks then repeat every evaluation."""
+    return _seeded(seed, 1, epoch, step, rank)
+
+
+def mlm_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, count) of argmax predictions at positions whose label is not -100.
+    logits (..., V), labels (...); summing both over batches gives the exact accuracy."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    scored = labels != IGNORE_INDEX
+    correct = (logits.argmax(dim=-1)[scored] == labels[scored]).sum()
+    return int(correct), int(scored.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentence pairs (NSP, SOP) and single segments
+
+
+def _row_parts(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, sentence_starts) of a row, checked: a bad offset would silently misplace A|B."""
+    ids = np.asarray(row["input_ids"], dtype=np.int64)
+    starts = np.asarray(row["sentence_starts"], dtype=np.int64)
+    ok = len(ids) > 0 and len(starts) > 0 and starts[0] == 0 and starts[-1] < len(ids)
+    if not ok or (np.diff(starts) <= 0).any():
+        raise ValueError(
+            f"row of doc_id {row.get('doc_id')}: sentence_starts must start at 0, increase strictly and stay "
+            f"below len(input_ids)={len(ids)}; got {starts[:8].tolist()}{'...' if len(starts) > 8 else ''}"
+        )
+    return ids, starts
+
+
+def _split(ids: np.ndarray, starts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A = sentences[:k], B = sentences[k:] for a random boundary k. A one-sentence row is split at
+    its token midpoint (B is empty for a one-token row)."""
+    cut = int(starts[rng.integers(1, len(starts))]) if len(starts) >= 2 else max(1, len(ids) // 2)
+    return ids[:cut], ids[cut:]
+
+
+def _target_budget(full: int, short_seq_prob: float, rng: np.random.Generator) -> int:
+    """BERT's short_seq_prob: now and then aim for a shorter pair (2 to `full` tokens, at least one
+    per side) so pretraining also sees the short inputs that fine-tuning tasks bring."""
+    return int(rng.integers(2, full + 1)) if rng.random() < short_seq_prob else full
+
+
+def _truncate_pair(a: np.ndarray, b: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shorten the longer side, token by token, until len(a) + len(b) <= budget. A (the earlier
+    text) loses tokens at its start and B at its end, so the A|B junction the pair objectives are
+    about stays intact."""
+    keep_b = min(len(b), max(budget - len(a), budget // 2))
+    keep_a = min(len(a), budget - keep_b)
+    return a[len(a) - keep_a :], b[:keep_b]
+
+
+def _next_rate(parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Chance that a multi-sentence row becomes an NSP positive. One-sentence rows can only be
+    negatives, so the rate rises above 0.5 to keep the batch's expected label mix at 50/50."""
+    multi = sum(len(starts) >= 2 for _, starts in parts)
+    return min(1.0, 0.5 * len(parts) / multi) if multi else 0.0
+
+
+def _other_doc_tail(
+    parts: list[tuple[np.ndarray, np.ndarray]], doc_ids: np.ndarray, i: int, rng: np.random.Generator
+) -> np.ndarray | None:
+    """A random row of another document, from a random sentence to its end; None if the batch
+    holds only this row's document."""
+    others = np.flatnonzero(doc_ids != doc_ids[i])
+    if len(others) == 0:
+        return None
+    ids, starts = parts[int(rng.choice(others))]
+    return ids[int(starts[rng.integers(len(starts))]) :]
+
+
+def _nsp_pair(
+    parts: list[tuple[np.ndarray, np.ndarray]],
+    doc_ids: np.ndarray,
+    i: int,
+    next_rate: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(A, B, label). Label 0: B is the rest of A's row after a sentence boundary. Label 1: B from
+    another document. A one-sentence row has no boundary, so it is a negative with the whole row as
+    A; if the batch also holds no other document it gets label -100 (no pair loss, MLM only) rather
+    than a positive cut mid-sentence. A multi-sentence row with no other document is a positive."""
+    ids, starts = parts[i]
+    if len(starts) >= 2:
+        a, b = _split(ids, starts, rng)
+        other = None if rng.random() < next_rate else _other_doc_tail(parts, doc_ids, i, rng)
+        return (a, b, 0) if other is None else (a, other, 1)
+    other = _other_doc_tail(parts, doc_ids, i, rng)
+    if other is None:
+        return (*_split(ids, starts, rng), IGNORE_INDEX)
+    return ids, other, 1
+
+
+def _sop_pair(
+    ids: np.ndarray, starts: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(A, B, label): consecutive A, B of one row (see `_split`); label 1 asks the caller to swap
+    them, after truncation so the original junction survives in both orders. A one-token row has
+    no order to predict: label -100."""
+    a, b = _split(ids, starts, rng)
+    return a, b, (IGNORE_INDEX if len(b) == 0 else int(rng.random() < 0.5))
+
+
+def _check_pair_args(objective: str, max_len: int, short_seq_prob: float) -> None:
+    problems = []
+    if objective not in ("nsp", "sop"):
+        problems.append(f"objective must be 'nsp' or 'sop', got {objective!r}")
+    if max_len < 5:
+        problems.append(f"max_len must be >= 5 to hold [CLS] A [SEP] B [SEP], got {max_len}")
+    if not 0.0 <= short_seq_prob <= 1.0:
+        problems.append(f"short_seq_prob must be in [0, 1], got {short_seq_prob}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _place_pair(
+    out: dict[str, np.ndarray], i: int, a: np.ndarray, b: np.ndarray, special: SpecialTokens
+) -> None:
+    """Write [CLS] A [SEP] B [SEP] into row i of the (pad-filled) output arrays."""
+    seq = np.concatenate([[special.cls_id], a, [special.sep_id], b, [special.sep_id]])
+    out["input_ids"][i, : len(seq)] = seq
+    out["token_type_ids"][i, len(a) + 2 : len(seq)] = 1  # B and its [SEP]
+    out["attention_mask"][i, : len(seq)] = 1
+
+
+def build_pairs(
+    rows: list[dict],
+    objective: Literal["nsp", "sop"],
+    max_len: int,
+    rng: np.random.Generator,
+    special: SpecialTokens,
+    short_seq_prob: float = 0.1,
+) -> dict[str, np.ndarray]:
+    """One `[CLS] A [SEP] B [SEP]` example per row, padded to max_len.
+
+    A and B split the row at a random sentence boundary. NSP (BERT): B follows A (pair_label 0) or,
+    half the time, is a tail of another row of this batch with a different doc_id (pair_label 1).
+    SOP (ALBERT): pair_label 1 when A and B are swapped. Rows that cannot make a valid pair get
+    pair_label -100, which cross-entropy ignores (see `_nsp_pair`, `_sop_pair`).
+
+    A+B is cut to max_len - 3 tokens, or with probability `short_seq_prob` to a random 2..max_len - 3,
+    by shortening the longer side: A loses its start, B its end (BERT cuts either end at random;
+    keeping the junction keeps "B follows A" true token for token).
+
+    Returns input_ids (N, max_len) int64, token_type_ids (0 for [CLS] A [SEP], 1 for B [SEP], 0 on
+    padding), attention_mask (N, max_len), pair_label (N,), and a_len, b_len (N,): the lengths of
+    the first and second segment as placed.
+    """
+    _check_pair_args(objective, max_len, short_seq_prob)
+    parts = [_row_parts(r) for r in rows]
+    doc_ids = np.array([int(r["doc_id"]) for r in rows], dtype=np.int64) if objective == "nsp" else None
+    next_rate = _next_rate(parts)
+    n = len(rows)
+    out = {
+        "input_ids": np.full((n, max_len), special.pad_id, dtype=np.int64),  # (N, L)
+        "token_type_ids": np.zeros((n, max_len), dtype=np.int64),  # (N, L)
+        "attention_mask": np.zeros((n, max_len), dtype=np.int64),  # (N, L)
+        "pair_label": np.zeros(n, dtype=np.int64),  # (N,)
+        "a_len": np.zeros(n, dtype=np.int64),  # (N,)
+        "b_len": np.zeros(n, dtype=np.int64),  # (N,)
+    }
+    for i in range(n):
+        budget = _target_budget(max_len - 3, short_seq_prob, rng)
+        if doc_ids is not None:
+            a, b, label = _nsp_pair(parts, doc_ids, i, next_rate, rng)
+        else:
+            a, b, label = _sop_pair(*parts[i], rng)
+        a, b = _truncate_pair(a, b, budget)
+        if objective == "sop" and label == 1:
+            a, b = b, a
+        _place_pair(out, i, a, b, special)
+        out["pair_label"][i], out["a_len"][i], out["b_len"][i] = label, len(a), len(b)
+    return out
+
+
+def build_single(rows: list[dict], max_len: int, special: SpecialTokens) -> dict[str, np.ndarray]:
+    """MLM-only examples (RoBERTa): `[CLS] tokens [SEP]`, tokens cut at the end to fit, padded.
+    Returns input_ids, attention_mask and token_type_ids (all zeros), each (N, max_len) int64."""
+    if max_len < 3:
+        raise ValueError(f"max_len must be >= 3 to hold [CLS] x [SEP], got {max_len}")
+    input_ids = np.full((len(rows), max_len), special.pad_id, dtype=np.int64)  # (N, L)
+    attention_mask = np.zeros((len(rows), max_len), dtype=np.int64)  # (N, L)
+    for i, row in enumerate(rows):
+        body = np.asarray(row["input_ids"], dtype=np.int64)[: max_len - 2]
+        seq = np.concatenate([[special.cls_id], body, [special.sep_id]])
+        input_ids[i, : len(seq)] = seq
+        attention_mask[i, : len(seq)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": np.zeros_like(input_ids),
+    }
