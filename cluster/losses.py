@@ -134,7 +134,7 @@ class MaskedLM:
         if self.pair:
             pair_logits = out.seq_relationship_logits if self.pair == "nsp" else out.sop_logits  # (B, 2)
             p_nats, p_count, p_correct = _sum_ce(pair_logits, inputs["pair_label"])
-            loss = loss + p_nats / p_count
+            loss = loss + p_nats / p_count.clamp(min=1)  # a batch may hold no valid pair
             stats |= {"pair_nats": p_nats.detach(), "pair_count": p_count, "pair_correct": p_correct}
         return loss, stats
 

@@ -102,6 +102,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+# Dense bf16 peak FLOP/s per GPU, for model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+
+def flops_per_token(model: torch.nn.Module, n_layer: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM appendix B)."""
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
+    return 6 * n_params + 12 * n_layer * d_model * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -285,6 +302,9 @@ class Loop:
         self.state = TrainState(tokenizer_hash=plan.tokenizer_hash)
         self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0)
         self.last_checkpoint_step = -1
+        n_layer, _, d_model, _ = cfg.model.shape()
+        self.flops_per_token = flops_per_token(model, n_layer, d_model, cfg.model.max_len)
+        self.peak_flops = peak_flops(self.device)
 
     # -- setup
     def resume(self) -> None:
@@ -464,6 +484,8 @@ class Loop:
                 "tokens_seen": st.tokens_seen,
                 "time": time.time(),
             }
+            if self.peak_flops:
+                row["mfu"] = tok_s * self.flops_per_token / self.peak_flops
             self.sink.log(row)
             window.update(t0=time.perf_counter(), wait=0.0, tokens=0, stats={}, steps=0)
         is_eval = st.step % cfg.eval_every == 0 or st.step == self.plan.max_steps

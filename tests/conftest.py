@@ -43,10 +43,9 @@ def _prepare(name: str, config: str, sets: list[str]):
 
 @pytest.fixture(scope="session")
 def gpt_corpus(ray_session):
-    """A small byte-level BPE corpus of synthetic documents, in packed 64-token blocks."""
+    """The demo's corpus recipe (byte-level BPE, 128-token blocks) on fewer documents, in small shards."""
     return _prepare("t-gpt", "prepare-synthetic.yaml",
-                    ["sources.0.num_docs=3000", "pack.block_size=64", "tokenizer.vocab_size=1024",
-                     "output.shard_mb=0.1", "split.validation_fraction=0.1"])
+                    ["sources.0.num_docs=6000", "output.shard_mb=0.2", "split.validation_fraction=0.1"])
 
 
 def subprocess_env(ray_address: str | None = None) -> dict[str, str]:

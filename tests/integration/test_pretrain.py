@@ -19,7 +19,7 @@ from jobs import pretrain as pretrain_job
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 # A small, fast setting on the 64-token test corpus; tests override what they exercise.
-BASE = ["corpus=t-gpt", "model.max_len=64", "train.batch_size=8", "train.log_every=5", "train.eval_batches=8",
+BASE = ["corpus=t-gpt", "train.batch_size=8", "train.log_every=5", "train.eval_batches=8",
         "optim.warmup_steps=5", "scaling.threads_per_worker=1"]
 
 
@@ -43,15 +43,15 @@ def metrics(name: str, split: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_worker_run(gpt_corpus):
-    cfg = config("t-2w", "scaling.num_workers=2", "train.max_steps=40", "train.eval_every=10",
-                 "train.checkpoint_every=20")
+    cfg = config("t-2w", "scaling.num_workers=2", "train.max_steps=100", "train.eval_every=25",
+                 "train.checkpoint_every=50")
     pretrain_job.run(cfg)
     return summary("t-2w")
 
 
 def test_two_workers_lower_validation_loss(two_worker_run):
     val = metrics("t-2w", "validation")
-    assert [r["step"] for r in val] == [10, 20, 30, 40]
+    assert [r["step"] for r in val] == [25, 50, 75, 100]
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.3
     assert {w["rank"] for w in two_worker_run["workers"]} == {0, 1}
     train = metrics("t-2w", "train")
@@ -63,12 +63,12 @@ def test_two_workers_lower_validation_loss(two_worker_run):
 
 def test_summary_names_final_and_best_checkpoints(two_worker_run):
     final, best = two_worker_run["final"], two_worker_run["best"]
-    assert final["checkpoint"].endswith("checkpoint_0000040")
-    assert final["metrics"]["step"] == 40
+    assert final["checkpoint"].endswith("checkpoint_0000100")
+    assert final["metrics"]["step"] == 100
     assert best["metrics"]["val_loss"] <= final["metrics"]["val_loss"] + 1e-9
     # keep_checkpoints=2: only the two newest (the best among them) remain
     kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir("t-2w"), "checkpoint_*")))
-    assert kept == ["checkpoint_0000020", "checkpoint_0000040"]
+    assert kept == ["checkpoint_0000050", "checkpoint_0000100"]
 
 
 def test_checkpoint_loads_and_generates_with_transformers_alone(two_worker_run):
@@ -224,10 +224,23 @@ def test_resuming_with_another_tokenizer_is_refused(gpt_corpus, two_worker_run, 
     from jobs import prepare as prepare_job
 
     other = lc(PrepareConfig, os.path.join(REPO, "configs/prepare-synthetic.yaml"),
-               ["name=t-gpt-other", "sources.0.num_docs=400", "tokenizer.vocab_size=600", "pack.block_size=64",
+               ["name=t-gpt-other", "sources.0.num_docs=400", "tokenizer.vocab_size=600",
                 "split.validation_fraction=0.1"])
     prepare_job.run(other)
     rc, err = _main_err(capsys, "--config", os.path.join(REPO, "configs/gpt-tiny.yaml"),
                         *sum([["--set", s] for s in BASE + ["name=t-2w", "corpus=t-gpt-other"]], []))
     assert rc == 1 and "trained with tokenizer" in err
-    assert summary("t-2w")["final"]["metrics"]["step"] == 40  # the finished run is untouched
+    assert summary("t-2w")["final"]["metrics"]["step"] == 100  # the finished run is untouched
+
+
+def test_tiny_config_learns_to_within_1_5x_of_the_entropy_floor(gpt_corpus):
+    """The shipped gpt-tiny recipe, unchanged but for the corpus, on the synthetic corpus."""
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", "gpt-tiny.yaml"),
+                      ["name=t-learn", "corpus=t-gpt"])
+    pretrain_job.run(cfg)
+    s = summary("t-learn")
+    floor = gpt_corpus.entropy_floor("validation")
+    bpb = s["final"]["metrics"]["val_bits_per_byte"]
+    assert s["entropy_floor_bpb"] == floor
+    assert bpb < 1.5 * floor, f"validation {bpb:.3f} bits/byte vs floor {floor:.3f}"
+    assert bpb > floor * 0.98  # nothing beats the true entropy (up to sampling noise)

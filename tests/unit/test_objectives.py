@@ -1,6 +1,7 @@
 """Batch builders for BERT-family objectives: MLM masking statistics, whole-word masking, mask
-seeding, NSP/SOP pair construction and layout. Statistical checks use > 100k tokens and 4-sigma
-binomial bounds, so they fail by chance with probability ~1e-4 each (and the seeds are fixed)."""
+seeding, NSP/SOP pair construction and layout. Statistical checks use > 100k tokens (or a few
+thousand pairs) and 4-sigma binomial bounds, so each would fail by chance with probability ~1e-4;
+the seeds are fixed, so they do not flake."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from cluster.objectives import (
@@ -30,6 +32,7 @@ WORDS = [
     "".join(WORD_RNG.choice(list("abcdefghijklmnopqrstuvwxyz"), WORD_RNG.integers(2, 13))) for _ in range(400)
 ]
 TEXTS = [" ".join(WORD_RNG.choice(WORDS, 12)) + "." for _ in range(1500)]
+BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
 
 # Synthetic ids for pair tests: content ids are drawn from a large range, so a run of a few ids
 # identifies the row it came from.
@@ -42,9 +45,48 @@ def sigma_bound(n: int, p: float) -> float:
     return 4 * math.sqrt(n * p * (1 - p))
 
 
+def wordpiece_backend(texts: list[str], vocab_size: int) -> Tokenizer:
+    """A BERT-style WordPiece tokenizer with [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4)."""
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = [*BERT_SPECIALS.values(), "[MASK]"]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer)
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return backend
+
+
+def byte_level_bpe_backend(texts: list[str]) -> Tokenizer:
+    """A RoBERTa-style byte-level BPE: a word's first piece carries the byte-level space "Ġ"."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return backend
+
+
 @pytest.fixture(scope="module")
 def wordpiece() -> PreTrainedTokenizerFast:
-    return train_tokenizer(TEXTS, TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1))
+    backend = wordpiece_backend(TEXTS, vocab_size=600)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, mask_token="[MASK]", **BERT_SPECIALS)
+
+
+@pytest.fixture(scope="module")
+def bpe_backend() -> Tokenizer:
+    return byte_level_bpe_backend(TEXTS[:200])
 
 
 @pytest.fixture(scope="module")
@@ -78,28 +120,47 @@ def test_special_tokens_from_wordpiece(wordpiece, special):
         wordpiece.mask_token_id,
     )
     assert special.vocab_size == len(wordpiece)
-    assert special.special_ids == frozenset(wordpiece.all_special_ids)  # [UNK] included
+    assert special.special_ids == frozenset(wordpiece.all_special_ids) == frozenset(range(5))  # [UNK] too
+
+
+def test_special_tokens_from_roberta_style_bpe(bpe_backend):
+    roberta = PreTrainedTokenizerFast(
+        tokenizer_object=bpe_backend,
+        bos_token="<s>",
+        cls_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    special = SpecialTokens.from_tokenizer(roberta)
+    assert (special.cls_id, special.pad_id, special.sep_id, special.mask_id) == (0, 1, 2, 4)
+    table = word_start_table(roberta)
+    assert len(table) == len(roberta)
+    for token, token_id in roberta.get_vocab().items():
+        assert table[token_id] == (token.startswith("Ġ") or token_id in roberta.all_special_ids), token
+    assert (~table).sum() > 50  # plenty of continuation pieces, so the check above means something
+
+
+def test_hand_built_special_tokens_always_protect_pad_cls_sep_mask():
+    special = SpecialTokens(pad_id=0, cls_id=1, sep_id=2, mask_id=3, vocab_size=10)
+    assert special.special_ids == frozenset({0, 1, 2, 3})
+    assert special.replacement_ids().tolist() == list(range(4, 10))
+    with pytest.raises(ValueError, match="vocab_size"):
+        SpecialTokens(pad_id=0, cls_id=1, sep_id=2, mask_id=30, vocab_size=10)
 
 
 def test_from_tokenizer_names_the_missing_mask_token(wordpiece):
-    no_mask = PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece.backend_tokenizer,
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        unk_token="[UNK]",
-    )
+    no_mask = PreTrainedTokenizerFast(tokenizer_object=wordpiece.backend_tokenizer, **BERT_SPECIALS)
     with pytest.raises(ValueError, match="tokenizer has no mask token"):
         SpecialTokens.from_tokenizer(no_mask)
 
 
-def test_from_tokenizer_lists_every_missing_token_of_a_causal_tokenizer():
-    bpe = train_tokenizer(TEXTS[:50], TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
-    with pytest.raises(ValueError, match="no cls, sep or mask token"):
-        SpecialTokens.from_tokenizer(bpe)
-    table = word_start_table(bpe)
-    for token, token_id in bpe.get_vocab().items():
-        assert table[token_id] == (token.startswith("Ġ") or token_id in bpe.all_special_ids)
+def test_from_tokenizer_lists_every_missing_token_of_a_causal_tokenizer(bpe_backend):
+    causal = PreTrainedTokenizerFast(tokenizer_object=bpe_backend, eos_token="</s>", pad_token="<pad>")
+    with pytest.raises(ValueError, match="tokenizer has no cls, sep or mask token"):
+        SpecialTokens.from_tokenizer(causal)
 
 
 def test_word_start_table_for_wordpiece(wordpiece):
@@ -108,6 +169,28 @@ def test_word_start_table_for_wordpiece(wordpiece):
     for token, token_id in wordpiece.get_vocab().items():
         assert table[token_id] == (not token.startswith("##")), token
     assert table[wordpiece.all_special_ids].all()
+    assert (~table).sum() > 100
+
+
+def test_word_start_table_rejects_a_bpe_without_byte_level_spaces():
+    backend = Tokenizer(models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(TEXTS[:50], trainers.BpeTrainer(vocab_size=100, show_progress=False))
+    with pytest.raises(ValueError, match="byte-level"):
+        word_start_table(PreTrainedTokenizerFast(tokenizer_object=backend))
+
+
+def test_the_project_wordpiece_tokenizer_is_supported():
+    # The tokenizer jobs.prepare trains (byte-level characters under WordPiece) is what the
+    # training workers hand to these functions.
+    tok = train_tokenizer(TEXTS[:300], TokenizerConfig(kind="wordpiece", vocab_size=600, min_frequency=1))
+    special = SpecialTokens.from_tokenizer(tok)
+    assert special.mask_id == tok.mask_token_id and special.vocab_size == len(tok)
+    table = word_start_table(tok)
+    ids = tok("abcdefghijk lmnopqrstu", add_special_tokens=False).input_ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert [bool(table[i]) for i in ids] == [not p.startswith("##") for p in pieces]
+    assert sum(table[i] for i in ids) == 2 < len(ids)  # two words, several pieces each
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +204,8 @@ def test_selection_rate_is_binomial(batch, special, rate):
     assert n > 100_000
     selected = int((labels != IGNORE_INDEX).sum())
     assert abs(selected - rate * n) < sigma_bound(n, rate)
-    assert masked.shape == batch.shape and masked.dtype == torch.long
+    assert masked.shape == labels.shape == batch.shape
+    assert masked.dtype == labels.dtype == torch.long
 
 
 def test_replacements_split_80_10_10(batch, special):
@@ -132,25 +216,36 @@ def test_replacements_split_80_10_10(batch, special):
     as_mask = int((masked[selected] == special.mask_id).sum())
     unchanged = int((masked[selected] == batch[selected]).sum())
     # A random replacement equals the original with probability 1/pool.
-    p_collide = 0.1 / (special.vocab_size - len(special.special_ids))
-    p_unchanged = 0.1 + p_collide
+    pool = special.vocab_size - len(special.special_ids)
+    p_unchanged = 0.1 + 0.1 / pool
     assert abs(as_mask - 0.8 * n) < sigma_bound(n, 0.8)
     assert abs(unchanged - p_unchanged * n) < sigma_bound(n, p_unchanged)
-    assert abs((n - as_mask - unchanged) - (0.1 - p_collide) * n) < sigma_bound(n, 0.1)
+    assert abs((n - as_mask - unchanged) - (0.1 - 0.1 / pool) * n) < sigma_bound(n, 0.1)
     assert torch.equal(masked[~selected], batch[~selected])  # unselected positions untouched
 
 
-def test_specials_and_padding_are_never_selected_nor_drawn(batch, special):
+def random_batch(special: SpecialTokens, rows: int, length: int, seed: int) -> torch.Tensor:
+    """(rows, length) uniform ids over the whole vocabulary, so special ids sit anywhere in a row,
+    then a padded tail of random length in each row."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(special.vocab_size, (rows, length), generator=gen)
+    lengths = torch.randint(length // 2, length, (rows, 1), generator=gen)
+    return torch.where(torch.arange(length) < lengths, ids, special.pad_id)
+
+
+def test_specials_and_padding_are_never_selected_nor_drawn(special):
+    ids = random_batch(special, rows=1200, length=128, seed=3)
+    protected = ~candidates(ids, special)
+    assert int((~protected).sum()) > 100_000
+    assert int(protected[:, :64].sum()) > 500  # specials inside the text, not just at the ends
     # Every selected token is replaced at random, so the replacement pool is fully exercised.
     gen = torch.Generator().manual_seed(3)
-    masked, labels = mask_tokens(batch, special, rate=0.9, generator=gen, random_ratio=1.0, keep_ratio=0.0)
-    protected = ~candidates(batch, special)
-    assert (batch == special.pad_id).any() and (batch == special.cls_id).any()
+    masked, labels = mask_tokens(ids, special, rate=0.9, generator=gen, random_ratio=1.0, keep_ratio=0.0)
     assert (labels[protected] == IGNORE_INDEX).all()
-    assert torch.equal(masked[protected], batch[protected])
+    assert torch.equal(masked[protected], ids[protected])
     drawn = masked[labels != IGNORE_INDEX]
     assert not torch.isin(drawn, torch.tensor(sorted(special.special_ids))).any()
-    assert len(drawn.unique()) > 0.9 * (special.vocab_size - len(special.special_ids))
+    assert len(drawn.unique()) == special.vocab_size - len(special.special_ids)  # the whole pool
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0, -0.1, 1.5])
@@ -159,9 +254,11 @@ def test_rate_outside_open_unit_interval_is_rejected(batch, special, rate):
         mask_tokens(batch[:2], special, rate=rate)
 
 
-def test_ratios_that_exceed_one_are_rejected(batch, special):
+def test_bad_ratios_and_shapes_are_rejected(batch, special):
     with pytest.raises(ValueError, match="random_ratio"):
         mask_tokens(batch[:2], special, random_ratio=0.6, keep_ratio=0.5)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        mask_tokens(batch[0], special)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,13 +267,15 @@ def test_ratios_that_exceed_one_are_rejected(batch, special):
 
 def test_dynamic_masks_differ_between_epochs_and_repeat_for_the_same_step(batch, special):
     rows = batch[:64]
-    epoch0 = mask_tokens(rows, special, generator=dynamic_mask_generator(0, epoch=0, step=5, rank=0))
-    again = mask_tokens(rows, special, generator=dynamic_mask_generator(0, epoch=0, step=5, rank=0))
-    epoch1 = mask_tokens(rows, special, generator=dynamic_mask_generator(0, epoch=1, step=5, rank=0))
-    rank1 = mask_tokens(rows, special, generator=dynamic_mask_generator(0, epoch=0, step=5, rank=1))
-    assert torch.equal(epoch0[0], again[0]) and torch.equal(epoch0[1], again[1])
-    assert not torch.equal(epoch0[1], epoch1[1])
-    assert not torch.equal(epoch0[1], rank1[1])
+
+    def labels(epoch: int, rank: int = 0) -> torch.Tensor:
+        return mask_tokens(rows, special, generator=dynamic_mask_generator(0, epoch, step=5, rank=rank))[1]
+
+    assert torch.equal(labels(0), labels(0))
+    assert not torch.equal(labels(0), labels(1))
+    assert not torch.equal(labels(0), labels(0, rank=1))
+    # Evaluation passes epoch=-1: a valid seed, its own masks, the same at every evaluation.
+    assert torch.equal(labels(-1), labels(-1)) and not torch.equal(labels(-1), labels(1))
 
 
 def test_static_masks_are_identical_every_epoch(batch, special):
@@ -190,6 +289,8 @@ def test_static_masks_are_identical_every_epoch(batch, special):
     first, second = epoch_masks(), epoch_masks()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not all(torch.equal(first[0], m) for m in first[1:])  # keys give different masks
+    other_seed = mask_tokens(batch[:1], special, generator=static_mask_generator(10, 0))[1]
+    assert not torch.equal(first[0], other_seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +314,9 @@ def word_spans(ids: list[int], starts: np.ndarray, protected: set[int]) -> list[
 def test_whole_word_masking_selects_whole_words_at_the_token_rate(wordpiece, batch, special):
     table = word_start_table(wordpiece)
     gen = torch.Generator().manual_seed(4)
-    _, labels = mask_tokens(batch, special, rate=0.15, generator=gen, word_starts=torch.from_numpy(table))
+    masked, labels = mask_tokens(
+        batch, special, rate=0.15, generator=gen, word_starts=torch.from_numpy(table)
+    )
     selected = (labels != IGNORE_INDEX).numpy()
     n_words = n_chosen = multi_piece_chosen = 0
     for row, row_selected in zip(batch.tolist(), selected, strict=True):
@@ -224,12 +327,13 @@ def test_whole_word_masking_selects_whole_words_at_the_token_rate(wordpiece, bat
             n_chosen += int(flags[0])
             multi_piece_chosen += int(flags[0] and len(span) > 1)
         covered = sum(len(s) for s in spans)
-        assert covered == int(candidates(torch.tensor(row), special).sum())
+        assert covered == int(candidates(torch.tensor(row), special).sum())  # spans cover every candidate
         n_words += len(spans)
     assert multi_piece_chosen > 1000  # the test exercises real multi-piece words
     assert abs(n_chosen - 0.15 * n_words) < sigma_bound(n_words, 0.15)
     n_tokens = int(candidates(batch, special).sum())
     assert abs(selected.sum() / n_tokens - 0.15) < 0.01
+    assert not (masked[~candidates(batch, special)] != batch[~candidates(batch, special)]).any()
 
 
 def test_whole_word_masking_handles_a_row_starting_mid_word(special):
@@ -252,34 +356,38 @@ def test_mlm_accuracy_counts_only_labelled_positions():
     predicted = torch.tensor([[5, 0, 1], [2, 2, 3]])
     logits = torch.nn.functional.one_hot(predicted, num_classes=8).float()  # (2, 3, 8)
     assert mlm_accuracy(logits, labels) == (3, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        mlm_accuracy(logits[:, :2], labels)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sentence pairs
 
 
-def make_rows(n_docs: int, seed: int, min_sentences: int = 2) -> list[dict]:
-    """Segments-layout rows: each doc has 1-3 chunks of min_sentences-6 sentences of 3-20 tokens."""
+def make_rows(n_docs: int, seed: int, sentences: tuple[int, int] = (2, 7), lengths=(3, 21)) -> list[dict]:
+    """Segments-layout rows: each doc has 1-3 chunks of `sentences` sentences of `lengths` tokens."""
     rng = np.random.default_rng(seed)
     rows = []
     for doc in range(n_docs):
         for _ in range(rng.integers(1, 4)):
-            lengths = rng.integers(3, 21, rng.integers(min_sentences, 7))
+            sizes = rng.integers(*lengths, rng.integers(*sentences))
             rows.append(
                 {
-                    "input_ids": rng.integers(5, PAIR_SPECIAL.vocab_size, int(lengths.sum())),
-                    "sentence_starts": np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+                    "input_ids": rng.integers(5, PAIR_SPECIAL.vocab_size, int(sizes.sum())),
+                    "sentence_starts": np.concatenate([[0], np.cumsum(sizes)[:-1]]),
                     "doc_id": doc,
                 }
             )
     return rows
 
 
-def split_example(ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Check the [CLS] A [SEP] B [SEP] pad layout and segment ids; return (A, B)."""
+def split_example(out: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check example i's [CLS] A [SEP] B [SEP] pad layout, segment ids and lengths; return (A, B)."""
+    ids, types, mask = out["input_ids"][i], out["token_type_ids"][i], out["attention_mask"][i]
     sep = np.flatnonzero(ids == PAIR_SPECIAL.sep_id)
     assert ids[0] == PAIR_SPECIAL.cls_id and len(sep) == 2
     first, second = sep
+    assert (first - 1, second - first - 1) == (out["a_len"][i], out["b_len"][i])
     assert (ids[second + 1 :] == PAIR_SPECIAL.pad_id).all()
     assert (mask[: second + 1] == 1).all() and (mask[second + 1 :] == 0).all()
     assert (types[: first + 1] == 0).all() and (types[first + 1 : second + 1] == 1).all()
@@ -298,15 +406,14 @@ def find(needle: np.ndarray, haystack: np.ndarray) -> int:
 
 def check_in_order(first: np.ndarray, second: np.ndarray, row: dict) -> None:
     """first then second are contiguous in the row, joined at a sentence boundary."""
-    ids = np.asarray(row["input_ids"])
-    at = find(np.concatenate([first, second]), ids)
+    at = find(np.concatenate([first, second]), row["input_ids"])
     assert at >= 0, "segments are not consecutive text of their row"
     assert at + len(first) in set(row["sentence_starts"].tolist())
 
 
 @pytest.fixture(scope="module")
 def pair_rows() -> list[dict]:
-    return make_rows(n_docs=800, seed=11)
+    return make_rows(n_docs=1500, seed=11)  # ~3000 rows
 
 
 def rows_by_token(rows: list[dict]) -> dict[int, set[int]]:
@@ -322,17 +429,17 @@ def test_nsp_pairs_layout_labels_and_sources(pair_rows):
     index = rows_by_token(pair_rows)
     out = build_pairs(pair_rows, "nsp", max_len=64, rng=np.random.default_rng(0), special=PAIR_SPECIAL)
     n = len(pair_rows)
+    assert n > 2500
     assert out["input_ids"].shape == (n, 64) and out["input_ids"].dtype == np.int64
-    assert out["pair_label"].shape == (n,)
     labels = out["pair_label"]
-    assert set(np.unique(labels)) == {0, 1}
+    assert labels.shape == (n,) and set(np.unique(labels)) == {0, 1}
     assert abs(int(labels.sum()) - n / 2) < sigma_bound(n, 0.5)
     for i, row in enumerate(pair_rows):
-        a, b = split_example(out["input_ids"][i], out["token_type_ids"][i], out["attention_mask"][i])
+        a, b = split_example(out, i)
         assert len(a) > 0 and len(b) > 0 and len(a) + len(b) <= 64 - 3
         assert find(a, row["input_ids"]) >= 0  # A always comes from the example's own row
         if labels[i] == 0:
-            check_in_order(a, b, row)
+            check_in_order(a, b, row)  # B is the text right after A, in A's own row
         else:
             holders = index.get(int(b[0]), set())
             sources = [pair_rows[j]["doc_id"] for j in holders if find(b, pair_rows[j]["input_ids"]) >= 0]
@@ -342,9 +449,10 @@ def test_nsp_pairs_layout_labels_and_sources(pair_rows):
 def test_sop_swaps_exactly_the_negatives(pair_rows):
     out = build_pairs(pair_rows, "sop", max_len=64, rng=np.random.default_rng(1), special=PAIR_SPECIAL)
     labels = out["pair_label"]
+    assert set(np.unique(labels)) == {0, 1}
     assert abs(int(labels.sum()) - len(pair_rows) / 2) < sigma_bound(len(pair_rows), 0.5)
     for i, row in enumerate(pair_rows):
-        first, second = split_example(out["input_ids"][i], out["token_type_ids"][i], out["attention_mask"][i])
+        first, second = split_example(out, i)
         assert len(first) + len(second) <= 64 - 3
         if labels[i] == 0:
             check_in_order(first, second, row)
@@ -356,9 +464,10 @@ def test_sop_swaps_exactly_the_negatives(pair_rows):
 def test_truncation_keeps_the_budget_and_the_junction(pair_rows, objective):
     # max_len 12 forces truncation of nearly every pair; A is cut at its start and B at its end,
     # so the text around the A|B junction is still consecutive in the row.
-    out = build_pairs(pair_rows, objective, max_len=12, rng=np.random.default_rng(2), special=PAIR_SPECIAL)
-    for i, row in enumerate(pair_rows):
-        a, b = split_example(out["input_ids"][i], out["token_type_ids"][i], out["attention_mask"][i])
+    rng = np.random.default_rng(2)
+    out = build_pairs(pair_rows[:600], objective, max_len=12, rng=rng, special=PAIR_SPECIAL, short_seq_prob=0)
+    for i, row in enumerate(pair_rows[:600]):
+        a, b = split_example(out, i)
         assert len(a) >= 1 and len(b) >= 1 and len(a) + len(b) <= 9
         if out["pair_label"][i] == 0:
             check_in_order(a, b, row)
@@ -367,40 +476,81 @@ def test_truncation_keeps_the_budget_and_the_junction(pair_rows, objective):
     assert (out["attention_mask"].sum(axis=1) == 12).mean() > 0.9
 
 
-def test_one_sentence_rows(pair_rows):
+@pytest.mark.parametrize("objective", ["nsp", "sop"])
+def test_short_seq_prob_shortens_that_share_of_pairs(objective):
+    # Sentences of 40-59 tokens: every pair would fill max_len=64 (61 content tokens) unless shortened.
+    rows = make_rows(n_docs=1000, seed=5, sentences=(2, 4), lengths=(40, 60))
+    full = 64 - 3
+
+    def used(short_seq_prob: float) -> np.ndarray:
+        out = build_pairs(rows, objective, 64, np.random.default_rng(6), PAIR_SPECIAL, short_seq_prob)
+        return out["a_len"] + out["b_len"]
+
+    assert (used(0.0) == full).all()
+    lengths = used(0.3)
+    n, p_short = len(rows), 0.3 * (1 - 1 / (full - 1))  # a random budget of 2..61 may still be 61
+    assert abs(int((lengths < full).sum()) - p_short * n) < sigma_bound(n, p_short)
+    assert lengths.min() >= 2 and lengths.max() == full
+    assert lengths[lengths < full].std() > 10  # spread over the range, not one short length
+
+
+def test_one_sentence_rows():
     single = [
         {"input_ids": np.arange(100, 110), "sentence_starts": np.array([0]), "doc_id": 1000},
         {"input_ids": np.arange(200, 207), "sentence_starts": np.array([0]), "doc_id": 1001},
     ]
-    rows = single + pair_rows[:20]
+    rows = single + make_rows(n_docs=10, seed=3)
     for seed in range(10):
-        nsp = build_pairs(rows, "nsp", max_len=64, rng=np.random.default_rng(seed), special=PAIR_SPECIAL)
-        sop = build_pairs(rows, "sop", max_len=64, rng=np.random.default_rng(seed), special=PAIR_SPECIAL)
+        nsp = build_pairs(rows, "nsp", 64, np.random.default_rng(seed), PAIR_SPECIAL, short_seq_prob=0)
+        sop = build_pairs(rows, "sop", 64, np.random.default_rng(seed), PAIR_SPECIAL, short_seq_prob=0)
         for i, row in enumerate(single):
-            # NSP: always a negative, with the whole row as A.
-            a, b = split_example(nsp["input_ids"][i], nsp["token_type_ids"][i], nsp["attention_mask"][i])
+            # NSP: never a positive cut mid-sentence; a negative with the whole row as A.
+            a, _ = split_example(nsp, i)
             assert nsp["pair_label"][i] == 1 and np.array_equal(a, row["input_ids"])
             # SOP: split at the token midpoint, swapped for label 1.
-            first, second = split_example(
-                sop["input_ids"][i], sop["token_type_ids"][i], sop["attention_mask"][i]
-            )
+            first, second = split_example(sop, i)
             halves = np.split(row["input_ids"], [len(row["input_ids"]) // 2])
             expected = halves if sop["pair_label"][i] == 0 else halves[::-1]
             assert np.array_equal(first, expected[0]) and np.array_equal(second, expected[1])
 
 
-def test_nsp_falls_back_to_positives_when_the_batch_holds_one_document(pair_rows):
-    one_doc = [r for r in pair_rows if r["doc_id"] == pair_rows[0]["doc_id"]]
-    out = build_pairs(one_doc, "nsp", max_len=64, rng=np.random.default_rng(3), special=PAIR_SPECIAL)
-    assert (out["pair_label"] == 0).all()
+def test_nsp_labels_stay_balanced_when_some_rows_have_one_sentence():
+    # About a third of the rows have one sentence and so are always negatives; multi-sentence rows
+    # become positives more often to make up for them.
+    rows = make_rows(n_docs=1500, seed=8, sentences=(1, 4))
+    one_sentence = np.array([len(r["sentence_starts"]) == 1 for r in rows])
+    assert 0.25 < one_sentence.mean() < 0.45
+    labels = build_pairs(rows, "nsp", 64, np.random.default_rng(4), PAIR_SPECIAL)["pair_label"]
+    assert (labels[one_sentence] == 1).all()
+    assert abs(int(labels.sum()) - len(rows) / 2) < sigma_bound(len(rows), 0.5)
 
 
-def test_pair_builder_rejects_unknown_objective_and_tiny_max_len(pair_rows):
-    rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="objective"):
-        build_pairs(pair_rows[:2], "mlm", max_len=64, rng=rng, special=PAIR_SPECIAL)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_len"):
-        build_pairs(pair_rows[:2], "nsp", max_len=4, rng=rng, special=PAIR_SPECIAL)
+def test_rows_without_a_valid_pair_get_no_pair_label():
+    # One document only: no NSP negative is possible. Multi-sentence rows are positives; a
+    # one-sentence row cannot be a positive either, so it trains MLM only (label -100).
+    doc = [
+        {"input_ids": np.arange(10, 30), "sentence_starts": np.array([0, 8]), "doc_id": 7},
+        {"input_ids": np.arange(30, 45), "sentence_starts": np.array([0]), "doc_id": 7},
+        {"input_ids": np.array([50]), "sentence_starts": np.array([0]), "doc_id": 7},
+    ]
+    nsp = build_pairs(doc, "nsp", 32, np.random.default_rng(0), PAIR_SPECIAL)
+    assert nsp["pair_label"].tolist() == [0, IGNORE_INDEX, IGNORE_INDEX]
+    split_example(nsp, 1)  # still a well-formed example for the MLM loss
+    # SOP: a one-token row has no order to predict: [CLS] x [SEP] [SEP].
+    sop = build_pairs(doc, "sop", 32, np.random.default_rng(0), PAIR_SPECIAL)
+    assert sop["pair_label"][2] == IGNORE_INDEX and sop["input_ids"][2, :4].tolist() == [1, 50, 2, 2]
+
+
+def test_pair_builder_reports_every_bad_argument_at_once(pair_rows):
+    with pytest.raises(ValueError, match="objective.*max_len.*short_seq_prob"):
+        build_pairs(pair_rows[:2], "mlm", 4, np.random.default_rng(0), PAIR_SPECIAL, 1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("starts", [[1, 5], [0, 5, 5], [0, 20], []])
+def test_bad_sentence_starts_are_rejected(starts):
+    row = {"input_ids": np.arange(10, 30), "sentence_starts": np.array(starts, dtype=np.int64), "doc_id": 3}
+    with pytest.raises(ValueError, match="doc_id 3: sentence_starts"):
+        build_pairs([row], "sop", 32, np.random.default_rng(0), PAIR_SPECIAL)
 
 
 def test_build_single_truncates_and_pads():

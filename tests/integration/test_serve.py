@@ -1,0 +1,237 @@
+"""The Serve app end to end on the shared local Ray: tiny models of every task are published to
+the session registry, deployed, and called over HTTP (the official `openai` client included)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SMALL = {"num_cpus": 0.25}  # the shared 2-core machine fits every replica
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, storage_root, tmp_path_factory):
+    from ray import serve
+
+    from serve import tiny
+    from serve.app import build_app
+
+    tiny.publish_all(str(tmp_path_factory.mktemp("ckpts")))
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": {**SMALL, "max_batch_size": 4}, "ingress": {"num_cpus": 0.05}, "max_tokens": 64,
+            "max_body_bytes": 4096}
+    serve.run(build_app(args), name="raylm", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with httpx.Client(base_url=served, timeout=120) as c:
+        yield c
+
+
+def _is_error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def _ok_completion(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", json={"model": "gpt-tiny", "prompt": "the cat", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
+def test_openai_client(served):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in oai.models.list().data} == {"gpt-tiny", "bert-mlm", "bert-cls", "bert-tag"}
+
+    done = oai.completions.create(model="gpt-tiny", prompt="the cat sat", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.prompt_tokens > 0 and 0 < done.usage.completion_tokens <= 5
+    again = oai.completions.create(model="gpt-tiny", prompt="the cat sat", max_tokens=5, temperature=0)
+    assert again.choices[0].text == done.choices[0].text  # greedy is deterministic
+
+    seeded = [oai.completions.create(model="gpt-tiny", prompt="a dog", max_tokens=6, temperature=1.0, seed=7,
+                                     n=2).choices for _ in range(2)]
+    assert len(seeded[0]) == 2 and [c.text for c in seeded[0]] == [c.text for c in seeded[1]]
+
+    chat = oai.chat.completions.create(model="gpt-tiny", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=4)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.total_tokens > 0
+
+    chunks = list(oai.completions.create(model="gpt-tiny", prompt="the dog", max_tokens=6, temperature=0,
+                                         stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert streamed == oai.completions.create(model="gpt-tiny", prompt="the dog", max_tokens=6,
+                                              temperature=0).choices[0].text
+
+    chat_chunks = list(oai.chat.completions.create(model="gpt-tiny", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=3, stream=True))
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_stream_ends_with_done(client):
+    r = client.post("/v1/completions", json={"model": "gpt-tiny", "prompt": "a", "max_tokens": 3, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+
+
+def test_encoder_tasks(client):
+    from serve.tiny import CLASS_LABELS, TAG_LABELS
+
+    r = client.post("/v1/fill-mask", json={"model": "bert-mlm", "inputs": ["the [MASK] sat.", "a [MASK] [MASK]"],
+                                           "top_k": 3})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [len(masks) for masks in results] == [1, 2]
+    assert len(results[0][0]["predictions"]) == 3
+
+    r = client.post("/v1/classify", json={"model": "bert-cls", "inputs": "good day"})
+    assert r.status_code == 200, r.text
+    one = r.json()["results"][0]
+    assert one["label"] in CLASS_LABELS and {s["label"] for s in one["scores"]} == set(CLASS_LABELS)
+    assert abs(sum(s["score"] for s in one["scores"]) - 1) < 1e-4
+    r = client.post("/v1/classify", json={"model": "bert-cls",
+                                          "inputs": [{"text": "the cat", "text_pair": "a dog"}, "bad night"]})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+    text = "Alice sat in Paris near London."
+    r = client.post("/v1/tag", json={"model": "bert-tag", "inputs": text})
+    assert r.status_code == 200, r.text
+    kinds = {lbl.split("-", 1)[-1] for lbl in TAG_LABELS if lbl != "O"}
+    for ent in r.json()["results"][0]:
+        assert ent["label"] in kinds and text[ent["start"]:ent["end"]] == ent["text"]
+
+
+BAD_BODIES = [
+    ("/v1/completions", {"model": "gpt-tiny"}, 422),  # missing prompt
+    ("/v1/completions", {"prompt": "hi"}, 422),  # missing model
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": 5}, 422),
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "temperature": "hot"}, 422),
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "max_tokens": -1}, 422),
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "max_tokens": 10**12}, 422),
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "max_tokens": 100}, 400),  # over the cap
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "the " * 100, "max_tokens": 60}, 400),  # context
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "  "}, 400),
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "stream": True, "max_tokens": 100}, 400),
+    ("/v1/chat/completions", {"model": "gpt-tiny", "messages": []}, 400),
+    ("/v1/chat/completions", {"model": "gpt-tiny", "messages": [{"role": "robot", "content": "x"}]}, 422),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404),
+    ("/v1/classify", {"model": "gpt-tiny", "inputs": "hi"}, 400),  # wrong task
+    ("/v1/classify", {"model": "bert-cls", "inputs": []}, 400),
+    ("/v1/classify", {"model": "bert-cls", "inputs": {"txt": "x"}}, 422),
+    ("/v1/fill-mask", {"model": "bert-mlm", "inputs": "no mask here"}, 400),
+    ("/v1/fill-mask", {"model": "bert-mlm", "inputs": "[MASK]", "top_k": 0}, 422),
+    ("/v1/tag", {"model": "bert-tag", "inputs": "word " * 100}, 400),  # longer than the context
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), BAD_BODIES)
+def test_bad_request_then_good(client, path, body, status):
+    _is_error(client.post(path, json=body), status)
+    _ok_completion(client)
+
+
+def test_bad_raw_bodies(client):
+    headers = {"content-type": "application/json"}
+    assert _is_error(client.post("/v1/completions", content=b"{not json", headers=headers), 422)["code"]
+    _is_error(client.post("/v1/completions", content=b"x" * 10_000, headers=headers), 413)
+    big = json.dumps({"model": "gpt-tiny", "prompt": "a " * 5000})
+
+    def chunks():  # no Content-Length: the size of what arrives is checked
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000].encode()
+
+    _is_error(client.post("/v1/completions", content=chunks(), headers=headers), 413)
+    _is_error(client.get("/v1/nothing"), 404)
+    _ok_completion(client)
+
+
+def test_openapi_and_health(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/fill-mask", "/v1/classify", "/v1/tag"):
+        assert path in spec["paths"]
+    assert "CompletionRequest" in spec["components"]["schemas"]
+
+
+def test_api_key(served, monkeypatch):
+    from ray import serve
+
+    from serve.app import build_app
+
+    monkeypatch.setenv("RAYLM_API_KEY", "s3cret")
+    serve.run(build_app({"models": [], "ingress": {"num_cpus": 0.05}}), name="secure", route_prefix="/secure")
+    with httpx.Client(base_url=f"{served}/secure", timeout=60) as c:
+        assert c.get("/healthz").status_code == 200
+        assert _is_error(c.get("/v1/models"), 401)["type"] == "authentication_error"
+        _is_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        r = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["data"] == []
+    serve.delete("secure")
+
+
+def _replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return sum(n for state, n in status.replica_states.items() if state in ("RUNNING", "STARTING"))
+
+
+def test_autoscaling(served):
+    from ray import serve
+
+    from serve.app import build_app
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+                   "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    args = {"models": ["gpt-tiny"], "ingress": {"num_cpus": 0.05},
+            "model": {**SMALL, "autoscaling": autoscaling, "max_batch_size": 1}}
+    serve.run(build_app(args), name="scale", route_prefix="/scale")
+    assert _replicas("scale", "model-gpt-tiny") == 1
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(base_url=f"{served}/scale", timeout=60) as c:
+            while not stop.is_set():
+                c.post("/v1/completions", json={"model": "gpt-tiny", "prompt": "the cat", "max_tokens": 32})
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for w in workers:
+        w.start()
+    deadline, peak = time.time() + 60, 1
+    try:
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, _replicas("scale", "model-gpt-tiny"))
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    assert peak == 2, "sustained load did not add a replica"
+    deadline = time.time() + 45
+    while time.time() < deadline and _replicas("scale", "model-gpt-tiny") > 1:
+        time.sleep(1)
+    assert _replicas("scale", "model-gpt-tiny") == 1, "idle did not remove the extra replica"
+    serve.delete("scale")

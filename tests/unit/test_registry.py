@@ -1,0 +1,118 @@
+"""The model registry: publish, atomic replace, the better-metric rule, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cluster import registry
+from serve import tiny
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ckpts")
+    return {
+        "gpt": tiny.save_gpt(str(base / "gpt")),
+        "cls": tiny.save_bert(str(base / "cls"), "classification"),
+        "mlm": tiny.save_bert(str(base / "mlm"), "fill-mask"),
+    }
+
+
+def test_publish_and_list(ckpts, tmp_path):
+    root = str(tmp_path / "reg")
+    path = registry.publish(ckpts["gpt"], "gpt-tiny", "generation", metric={"name": "loss", "value": 2.0,
+                                                                            "mode": "min"}, root=root)
+    assert path == os.path.join(root, "gpt-tiny")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "model.json"} <= set(os.listdir(path))
+    entry = registry.load_entry("gpt-tiny", root)
+    assert entry["task"] == "generation" and entry["metric"] == {"name": "loss", "value": 2.0, "mode": "min"}
+    assert entry["source_checkpoint"] == ckpts["gpt"] and entry["created"].endswith("+00:00")
+    assert set(entry) >= {"name", "task", "labels", "metric", "config", "source_checkpoint", "sweep_id", "created"}
+    registry.publish(ckpts["cls"], "cls", "classification", root=root)
+    assert [m["name"] for m in registry.list_models(root)] == ["cls", "gpt-tiny"]
+    assert registry.load_entry("cls", root)["labels"] == tiny.CLASS_LABELS
+    with pytest.raises(registry.RegistryError, match="no registry model 'nope'"):
+        registry.load_entry("nope", root)
+
+
+def test_better_metric_rule_and_force(ckpts, tmp_path):
+    root = str(tmp_path / "reg")
+    acc = lambda v: {"name": "accuracy", "value": v, "mode": "max"}  # noqa: E731
+    registry.publish(ckpts["cls"], "c", "classification", metric=acc(0.8), root=root)
+    with pytest.raises(registry.RegistryError, match="not better"):
+        registry.publish(ckpts["cls"], "c", "classification", metric=acc(0.7), root=root)
+    assert registry.load_entry("c", root)["metric"]["value"] == 0.8
+    registry.publish(ckpts["cls"], "c", "classification", metric=acc(0.9), sweep_id="s1", root=root)
+    assert registry.load_entry("c", root)["sweep_id"] == "s1"
+    registry.publish(ckpts["cls"], "c", "classification", metric=acc(0.1), force=True, root=root)
+    assert registry.load_entry("c", root)["metric"]["value"] == 0.1
+    # the replace leaves no temporary or old folders behind
+    assert os.listdir(root) == ["c"]
+
+
+def test_atomic_publish_leaves_old_entry_on_failure(ckpts, tmp_path, monkeypatch):
+    root = str(tmp_path / "reg")
+    registry.publish(ckpts["gpt"], "g", "generation", root=root)
+
+    def boom(src, dst):
+        os.makedirs(dst)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registry, "copy_tree", boom)
+    with pytest.raises(OSError):
+        registry.publish(ckpts["gpt"], "g", "generation", force=True, root=root)
+    assert os.listdir(root) == ["g"] and registry.load_entry("g", root)["task"] == "generation"
+
+
+def test_wrong_family_missing_weights_and_bad_input(ckpts, tmp_path):
+    root = str(tmp_path / "reg")
+    with pytest.raises(registry.RegistryError, match=r"cannot serve task 'classification'") as exc:
+        registry.publish(ckpts["gpt"], "x", "classification", root=root)
+    assert ckpts["gpt"] in str(exc.value)
+    with pytest.raises(registry.RegistryError, match="cannot serve task 'generation'"):
+        registry.publish(ckpts["mlm"], "x", "generation", root=root)
+    registry.publish(ckpts["mlm"], "mlm", "fill-mask", root=root)
+    with pytest.raises(registry.RegistryError, match="does not exist"):
+        registry.publish(str(tmp_path / "missing"), "x", "generation", root=root)
+    with pytest.raises(registry.RegistryError, match="task 'chat'"):
+        registry.publish(ckpts["gpt"], "x", "chat", root=root)
+    with pytest.raises(ValueError, match="not a valid run name"):
+        registry.publish(ckpts["gpt"], "../escape", "generation", root=root)
+    with pytest.raises(registry.RegistryError, match="metric"):
+        registry.publish(ckpts["gpt"], "x", "generation", metric={"value": 1}, root=root)
+
+
+def test_pickle_weights_refused_and_never_copied(ckpts, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "reg")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(ckpts["gpt"], pickled)
+    os.rename(pickled / "model.safetensors", pickled / "pytorch_model.bin")
+    with pytest.raises(registry.RegistryError, match="no model.safetensors"):
+        registry.publish(str(pickled), "x", "generation", root=root)
+    both = tmp_path / "both"
+    shutil.copytree(ckpts["gpt"], both)
+    (both / "pytorch_model.bin").write_bytes(b"not loaded")
+    os.makedirs(both / "train_state")
+    path = registry.publish(str(both), "both", "generation", root=root)
+    assert "pytorch_model.bin" not in os.listdir(path) and "train_state" not in os.listdir(path)
+
+
+def test_publish_cli(ckpts, tmp_path, capsys):
+    from tune.publish import main
+
+    root = str(tmp_path / "reg")
+    assert main([ckpts["gpt"], "--name", "gpt-tiny", "--task", "generation", "--metric", "loss=2.5",
+                 "--mode", "min", "--root", root]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == os.path.join(root, "gpt-tiny")
+    assert main([ckpts["gpt"], "--name", "gpt-tiny", "--task", "generation", "--metric", "loss=3",
+                 "--mode", "min", "--root", root]) == 1
+    assert "not better" in capsys.readouterr().err
+    assert main([ckpts["gpt"], "--name", "gpt-tiny", "--task", "generation", "--root", root, "--force"]) == 0
+    with open(os.path.join(root, "gpt-tiny", "model.json")) as f:
+        assert json.load(f)["metric"] is None

@@ -1,0 +1,131 @@
+"""Serve request schemas, error shapes and app args, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve.engines import aggregate_bio
+from serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    FillMaskRequest,
+    TextPair,
+    as_list,
+    error_body,
+    validation_message,
+)
+
+
+def test_completion_defaults_and_sampling():
+    req = CompletionRequest(model="m", prompt="hi", stop="\n", unknown_field=1)
+    assert req.sampling() == {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "n": 1, "stop": ["\n"],
+                              "seed": None}
+    assert req.prompts() == ["hi"]
+    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts() == ["a", "b"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"prompt": "x"},  # no model
+    {"model": "m"},  # no prompt
+    {"model": "m", "prompt": 3},
+    {"model": "m", "prompt": "x", "max_tokens": 0},
+    {"model": "m", "prompt": "x", "max_tokens": -5},
+    {"model": "m", "prompt": "x", "max_tokens": 10**9},
+    {"model": "m", "prompt": "x", "temperature": 3},
+    {"model": "m", "prompt": "x", "top_p": 0},
+    {"model": "m", "prompt": "x", "n": 0},
+    {"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+    {"model": "m", "prompt": "x", "stop": [""]},
+    {"model": "", "prompt": "x"},
+])
+def test_completion_rejects(bad):
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(bad)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", [], ["ok", ""]])
+def test_empty_prompt_is_400(prompt):
+    with pytest.raises(ApiError) as exc:
+        CompletionRequest(model="m", prompt=prompt).prompts()
+    assert exc.value.status == 400 and exc.value.param == "prompt"
+
+
+def test_chat_template():
+    req = ChatCompletionRequest(model="m", messages=[{"role": "system", "content": "be brief"},
+                                                     {"role": "user", "content": "hi"}])
+    assert req.prompt() == "System: be brief\nUser: hi\nAssistant:"
+    with pytest.raises(ApiError):
+        ChatCompletionRequest(model="m", messages=[]).prompt()
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="m", messages=[{"role": "robot", "content": "x"}])
+
+
+def test_encoder_inputs():
+    req = ClassifyRequest(model="m", inputs=[{"text": "a", "text_pair": "b"}, "c"])
+    items = as_list(req.inputs)
+    assert isinstance(items[0], TextPair) and items[1] == "c"
+    assert isinstance(ClassifyRequest(model="m", inputs={"text": "a"}).inputs, TextPair)
+    with pytest.raises(ValidationError):
+        ClassifyRequest(model="m", inputs={"txt": "a"})
+    with pytest.raises(ValidationError):
+        FillMaskRequest(model="m", inputs="[MASK]", top_k=0)
+    for empty in ([], "", [" "]):
+        with pytest.raises(ApiError):
+            as_list(empty)
+
+
+def test_error_shape():
+    body = error_body(404, "no such model", "model", "model_not_found")
+    assert body == {"error": {"message": "no such model", "type": "invalid_request_error", "param": "model",
+                              "code": "model_not_found"}}
+    assert error_body(401, "x")["error"]["type"] == "authentication_error"
+    assert ApiError(400, "bad", "p", "c").body()["error"]["param"] == "p"
+    try:
+        CompletionRequest.model_validate({"model": "m", "max_tokens": -1})
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors())
+    assert "prompt" in message and "max_tokens" in message and param in ("prompt", "max_tokens")
+
+
+def test_bio_aggregation():
+    text = "Alice Smith went to New York"
+    words = [("B-PER", 0, 5, 0.9), ("I-PER", 6, 11, 0.7), ("O", 12, 16, 0.9), ("O", 17, 19, 0.9),
+             ("B-LOC", 20, 23, 0.8), ("I-LOC", 24, 28, 0.6)]
+    ents = aggregate_bio(text, words)
+    assert [(e["label"], e["text"]) for e in ents] == [("PER", "Alice Smith"), ("LOC", "New York")]
+    assert ents[0]["score"] == pytest.approx(0.8)
+    # B- starts a new entity even after the same type; I- of another type starts one too
+    ents = aggregate_bio("a b c", [("B-PER", 0, 1, 1.0), ("B-PER", 2, 3, 1.0), ("I-LOC", 4, 5, 1.0)])
+    assert [e["text"] for e in ents] == ["a", "b", "c"]
+
+
+def test_app_args_merge_defaults():
+    from cluster.config import ConfigError, build
+    from serve.app import DEFAULTS, AppArgs
+
+    args = build(AppArgs, {"model": {"num_cpus": 0.5, "autoscaling": {"max_replicas": 4}},
+                           "per_model": {"gpt": {"num_gpus": 0.25}}})
+    assert args.model.num_cpus == 0.5
+    assert args.model.max_batch_size == DEFAULTS["model"]["max_batch_size"]
+    assert args.ingress.num_cpus == DEFAULTS["ingress"]["num_cpus"]
+    opts = args.options_for("gpt")
+    assert opts.num_gpus == 0.25 and opts.num_cpus == 0.5
+    serve_opts = opts.serve_options()
+    assert serve_opts["num_replicas"] == "auto" and serve_opts["autoscaling_config"]["max_replicas"] == 4
+    assert AppArgs().model.serve_options()["num_replicas"] == 1
+    with pytest.raises(ConfigError, match="model.max_batch_sise"):
+        build(AppArgs, {"model": {"max_batch_sise": 3}})
+    with pytest.raises(ConfigError, match="min_replicas"):
+        build(AppArgs, {"model": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+
+
+def test_importing_app_needs_no_registry(tmp_path, monkeypatch):
+    import serve.app
+
+    monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "nothing-here"))
+    assert callable(serve.app.build_app)  # `app` is built only when read
+    app = serve.app.app  # an empty registry still builds (health and /v1/models only)
+    assert app is not None
