@@ -26,7 +26,7 @@ from cluster.corpus import Corpus
 from cluster.entry import JobError
 from cluster.models import ModelConfig
 from cluster.runs import RunDir, check_name
-from cluster.train import STATE_DIR, Plan
+from cluster.train import NONFINITE_FILE, STATE_DIR, Plan
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,9 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
         run.create()
         run.write_config(cfg)
         run.clear_summary()  # from here until the new summary, the run is unfinished
+        if storage.exists(run.file(NONFINITE_FILE)):
+            fs, p = storage.filesystem(run.file(NONFINITE_FILE))
+            fs.delete_file(p)
     except OSError as exc:
         raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
     plan = plan_run(cfg, corpus, run.path)
@@ -267,12 +270,13 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
 
 def summarize(cfg: PretrainConfig, run: RunDir, plan: Plan, corpus: Corpus, result, t0: float) -> dict[str, Any]:
     metrics = result.metrics or {}
-    if "nonfinite_loss_step" in metrics:
-        last = metrics.get("last_good_checkpoint_step")
+    nonfinite = run.file(NONFINITE_FILE)
+    if storage.exists(nonfinite):
+        info = storage.read_json(nonfinite)
         ckpt = result.checkpoint.path if result.checkpoint else None
         raise JobError(
-            f"loss became NaN/inf at step {metrics['nonfinite_loss_step']}; stopped without checkpointing. "
-            f"Last good checkpoint: {ckpt or 'none'} (step {last})"
+            f"loss became NaN/inf at step {info['step']}; stopped without checkpointing. "
+            f"Last good checkpoint: {ckpt or 'none'}" + (f" (step {info['last_checkpoint_step']})" if ckpt else "")
         )
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
     workers = []

@@ -60,20 +60,30 @@ _DAYS = [str(d) for d in range(1, 29)]
 _YEARS = [str(y) for y in range(1950, 2050)]
 _NUMBERS = [str(n) for n in range(2, 10000)]
 
-# Per topic: noun, verb (past tense) and adjective lists, then templates. Slots are {name}; every
-# template starts with a capitalised word and ends with "." so sentences read as English.
-_TOPIC_SPECS: dict[str, dict[str, object]] = {
-    "sports": {
-        "noun": "matches games finals derbies leagues titles cups goals races relays sprints bouts sets "
+
+@dataclass(frozen=True)
+class _TopicSpec:
+    """A topic's own vocabulary (space-separated words) and sentence templates. Slots are {name};
+    every template starts with a capitalised word and ends with " ." so sentences read as English."""
+
+    noun: str  # plural nouns
+    verb: str  # past tense
+    adj: str
+    templates: tuple[str, ...]
+
+
+_TOPIC_SPECS: dict[str, _TopicSpec] = {
+    "sports": _TopicSpec(
+        noun="matches games finals derbies leagues titles cups goals races relays sprints bouts sets "
         "rounds seasons trophies medals pitches courts squads rallies penalties corners headers "
         "tackles laps innings serves volleys replays fixtures marathons",
-        "verb": "won lost drew claimed clinched chased blocked saved missed tied led trailed defended "
+        verb="won lost drew claimed clinched chased blocked saved missed tied led trailed defended "
         "attacked passed kicked dribbled sprinted raced swam threw caught pitched hit volleyed tackled "
         "dunked boxed vaulted jumped rowed skated",
-        "adj": "fierce tense gritty swift nimble rugged agile brave bold fast tough fit lively sharp "
+        adj="fierce tense gritty swift nimble rugged agile brave bold fast tough fit lively sharp "
         "steady sturdy wild hard rapid keen loud proud plucky spry deft burly fearless rowdy lanky "
         "unbeaten winless seeded",
-        "templates": (
+        templates=(
             "{PER} scored {NUM} points as {ORG} {verb} {NUM} {adj} {noun} in {LOC} .",
             "On {DATE} {ORG} {verb} {adj} {noun} {NUM} to {NUM} .",
             "Coach {PER} said {NUM} {adj} {noun} brought {NUM} fans to {LOC} .",
@@ -81,18 +91,18 @@ _TOPIC_SPECS: dict[str, dict[str, object]] = {
             "{ORG} beat {ORG} {NUM} to {NUM} in {LOC} .",
             "{PER} {verb} {adj} {noun} for {ORG} .",
         ),
-    },
-    "finance": {
-        "noun": "stocks bonds funds loans assets budgets deals mergers dividends rates yields indexes "
+    ),
+    "finance": _TopicSpec(
+        noun="stocks bonds funds loans assets budgets deals mergers dividends rates yields indexes "
         "margins profits deficits audits ledgers equities hedges options futures quarters "
         "payrolls tariffs levies pensions mortgages invoices credits debts stakes portfolios",
-        "verb": "bought sold raised cut priced hedged traded lent borrowed issued audited valued funded "
+        verb="bought sold raised cut priced hedged traded lent borrowed issued audited valued funded "
         "merged acquired divested taxed billed paid invested earned spent banked leased settled "
         "refinanced underwrote repaid shorted listed cleared rated",
-        "adj": "bullish bearish volatile liquid solvent fiscal annual quarterly net gross fixed floating "
+        adj="bullish bearish volatile liquid solvent fiscal annual quarterly net gross fixed floating "
         "risky stable lean costly cheap lucrative modest weak strong flat soft firm taxable unpaid "
         "overdue secured hefty pricey frugal solid",
-        "templates": (
+        templates=(
             "Shares of {ORG} rose {NUM} percent in {LOC} on {DATE} .",
             "{PER} of {ORG} {verb} {NUM} {adj} {noun} for {NUM} million .",
             "Analysts in {LOC} expect {NUM} {adj} {noun} to be {verb} by {ORG} .",
@@ -100,20 +110,20 @@ _TOPIC_SPECS: dict[str, dict[str, object]] = {
             "{ORG} owed {PER} {NUM} dollars .",
             "{PER} {verb} {adj} {noun} from {ORG} .",
         ),
-    },
-    "science": {
-        "noun": "studies samples cells genes proteins enzymes molecules atoms crystals fossils comets "
+    ),
+    "science": _TopicSpec(
+        noun="studies samples cells genes proteins enzymes molecules atoms crystals fossils comets "
         "galaxies neurons viruses microbes isotopes polymers catalysts spectra orbits magnets "
         "lasers reactors probes telescopes genomes vaccines compounds particles plasmas minerals "
         "alloys",
-        "verb": "measured observed tested analyzed mapped cloned sequenced imaged modeled simulated "
+        verb="measured observed tested analyzed mapped cloned sequenced imaged modeled simulated "
         "synthesized isolated detected cataloged calibrated heated cooled froze dissolved filtered "
         "weighed scanned stained cultured mutated ionized replicated verified predicted classified "
         "extracted purified",
-        "adj": "novel rare inert toxic dense porous acidic organic genetic thermal magnetic optical "
+        adj="novel rare inert toxic dense porous acidic organic genetic thermal magnetic optical "
         "cellular molecular atomic chemical nuclear sterile viral ancient faint tiny crystalline polar "
         "benign mutant hybrid frozen soluble ionic salty cosmic",
-        "templates": (
+        templates=(
             "Researchers at {ORG} {verb} {NUM} {adj} {noun} in {LOC} .",
             "{PER} published data on {NUM} {adj} {noun} from {LOC} on {DATE} .",
             "Lab teams {verb} {NUM} {adj} {noun} with {PER} in {NUM} trials .",
@@ -121,18 +131,18 @@ _TOPIC_SPECS: dict[str, dict[str, object]] = {
             "{PER} and {PER} {verb} {adj} {noun} at {ORG} .",
             "{ORG} {verb} {adj} {noun} in {LOC} .",
         ),
-    },
-    "travel": {
-        "noun": "flights trains ferries hotels hostels cabins resorts beaches museums markets harbors "
+    ),
+    "travel": _TopicSpec(
+        noun="flights trains ferries hotels hostels cabins resorts beaches museums markets harbors "
         "castles temples bridges trails canyons islands villages cruises tours tickets passports "
         "suitcases villas lodges cafes gardens palaces plazas stations airports valleys",
-        "verb": "booked visited toured explored hiked sailed cruised boarded photographed packed rented "
+        verb="booked visited toured explored hiked sailed cruised boarded photographed packed rented "
         "reserved cancelled delayed skipped crossed wandered climbed reached left recommended reviewed "
         "loved enjoyed praised sketched biked drove walked flew upgraded paddled",
-        "adj": "scenic sunny quiet crowded cozy remote charming coastal rustic historic lush misty breezy "
+        adj="scenic sunny quiet crowded cozy remote charming coastal rustic historic lush misty breezy "
         "sandy snowy lovely exotic busy hidden grand humble tropical alpine leafy famous seaside "
         "sleepy windy rainy serene quaint",
-        "templates": (
+        templates=(
             "Tourists from {LOC} {verb} {NUM} {adj} {noun} near {LOC} on {DATE} .",
             "{PER} stayed {NUM} nights at {NUM} {adj} {noun} in {LOC} .",
             "Guides from {ORG} {verb} {NUM} {adj} {noun} with {PER} .",
@@ -140,7 +150,7 @@ _TOPIC_SPECS: dict[str, dict[str, object]] = {
             "{PER} {verb} {adj} {noun} in {LOC} .",
             "{ORG} {verb} {adj} {noun} for {PER} .",
         ),
-    },
+    ),
 }
 
 TOPICS: tuple[str, ...] = tuple(_TOPIC_SPECS)
@@ -232,10 +242,10 @@ class TopicGrammar:
     templates: Choice  # options are Templates
 
 
-def _topic_grammar(name: str, spec: dict[str, object]) -> TopicGrammar:
-    own = {key: Slot(key, (_words(str(spec[key]).split()),)) for key in ("noun", "verb", "adj")}
+def _topic_grammar(name: str, spec: _TopicSpec) -> TopicGrammar:
+    own = {key: Slot(key, (_words(getattr(spec, key).split()),)) for key in ("noun", "verb", "adj")}
     slots = {**_SHARED_SLOTS, **own}
-    templates = Choice(_compile_template(t, slots) for t in spec["templates"])  # type: ignore[attr-defined]
+    templates = Choice(_compile_template(t, slots) for t in spec.templates)
     return TopicGrammar(name, own, templates)
 
 
@@ -282,20 +292,21 @@ class Document:
 
 @dataclass
 class _Builder:
-    """Accumulates words of a text with their char offsets, entity spans and log-probability."""
+    """A text being generated: its pieces (words and separating spaces) and log-probability so far."""
 
-    words: list[str]
+    pieces: list[str]
     offset: int = 0  # char offset where the next word starts
     logprob: float = 0.0
 
     def add(self, word: str) -> tuple[int, int]:
+        """Append `word`; returns its char span."""
         if word == ".":  # the period attaches to the previous word
             start = self.offset - 1
         else:
             start = self.offset
-            if self.words:
-                self.words.append(" ")
-        self.words.append(word)
+            if self.pieces:
+                self.pieces.append(" ")
+        self.pieces.append(word)
         self.offset = start + len(word) + 1
         return start, start + len(word)
 
@@ -334,7 +345,7 @@ def _compose(
     entities: list[Entity] = []
     grammar = GRAMMAR[topic]
     spans = tuple(_sentence(b, grammar, rng, entities) for _ in range(n_sentences))
-    return Document(index, "".join(b.words), topic, tuple(entities), spans, b.logprob)
+    return Document(index, "".join(b.pieces), topic, tuple(entities), spans, b.logprob)
 
 
 def _rng(stream: str, seed: int, index: int) -> random.Random:
@@ -457,6 +468,27 @@ def _split(text: str) -> list[list[str]]:
     return sentences
 
 
+def _parse_as(topic: str, sentences: list[list[str]]) -> tuple[int, float]:
+    """(derivations, ln P(sentences | topic)) under one topic; stops at the first underivable sentence."""
+    count, lp = 1, 0.0
+    for words in sentences:
+        c, lp_s = _sentence_under(topic, words)
+        if not c:
+            return 0, -math.inf
+        count, lp = count * c, lp + lp_s
+    return count, lp
+
+
+def _why_not(sentences: list[list[str]]) -> str:
+    # Blame the topic that derives the most sentences: its first failure is the likely typo.
+    failures = {
+        t: [i for i, words in enumerate(sentences) if not _sentence_under(t, words)[0]] for t in TOPICS
+    }
+    topic = min(TOPICS, key=lambda t: len(failures[t]))
+    i = failures[topic][0]
+    return f"sentence {i} ({' '.join(sentences[i])!r}) has no derivation as {topic}"
+
+
 def _analyse(text: str) -> tuple[int, float, str]:
     """(derivations, ln P(text), why P is 0 when it is)."""
     sentences = _split(text)
@@ -464,20 +496,13 @@ def _analyse(text: str) -> tuple[int, float, str]:
     if n not in _COUNTS:
         return 0, -math.inf, f"{n} sentences, outside {MIN_SENTENCES}..{MAX_SENTENCES}"
     lp_count = SENTENCE_COUNT.logps[n - MIN_SENTENCES]
-    total, logps, reason = 0, [], ""
+    total, logps = 0, []
     for ti, topic in enumerate(TOPICS):
-        count, lp = 1, TOPIC_CHOICE.logps[ti] + lp_count
-        for i, words in enumerate(sentences):
-            c, lp_s = _sentence_under(topic, words)
-            if not c:
-                reason = reason or f"sentence {i} ({' '.join(words)!r}) has no derivation as {topic}"
-                count = 0
-                break
-            count, lp = count * c, lp + lp_s
+        count, lp = _parse_as(topic, sentences)
         if count:
             total += count
-            logps.append(lp)
-    return total, _logsumexp(logps), reason
+            logps.append(TOPIC_CHOICE.logps[ti] + lp_count + lp)
+    return total, _logsumexp(logps), "" if total else _why_not(sentences)
 
 
 def log_prob(text: str) -> float:

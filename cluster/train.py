@@ -34,6 +34,7 @@ from cluster.losses import Objective
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train_state"
+NONFINITE_FILE = "nonfinite_loss.json"
 
 
 @dataclass
@@ -506,6 +507,10 @@ class Loop:
         step = self.state.step
         last = self.last_checkpoint_step
         self.sink.log({"step": step, "split": "error", "nonfinite_loss": True, "last_checkpoint_step": last})
+        if self.rank == 0:
+            # Result.metrics keeps only checkpointed reports, so the driver learns of the stop from this file.
+            storage.write_json_atomic(storage.join(self.plan.run_dir, NONFINITE_FILE),
+                                      {"step": step, "last_checkpoint_step": last, "metrics": metrics})
         ray.train.report({"nonfinite_loss_step": step, "last_good_checkpoint_step": last,
                           "step": step, "epoch": self.state.epoch})
         return step

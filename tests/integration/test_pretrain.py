@@ -67,7 +67,7 @@ def test_summary_names_final_and_best_checkpoints(two_worker_run):
     assert final["metrics"]["step"] == 100
     assert best["metrics"]["val_loss"] <= final["metrics"]["val_loss"] + 1e-9
     # keep_checkpoints=2: only the two newest (the best among them) remain
-    kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir("t-2w"), "checkpoint_*")))
+    kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir("t-2w"), "checkpoint_0*")))
     assert kept == ["checkpoint_0000050", "checkpoint_0000100"]
 
 
@@ -124,29 +124,30 @@ def test_killed_run_resumes_at_its_checkpoint_and_sees_the_same_blocks(gpt_corpu
     reference = _trace("t-ref")
 
     victim = _submit(config("t-resume", *sets, "train.log_every=1"), ray_session)
+    snapshot = os.path.join(run_dir("t-resume"), "checkpoint_manager_snapshot.json")
     try:
-        _wait_for(lambda: glob.glob(os.path.join(run_dir("t-resume"), "checkpoint_0000008", "train_state")),
-                  240, "the first checkpoint")
-        _wait_for(lambda: len(_trace("t-resume")) > 10, 120, "training past the checkpoint")
+        # Ray Train registers a checkpoint (and so can resume from it) once it is in the snapshot.
+        _wait_for(lambda: os.path.exists(snapshot) and "checkpoint_0000008" in open(snapshot).read(),
+                  240, "the first registered checkpoint")
     finally:
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
     assert not os.path.exists(os.path.join(run_dir("t-resume"), "summary.json"))
+    with open(snapshot) as f:
+        resume_step = json.load(f)["latest_checkpoint_result"]["metrics"]["step"]
+    assert resume_step >= 8
 
     pretrain_job.run(config("t-resume", *sets))
     s = summary("t-resume")
     assert s["final"]["metrics"]["step"] == 24
-    with open(os.path.join(run_dir("t-resume"), "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert min(r["step"] for r in rows if r["split"] == "train" and rows.index(r) > 0) >= 1
     # After the resume, every batch is the one the uninterrupted run saw at the same position.
     with open(os.path.join(run_dir("t-resume"), "data_trace", "rank-0.jsonl")) as f:
         resumed = [json.loads(line) for line in f]
     restart = next(i for i in range(1, len(resumed)) if resumed[i]["batch"] <= resumed[i - 1]["batch"])
     after = resumed[restart:]
-    assert after[0]["batch"] == 8 and after[0]["step"] == 8  # resumed at the checkpoint's step and position
+    assert after[0]["batch"] == resume_step and after[0]["step"] == resume_step  # its step and data position
     assert {(r["epoch"], r["batch"]): r["hash"] for r in after} == {
-        k: v for k, v in reference.items() if k[1] >= 8
+        k: v for k, v in reference.items() if k[1] >= resume_step
     }
     # and the resumed run ends where the uninterrupted one did
     ref_val = summary("t-ref")["final"]["metrics"]["val_loss"]
@@ -208,7 +209,7 @@ def test_storage_not_writable(gpt_corpus, capsys, tmp_path, monkeypatch):
 def test_nan_loss_stops_and_names_last_good_checkpoint(gpt_corpus, capsys):
     rc, err = _main_err(capsys, "--config", os.path.join(REPO, "configs/gpt-tiny.yaml"),
                         *sum([["--set", s] for s in BASE + ["name=t-nan", "train.max_steps=40",
-                              "train.checkpoint_every=5", "train.eval_every=5", "optim.lr=1e4",
+                              "train.checkpoint_every=5", "train.eval_every=5", "optim.lr=1e30",
                               "optim.warmup_steps=0", "train.max_grad_norm=1e9"]], []))
     assert rc == 1, err
     assert "loss became NaN/inf at step" in err and "Last good checkpoint" in err

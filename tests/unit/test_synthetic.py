@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from fractions import Fraction
 
 import pytest
@@ -77,7 +77,8 @@ def _replace_word(text: str, old: str, new: str) -> str:
 def test_log_prob_rejects_text_outside_the_language(docs):
     d = next(d for d in docs if d.topic == "finance")
     noun = next(w for w in d.text.replace(".", "").split() if w in set(_topic_words("finance", "noun")))
-    with pytest.raises(ValueError, match="not in the synthetic language"):
+    # the reason names the topic that explains the rest of the text
+    with pytest.raises(ValueError, match="not in the synthetic language: .*zeppelins.* as finance"):
         log_prob(_replace_word(d.text, noun, "zeppelins"))
     # a word of another topic's list makes the sentence underivable under every topic
     with pytest.raises(ValueError, match="not in the synthetic language"):
@@ -123,6 +124,42 @@ def test_word_lists_are_disjoint():
     for g in synthetic.GRAMMAR.values():
         assert 20 <= min(len(s.parts[0].options) for s in g.slots.values())
         assert max(len(s.parts[0].options) for s in g.slots.values()) <= 60
+
+
+def _word_classes(template: synthetic.Template) -> list[tuple[frozenset[str], ...]]:
+    """Every way `template` can lay out words, as one set of possible words per position.
+
+    A part whose options differ in length (LOC: "Tarn", "Port Elwin") gives one layout per length."""
+    layouts: list[tuple[frozenset[str], ...]] = [()]
+    for unit in template.units:
+        parts = [synthetic.Choice([(unit,)])] if isinstance(unit, str) else list(unit.parts)
+        for part in parts:
+            by_length: dict[int, list[tuple[str, ...]]] = defaultdict(list)
+            for option in part.options:
+                by_length[len(option)].append(option)
+            spans = [tuple(frozenset(o[i] for o in opts) for i in range(n)) for n, opts in by_length.items()]
+            layouts = [layout + span for layout in layouts for span in spans]
+    return layouts
+
+
+def test_no_sentence_has_two_derivations_anywhere_in_the_language():
+    # Exhaustive, unlike sampling: if no two layouts (across templates, topics and entity lengths)
+    # admit the same word sequence, every sentence has at most one derivation, hence so does every
+    # document (its topic is then fixed by any one sentence). Options within a part are distinct, so a
+    # layout determines the choices.
+    layouts = [
+        (topic, i, layout)
+        for topic, g in synthetic.GRAMMAR.items()
+        for i, template in enumerate(g.templates.options)
+        for layout in _word_classes(template)
+    ]
+    assert len(layouts) > len(TOPICS) * 6
+    for k, (topic_a, i_a, a) in enumerate(layouts):
+        for topic_b, i_b, b in layouts[k + 1 :]:
+            overlap = len(a) == len(b) and all(not x.isdisjoint(y) for x, y in zip(a, b, strict=True))
+            assert not overlap, (
+                f"{topic_a} template {i_a} and {topic_b} template {i_b} can yield one sentence"
+            )
 
 
 def test_topic_vocabularies_are_disjoint():
@@ -231,6 +268,14 @@ def test_entity_tagging_rows():
         assert sum(tag.startswith("B-") for tag in r["tags"]) == len(r["entities"])
         for e in r["entities"]:
             assert r["text"][e["start"] : e["end"]].strip() == r["text"][e["start"] : e["end"]]
+
+
+def test_fine_tuning_sets_are_not_pretraining_documents(docs):
+    # Separate random streams: even under the pretraining seed no fine-tuning text is a corpus document.
+    corpus = {d.text for d in docs}
+    rows = topic_classification(200, seed=0) + entity_tagging(200, seed=0)
+    assert not corpus & {r["text"] for r in rows}
+    assert topic_classification(20, seed=1) != topic_classification(20, seed=0)
 
 
 def test_random_streams_are_independent_of_python_hash_seed():

@@ -1,0 +1,514 @@
+"""The Ray Serve application: a FastAPI ingress (`Gateway`) in front of one deployment per
+registry model (`ModelServer`), built by `build_app(AppArgs)`.
+
+    serve run serve.app:app                               # every model in $RAYLM_STORAGE/registry
+    serve run serve.app:build_app registry=/path/to/registry
+    serve deploy serve/config.yaml                        # autoscaling and batching from YAML
+
+Deployment defaults live in `DEFAULTS`; YAML/CLI args are merged over them. No
+`from __future__ import annotations` here: Serve reads `build_app`'s annotation to validate args.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster import registry
+from cluster.config import Section, build, deep_merge
+from serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    FillMaskRequest,
+    FillMaskResponse,
+    ModelList,
+    TagRequest,
+    TagResponse,
+    TextPair,
+    as_list,
+    error_body,
+    validation_message,
+)
+
+log = logging.getLogger("raylm.serve")
+API_KEY_ENV = "RAYLM_API_KEY"
+
+# Every default in one place; `AppArgs` merges user args (YAML `args:` or `serve run k=v`) over it.
+DEFAULTS: dict[str, Any] = {
+    "ingress": {"num_replicas": 1, "num_cpus": 0.1, "max_ongoing_requests": 256},
+    "model": {
+        "num_replicas": 1, "autoscaling": None, "num_cpus": 1.0, "num_gpus": 0.0,
+        "max_ongoing_requests": 32, "max_queued_requests": -1,
+        "max_batch_size": 8, "batch_wait_timeout_s": 0.01,
+    },
+    "per_model": {},
+    "request_timeout_s": 60.0,
+    "max_body_bytes": 1_000_000,
+    "max_tokens": 512,
+}
+
+
+class AutoscalingOptions(Section):
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle")
+    max_replicas: int = Field(2, ge=1, description="replicas at most")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="in-flight requests per replica to aim for")
+    upscale_delay_s: float = Field(30.0, ge=0, description="sustained load before adding replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="sustained idleness before removing replicas")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report load")
+    look_back_period_s: float = Field(30.0, gt=0, description="window the load is averaged over")
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentOptions(Section):
+    num_replicas: int | None = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    autoscaling: AutoscalingOptions | None = Field(None, description="replica autoscaling; null = fixed")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(-1, ge=-1, description="queued requests per caller before 503; -1 = unbounded")
+    max_batch_size: int = Field(8, ge=1, description="dynamic batch size (1 = batching off)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait this long to fill a batch")
+
+    def serve_options(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if env:
+            actor["runtime_env"] = {"env_vars": env}
+        opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests,
+                                "max_queued_requests": self.max_queued_requests}
+        if self.autoscaling:
+            opts["autoscaling_config"] = self.autoscaling.to_dict()
+            opts["num_replicas"] = "auto"
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class AppArgs(Section):
+    registry: str | None = Field(None, description="registry root (default: $RAYLM_STORAGE/registry)")
+    models: list[str] | None = Field(None, description="registry names to serve (default: all)")
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**DEFAULTS["ingress"]))
+    model: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**DEFAULTS["model"]),
+                                     description="options of every model deployment")
+    per_model: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                 description="per-model overrides of `model`, by name")
+    request_timeout_s: float = Field(60.0, gt=0, description="a model call taking longer answers 504")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies answer 413")
+    max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        return deep_merge(DEFAULTS, data) if isinstance(data, dict) else data
+
+    def options_for(self, name: str) -> DeploymentOptions:
+        merged = deep_merge(self.model.to_dict(), self.per_model.get(name, {}))
+        return build(DeploymentOptions, merged, source=f"per_model.{name}")
+
+
+fastapi_app = FastAPI(
+    title="raylm",
+    description="OpenAI-compatible completions and encoder task endpoints for raylm registry models.",
+    version="0.1.0",
+)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 504)
+}
+
+
+class Guard:
+    """ASGI middleware: API key (all routes but /healthz) and request body size (Content-Length
+    and the bytes actually received), before FastAPI parses anything."""
+
+    def __init__(self, app: Any, state: Any):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limits = getattr(self.state, "limits", {})
+        headers = dict(scope.get("headers") or [])
+        key = limits.get("api_key")
+        if key and not scope["path"].rstrip("/").endswith("/healthz"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return await _reply(scope, receive, send, 401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    code="invalid_api_key")
+        max_body = limits.get("max_body_bytes")
+        if not max_body or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            return await _reply(scope, receive, send, 400, "Content-Length is not a number")
+        too_big = f"request body is larger than the {max_body}-byte limit"
+        if declared > max_body:
+            return await _reply(scope, receive, send, 413, too_big, code="body_too_large")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > max_body:
+                return await _reply(scope, receive, send, 413, too_big, code="body_too_large")
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(scope, receive, send, status: int, message: str, code: str | None = None) -> None:
+    await JSONResponse(error_body(status, message, code=code), status_code=status)(scope, receive, send)
+
+
+fastapi_app.add_middleware(Guard, state=fastapi_app.state)
+
+
+@fastapi_app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse(error_body(422, "request body is not valid JSON", code="invalid_json"), status_code=422)
+    message, param = validation_message(errors)
+    return JSONResponse(error_body(422, message, param, "invalid_value"), status_code=422)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+
+
+def _raise_if_error(result: dict[str, Any]) -> dict[str, Any]:
+    if "error" in result:
+        err = result["error"]
+        raise ApiError(result["status"], err["message"], err.get("param"), err.get("code"))
+    return result
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# Helpers the deployments use are defined above them: `serve.ingress` captures the class's
+# globals when it decorates it.
+async def _await(response: Any) -> Any:
+    return await response
+
+
+def _error(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, ApiError):
+        return {"error": exc.body()["error"], "status": exc.status}
+    log.exception("model call failed")
+    return {"error": error_body(500, f"model error: {type(exc).__name__}: {exc}")["error"], "status": 500}
+
+
+@serve.deployment
+@serve.ingress(fastapi_app)
+class Gateway:
+    """Routes requests to the model named in the body; owns auth, limits and the error shape."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], cards: dict[str, dict], limits: dict[str, Any]):
+        self.handles, self.cards, self.limits = handles, cards, limits
+        # Read at replica start: `build_app` forwards the key through runtime_env env_vars.
+        fastapi_app.state.limits = {**limits, "api_key": os.environ.get(API_KEY_ENV) or None}
+
+    def _handle(self, model: str, task: str) -> DeploymentHandle:
+        if model not in self.handles:
+            known = ", ".join(sorted(self.handles)) or "none"
+            raise ApiError(404, f"model '{model}' does not exist (served: {known})", "model", "model_not_found")
+        if self.cards[model]["task"] != task:
+            raise ApiError(400, f"model '{model}' serves '{self.cards[model]['task']}', not '{task}'",
+                           "model", "wrong_task")
+        return self.handles[model]
+
+    async def _call(self, response: Any) -> dict[str, Any]:
+        try:
+            result = await asyncio.wait_for(_await(response), timeout=self.limits["request_timeout_s"])
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, f"model did not answer within {self.limits['request_timeout_s']} s",
+                           code="timeout") from None
+        return _raise_if_error(result)
+
+    @fastapi_app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": list(self.cards.values())}
+
+    @fastapi_app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(self, req: CompletionRequest) -> Any:
+        handle = self._handle(req.model, "generation")
+        prompts = req.prompts()
+        if req.stream:
+            return await self._stream(handle, prompts, req, chat=False)
+        out = await self._call(handle.complete.remote(prompts, req.sampling()))
+        choices = [{"index": i, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
+                   for i, c in enumerate(out["choices"])]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": _usage(out["prompt_tokens"], out["completion_tokens"])}
+
+    @fastapi_app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(self, req: ChatCompletionRequest) -> Any:
+        handle = self._handle(req.model, "generation")
+        prompt = req.prompt()
+        params = {**req.sampling(), "stop": (req.stop or []) + ["\nUser:"]}
+        if req.stream:
+            return await self._stream(handle, [prompt], req, chat=True, params=params)
+        out = await self._call(handle.complete.remote([prompt], params))
+        choices = [{"index": i, "message": {"role": "assistant", "content": c["text"].strip()},
+                    "finish_reason": c["finish_reason"]} for i, c in enumerate(out["choices"])]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": _usage(out["prompt_tokens"], out["completion_tokens"])}
+
+    async def _stream(self, handle: DeploymentHandle, prompts: list[str], req: Any, chat: bool,
+                      params: dict | None = None) -> StreamingResponse:
+        gen = handle.options(stream=True).stream.remote(prompts, params or req.sampling())
+        first = _raise_if_error(await gen.__anext__())  # a bad request fails before the 200 is sent
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(item: dict[str, Any]) -> str:
+            if chat:
+                delta = {"content": item["text"]} if item["text"] or not item["finish_reason"] else {}
+                if item.get("first"):
+                    delta["role"] = "assistant"
+                choice = {"index": item["index"], "delta": delta, "finish_reason": item["finish_reason"]}
+                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                        "choices": [choice]}
+            else:
+                choice = {"index": item["index"], "text": item["text"], "finish_reason": item["finish_reason"],
+                          "logprobs": None}
+                body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                        "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            yield chunk(first)
+            try:
+                async for item in gen:
+                    if "error" in item:
+                        yield f"data: {json.dumps({'error': item['error']})}\n\n"
+                        break
+                    yield chunk(item)
+            finally:
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @fastapi_app.post("/v1/fill-mask", response_model=FillMaskResponse, responses=ERRORS)
+    async def fill_mask(self, req: FillMaskRequest) -> dict[str, Any]:
+        handle = self._handle(req.model, "fill-mask")
+        items = [(t, None, req.top_k) for t in as_list(req.inputs)]
+        out = await self._call(handle.encode.remote(items))
+        return {"model": req.model, "results": out["results"]}
+
+    @fastapi_app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
+    async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
+        handle = self._handle(req.model, "classification")
+        items = [(x.text, x.text_pair, 0) if isinstance(x, TextPair) else (x, None, 0) for x in as_list(req.inputs)]
+        out = await self._call(handle.encode.remote(items))
+        return {"model": req.model, "results": out["results"]}
+
+    @fastapi_app.post("/v1/tag", response_model=TagResponse, responses=ERRORS)
+    async def tag(self, req: TagRequest) -> dict[str, Any]:
+        handle = self._handle(req.model, "tagging")
+        out = await self._call(handle.encode.remote([(t, None, 0) for t in as_list(req.inputs)]))
+        return {"model": req.model, "results": out["results"]}
+
+
+@serve.deployment
+class ModelServer:
+    """One registry model. Each request's inputs are validated alone, then joined with other
+    requests' into dynamic batches (`@serve.batch`); errors come back as values, never raised."""
+
+    def __init__(self, entry: dict[str, Any], options: dict[str, Any]):
+        import torch
+
+        from serve import engines
+
+        torch.set_num_threads(max(1, round(options["num_cpus"])))
+        self.engine = engines.load(entry)
+        self.max_tokens = options["max_tokens"]
+        self._generate_batch.set_max_batch_size(options["max_batch_size"])
+        self._generate_batch.set_batch_wait_timeout_s(options["batch_wait_timeout_s"])
+        self._encode_batch.set_max_batch_size(options["max_batch_size"])
+        self._encode_batch.set_batch_wait_timeout_s(options["batch_wait_timeout_s"])
+
+    def _check_params(self, params: dict[str, Any]) -> None:
+        if params["max_tokens"] > self.max_tokens:
+            raise ApiError(400, f"max_tokens {params['max_tokens']} exceeds this server's cap of {self.max_tokens}",
+                           "max_tokens", "max_tokens_exceeded")
+
+    async def complete(self, prompts: list[str], params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self._check_params(params)
+            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
+            results = await asyncio.gather(*(self._generate_batch((i, params)) for i in ids))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
+            return _error(exc)
+        choices = [c for per_prompt in results for c in per_prompt]
+        return {"choices": choices, "prompt_tokens": sum(len(i) for i in ids),
+                "completion_tokens": sum(c["tokens"] for c in choices)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, items: list[tuple[list[int], dict]]) -> list[list[dict]]:
+        # Requests with the same sampling params run as one padded batch; seeded ones run alone
+        # so their output does not depend on what they were batched with.
+        groups: dict[str, list[int]] = {}
+        for k, (_, params) in enumerate(items):
+            key = f"seed-{k}" if params.get("seed") is not None else json.dumps(params, sort_keys=True)
+            groups.setdefault(key, []).append(k)
+        out: list[Any] = [None] * len(items)
+        for members in groups.values():
+            params = items[members[0]][1]
+            results = await asyncio.to_thread(self.engine.generate, [items[k][0] for k in members], params)
+            for k, r in zip(members, results, strict=False):
+                out[k] = r
+        return out
+
+    async def stream(self, prompts: list[str], params: dict[str, Any]):
+        try:
+            self._check_params(params)
+            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
+        except Exception as exc:  # noqa: BLE001
+            yield _error(exc)
+            return
+        n, index = params["n"], 0
+        for prompt_ids in ids:
+            for j in range(n):
+                seed = params["seed"] + j if params.get("seed") is not None else None
+                tokens = self.engine.stream(prompt_ids, {**params, "seed": seed})
+                first = True
+                while True:
+                    item = await asyncio.to_thread(next, tokens, None)
+                    if item is None:
+                        break
+                    yield {**item, "index": index, "first": first}
+                    first = False
+                index += 1
+
+    async def encode(self, items: list[tuple[str, str | None, int]]) -> dict[str, Any]:
+        try:
+            self.engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
+            results = await asyncio.gather(*(self._encode_batch(item) for item in items))
+        except Exception as exc:  # noqa: BLE001
+            return _error(exc)
+        return {"results": list(results)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, items: list[tuple[str, str | None, int]]) -> list[Any]:
+        texts, pairs, top_k = [t for t, _, _ in items], [p for _, p, _ in items], [k for _, _, k in items]
+        engine = self.engine
+        if engine.task == "fill-mask":
+            return await asyncio.to_thread(engine.fill_mask, texts, top_k)
+        if engine.task == "classification":
+            return await asyncio.to_thread(engine.classify, texts, pairs)
+        return await asyncio.to_thread(engine.tag, texts)
+
+
+def _card(entry: dict[str, Any]) -> dict[str, Any]:
+    created = entry.get("created")
+    try:
+        import datetime as dt
+
+        ts = int(dt.datetime.fromisoformat(created).timestamp()) if created else 0
+    except ValueError:
+        ts = 0
+    return {"id": entry["name"], "object": "model", "created": ts, "owned_by": "raylm",
+            "task": entry["task"], "labels": entry.get("labels")}
+
+
+def select_models(args: AppArgs) -> list[dict[str, Any]]:
+    entries = registry.list_models(args.registry)
+    if args.models is not None:
+        by_name = {e["name"]: e for e in entries}
+        missing = [m for m in args.models if m not in by_name]
+        if missing:
+            raise registry.RegistryError(
+                f"models {missing} are not in registry '{registry.registry_root(args.registry)}' "
+                f"(published: {', '.join(by_name) or 'none'})"
+            )
+        entries = [by_name[m] for m in args.models]
+    unknown = sorted(set(args.per_model) - {e["name"] for e in entries})
+    if unknown:
+        raise registry.RegistryError(f"per_model names {unknown} are not among the served models")
+    return entries
+
+
+def deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+def build_app(args: AppArgs) -> Application:
+    """The application for `args` (a dict is validated into AppArgs, as `serve run k=v` passes)."""
+    if not isinstance(args, AppArgs):
+        args = build(AppArgs, dict(args or {}), source="serve args")
+    entries = select_models(args)
+    if not entries:
+        log.warning("no models in registry '%s'; serving only /healthz and /v1/models",
+                    registry.registry_root(args.registry))
+    handles = {}
+    for entry in entries:
+        opts = args.options_for(entry["name"])
+        runtime = {**opts.to_dict(), "max_tokens": args.max_tokens}
+        handles[entry["name"]] = ModelServer.options(
+            name=deployment_name(entry["name"]), **opts.serve_options()
+        ).bind(entry, runtime)
+    cards = {e["name"]: _card(e) for e in entries}
+    limits = {"request_timeout_s": args.request_timeout_s, "max_body_bytes": args.max_body_bytes}
+    env = {API_KEY_ENV: os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else None
+    return Gateway.options(**args.ingress.serve_options(env)).bind(handles, cards, limits)
+
+
+def __getattr__(name: str) -> Any:
+    # `serve run serve.app:app` builds from $RAYLM_STORAGE/registry when the attribute is read,
+    # not at import, so importing this module never needs the registry.
+    if name == "app":
+        return build_app(AppArgs())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

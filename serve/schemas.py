@@ -1,0 +1,264 @@
+"""Request and response schemas of the Serve API, and the OpenAI-shaped error helpers.
+
+Requests follow the OpenAI completions/chat API closely enough for the official `openai` client;
+unknown fields are ignored (as OpenAI-compatible servers do) so newer clients keep working.
+Nothing here imports Ray, so the schemas are tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A hard ceiling that pydantic enforces (422); the deployment's own cap and the model's context
+# are checked later with a message naming the limit (400).
+MAX_TOKENS_CEILING = 1_000_000
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client as `{"error": {message, type, param, code}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status, message, param, code)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(one message listing every problem, the first offending field) from pydantic errors."""
+    parts, first = [], None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        key = ".".join(loc) or "body"
+        first = first or (key if loc else None)
+        parts.append(f"{key}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", first
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(..., min_length=1, description="registry name of the model (GET /v1/models)")
+
+
+class SamplingParams(BaseModel):
+    """Sampling shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_CEILING, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    n: int = Field(1, ge=1, le=16, description="completions per prompt")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end generation (not returned)")
+    seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
+    stream: bool = Field(False, description="server-sent events, one chunk per token, then `data: [DONE]`")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops or None
+
+    def sampling(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "n": self.n, "stop": self.stop, "seed": self.seed}
+
+
+class CompletionRequest(_Request, SamplingParams):
+    prompt: str | list[str] = Field(..., description="a prompt or a list of prompts")
+
+    def prompts(self) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ApiError(400, "prompt must be a non-empty string (or a list of them)", "prompt", "empty_prompt")
+        return prompts
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Request, SamplingParams):
+    messages: list[ChatMessage] = Field(..., description="the conversation so far")
+
+    def prompt(self) -> str:
+        """A plain template for base models: 'User: ...\\nAssistant:'."""
+        if not self.messages or not any(m.content.strip() for m in self.messages):
+            raise ApiError(400, "messages must hold at least one non-empty message", "messages", "empty_prompt")
+        lines = [f"{m.role.capitalize()}: {m.content}" for m in self.messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+
+class TextPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    text_pair: str | None = None
+
+
+class FillMaskRequest(_Request):
+    inputs: str | list[str] = Field(..., description="text(s) with the tokenizer's mask token, e.g. [MASK]")
+    top_k: int = Field(5, ge=1, le=100, description="predictions per mask")
+
+
+class ClassifyRequest(_Request):
+    inputs: str | TextPair | list[str | TextPair] = Field(..., description="text, {text, text_pair}, or a list")
+
+
+class TagRequest(_Request):
+    inputs: str | list[str] = Field(..., description="text(s) to tag")
+
+
+def as_list(inputs: Any, param: str = "inputs") -> list[Any]:
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if not items:
+        raise ApiError(400, f"{param} must not be empty", param, "empty_input")
+    for item in items:
+        text = item.text if isinstance(item, TextPair) else item
+        if not text or not text.strip():
+            raise ApiError(400, f"{param} must hold non-empty text", param, "empty_input")
+    return items
+
+
+# Responses (documented in /openapi.json).
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "raylm"
+    task: str
+    labels: list[str] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class MaskPrediction(BaseModel):
+    token: int
+    token_str: str
+    score: float
+    sequence: str
+
+
+class MaskResult(BaseModel):
+    position: int = Field(..., description="token index of the mask")
+    predictions: list[MaskPrediction]
+
+
+class FillMaskResponse(BaseModel):
+    model: str
+    results: list[list[MaskResult]] = Field(..., description="per input, per mask token")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    label: str
+    score: float
+    scores: list[LabelScore]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[Classification]
+
+
+class Entity(BaseModel):
+    label: str
+    text: str
+    start: int = Field(..., description="character offset, inclusive")
+    end: int = Field(..., description="character offset, exclusive")
+    score: float
+
+
+class TagResponse(BaseModel):
+    model: str
+    results: list[list[Entity]]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
