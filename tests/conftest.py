@@ -57,3 +57,10 @@ def subprocess_env(ray_address: str | None = None) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def bert_corpus(ray_session):
+    """The BERT-family recipe: WordPiece tokenizer, sentence-aware segments."""
+    return _prepare("t-bert", "prepare-synthetic-bert.yaml",
+                    ["sources.0.num_docs=5000", "output.shard_mb=0.2", "split.validation_fraction=0.1"])
