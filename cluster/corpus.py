@@ -33,7 +33,7 @@ from cluster.config import Section
 from cluster.packing import chunk_sentences, pack_blocks, split_of, split_sentences
 from cluster.runs import RunDir, check_name
 from cluster.sources import CorpusError, SourceConfig, source_dataset
-from cluster.text import CHARSETS, DROP_DUPLICATE, DROP_WEIGHT, clean, content_hash, hash_unit
+from cluster.text import CHARSETS, DROP_DUPLICATE, clean, content_hash, hash_unit
 from cluster.tokenizer import (
     TokenizerConfig,
     end_of_document_id,

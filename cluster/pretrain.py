@@ -309,11 +309,11 @@ def worker_main(config: dict) -> None:
     import socket
 
     import torch
+    from transformers import PreTrainedTokenizerFast
 
     from cluster.losses import CausalLM, MaskedLM
     from cluster.models import build_model, special_ids
     from cluster.train import Loop, seed_everything
-    from transformers import PreTrainedTokenizerFast
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     plan = Plan(**config["plan"])
