@@ -3,10 +3,7 @@ summary.json written last. No summary.json means the run did not finish."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import time
 from typing import Any
 
 from cluster import storage
@@ -24,10 +21,6 @@ def check_name(name: str, key: str = "name") -> str:
     return name
 
 
-def default_name(prefix: str) -> str:
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 class RunDir:
     """One run's directory. Local paths append metrics as they come; URIs buffer and rewrite."""
 
@@ -35,7 +28,6 @@ class RunDir:
         self.job = job
         self.name = check_name(name)
         self.path = storage.join(root or storage_root(), job, name)
-        self._metrics: list[dict[str, Any]] = []
 
     @property
     def summary_path(self) -> str:
@@ -50,16 +42,6 @@ class RunDir:
 
     def write_config(self, config: Section) -> None:
         storage.write_text_atomic(self.file("config.yaml"), config.to_yaml())
-
-    def log_metrics(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, default=float) + "\n"
-        if storage.is_uri(self.path):
-            self._metrics.append(row)
-            body = "".join(json.dumps(r, default=float) + "\n" for r in self._metrics)
-            storage.write_text_atomic(self.file("metrics.jsonl"), body)
-        else:
-            with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(line)
 
     def has_summary(self) -> bool:
         return storage.exists(self.summary_path)
@@ -79,7 +61,3 @@ class RunDir:
 def storage_root() -> str:
     return storage.storage_root()
 
-
-def local_path(path: str) -> str:
-    """A path usable by libraries that need a local directory; URIs are returned unchanged."""
-    return path if storage.is_uri(path) else os.path.abspath(path)

@@ -39,6 +39,3 @@ def embedded_cpus() -> int:
     unschedulable and the run would wait forever. Override with RAYLM_NUM_CPUS."""
     return int(os.environ.get("RAYLM_NUM_CPUS", (os.cpu_count() or 1) + 1))
 
-
-def is_embedded() -> bool:
-    return not os.environ.get("RAY_ADDRESS")

@@ -89,13 +89,3 @@ def delete_dir(path: str) -> None:
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
 
-
-def list_files(path: str, suffix: str = "") -> list[str]:
-    """Sorted full paths of files directly inside `path` ending with `suffix`."""
-    fs, p = filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
-    names = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
-    if is_uri(path):
-        scheme = path.split("://", 1)[0]
-        return [f"{scheme}://{n}" for n in names]
-    return names
