@@ -40,6 +40,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="steps between training-metric rows")
     eval_every: int = Field(100, ge=1, description="steps between validation passes")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per worker")
+    eval_at_start: bool = Field(False, description="evaluate before the first step: the untrained baseline at step 0")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept (plus the best)")
     seed: int = Field(0, description="seeds weights, data order and masking")
@@ -140,6 +141,7 @@ def plan_run(cfg: PretrainConfig, corpus: Corpus, run_dir: str) -> Plan:
         max_steps=max_steps,
         epochs=math.ceil(max_steps / steps_per_epoch),
         tokens_per_step=tokens_per_step,
+        seq_len=block or cfg.model.max_len,
     )
 
 
@@ -313,6 +315,7 @@ def worker_main(config: dict) -> None:
 
     from cluster.losses import CausalLM, MaskedLM
     from cluster.models import build_model, special_ids
+    from cluster.session import TrainSession
     from cluster.train import Loop, seed_everything
 
     cfg = PretrainConfig.model_validate(config["cfg"])
@@ -336,7 +339,7 @@ def worker_main(config: dict) -> None:
         objective = MaskedLM(tokenizer, cfg.objective.pair_task(cfg.model.family), cfg.model.max_len,
                              cfg.objective.mask_rate, cfg.objective.whole_word, cfg.objective.static_masking,
                              cfg.train.seed)
-    loop = Loop(cfg, plan, objective, model, tokenizer)
+    loop = Loop(cfg, plan, objective, model, tokenizer, TrainSession())
     loop.resume()
     loop.place()
     loop.run()

@@ -23,17 +23,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerFast
 
 from cluster import storage
 from cluster.losses import Objective
+from cluster.session import Session
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train_state"
+ADAPTER_FILE = "adapter.safetensors"
 NONFINITE_FILE = "nonfinite_loss.json"
 
 
@@ -49,6 +49,7 @@ class Plan:
     max_steps: int
     epochs: int
     tokens_per_step: int
+    seq_len: int = 0  # tokens per row (block size or max length), for FLOPs per token
 
 
 @dataclass
@@ -107,10 +108,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
 
 
-def flops_per_token(model: torch.nn.Module, n_layer: int, d_model: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM appendix B)."""
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM appendix B).
+    L and d come from the Hugging Face config (`num_hidden_layers`/`hidden_size` alias every family)."""
     n_params = sum(p.numel() for p in unwrap(model).parameters())
-    return 6 * n_params + 12 * n_layer * d_model * seq_len
+    config = unwrap(model).config
+    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -140,12 +143,25 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def all_gather_objects(items: list) -> list:
+    """Every rank's list, concatenated in rank order (the same result on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
 def unwrap(model: torch.nn.Module) -> Any:
     return getattr(model, "module", model)
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
     return type(model).__name__ == "FullyShardedDataParallel"
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -179,13 +195,24 @@ def save_checkpoint(
 
     Only weights go through safetensors; optimizer/scheduler/RNG tensors are a torch file loaded
     with weights_only=True (no arbitrary pickle). state.json is written last: a checkpoint without
-    it is incomplete and never resumed from."""
+    it is incomplete and never resumed from.
+
+    A LoRA (peft) model is saved merged into plain weights, so the directory loads with
+    transformers alone; its adapter (the trainable part) goes to train_state/ for resuming."""
     weights = full_state_dict(model)
     inner = unwrap(model)
-    inner.save_pretrained(dirpath, state_dict=weights, safe_serialization=True)
-    tokenizer.save_pretrained(dirpath)
     sd = os.path.join(dirpath, STATE_DIR)
     os.makedirs(sd, exist_ok=True)
+    if is_peft(inner):
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(inner).items()}
+        save_file(adapter, os.path.join(sd, ADAPTER_FILE))
+        merged_export(inner).save_pretrained(dirpath, safe_serialization=True)
+    else:
+        inner.save_pretrained(dirpath, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(dirpath)
     torch.save(
         {
             "optimizer": optimizer_state(model, optimizer),
@@ -201,6 +228,14 @@ def save_checkpoint(
         json.dump(asdict(state), f, indent=2)
 
 
+def merged_export(peft_model: Any) -> Any:
+    """A plain transformers model with the LoRA update merged into its weights. Merging works on a
+    CPU copy, so the training model keeps its adapter and the device holds no second model."""
+    import copy
+
+    return copy.deepcopy(peft_model).to("cpu").merge_and_unload()
+
+
 def load_train_state(dirpath: str) -> TrainState:
     path = os.path.join(dirpath, STATE_DIR, "state.json")
     with open(path) as f:
@@ -208,17 +243,41 @@ def load_train_state(dirpath: str) -> TrainState:
     return TrainState(**data)
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, opt: Any) -> None:
+    """After a restore, the config's optimizer hyperparameters win over the checkpoint's: a resumed
+    run, or a PBT trial that exploited another trial's checkpoint with mutated values, trains with
+    what its config says. Schedule position (step) stays the checkpoint's."""
+    scheduler.base_lrs = [opt.lr for _ in optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = opt.lr
+        group["lr"] = opt.lr * factor
+        group["betas"], group["eps"] = (opt.beta1, opt.beta2), opt.eps
+        # param_groups() puts decayed matrices first and everything else (no decay) second
+        group["weight_decay"] = opt.weight_decay if i == 0 else 0.0
+
+
 def restore(ckpt_dir: str, model: torch.nn.Module, optimizer, scheduler, device: torch.device) -> TrainState:
     """Load weights (safetensors), optimizer, scheduler and RNG from a checkpoint directory."""
     from safetensors.torch import load_file
 
     inner = unwrap(model)
-    weights = load_file(os.path.join(ckpt_dir, "model.safetensors"), device="cpu")
-    missing, unexpected = inner.load_state_dict(weights, strict=False)
-    # Tied output embeddings are not stored twice; anything else missing is a real mismatch.
-    missing = [k for k in missing if k not in getattr(inner, "_tied_weights_keys", {}) and "lm_head" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+    if is_peft(inner):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(inner, load_file(os.path.join(ckpt_dir, STATE_DIR, ADAPTER_FILE)))
+        unexpected = list(result.unexpected_keys)
+        if unexpected:
+            raise RuntimeError(f"checkpoint {ckpt_dir}: adapter weights {unexpected} do not match the LoRA model")
+    else:
+        weights = load_file(os.path.join(ckpt_dir, "model.safetensors"), device="cpu")
+        missing, unexpected = inner.load_state_dict(weights, strict=False)
+        # Tied output embeddings are not stored twice; anything else missing is a real mismatch.
+        missing = [k for k in missing if k not in getattr(inner, "_tied_weights_keys", {}) and "lm_head" not in k]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}"
+            )
     extra = torch.load(os.path.join(ckpt_dir, STATE_DIR, "optim.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
@@ -282,14 +341,14 @@ class MetricsSink:
 
 
 class Loop:
-    """One worker's training run. Built from plain dicts (configs cross the Ray boundary as dicts)."""
+    """One worker's training run. Built from plain dicts (configs cross the Ray boundary as dicts);
+    everything about its host (Ray Train worker or Tune trial) goes through `session`."""
 
     def __init__(self, cfg: Any, plan: Plan, objective: Objective, model: torch.nn.Module,
-                 tokenizer: PreTrainedTokenizerFast):
+                 tokenizer: PreTrainedTokenizerFast, session: Session):
         self.cfg, self.plan, self.objective, self.tokenizer = cfg, plan, objective, tokenizer
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.session = session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         self.amp = autocast_dtype(cfg.train.precision, self.device)
         self.model = model
         opt = cfg.optim
@@ -303,13 +362,13 @@ class Loop:
         self.state = TrainState(tokenizer_hash=plan.tokenizer_hash)
         self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0)
         self.last_checkpoint_step = -1
-        n_layer, _, d_model, _ = cfg.model.shape()
-        self.flops_per_token = flops_per_token(model, n_layer, d_model, cfg.model.max_len)
+        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.flops_per_token = flops_per_token(model, plan.seq_len)
         self.peak_flops = peak_flops(self.device)
 
     # -- setup
     def resume(self) -> None:
-        ckpt = ray.train.get_checkpoint()
+        ckpt = self.session.checkpoint()
         if ckpt is None:
             return
         with ckpt.as_directory() as d:
@@ -320,14 +379,14 @@ class Loop:
                     f"but the corpus uses {self.plan.tokenizer_hash}"
                 )
             self.state = restore(d, self.model, self.optimizer, self.scheduler, self.device)
+        apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.optim)
         self.last_checkpoint_step = self.state.step
         if self.rank == 0:
             log.info("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch,
                      self.state.batches_in_epoch)
 
     def place(self) -> None:
-        strategy = self.cfg.scaling.strategy
-        self.model = ray.train.torch.prepare_model(self.model, parallel_strategy=strategy)
+        self.model = self.session.prepare_model(self.model, self.cfg.scaling.strategy)
         if self.cfg.model.compile:
             self.model = torch.compile(self.model)
 
@@ -344,7 +403,8 @@ class Loop:
         if is_fsdp(self.model):
             norm = self.model.clip_grad_norm_(self.cfg.train.max_grad_norm)
         else:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,8 +414,12 @@ class Loop:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        shard = ray.train.get_dataset_shard("validation")
+        shard = self.session.dataset("validation")
         sums: dict[str, float] = {}
+        generate = getattr(self.objective, "generate", None)
+        # generated samples are capped per run, split evenly over the ranks
+        sample_cap = -(-getattr(self.objective, "sample_limit", 0) // self.world)
+        samples: list = []
         for i, batch in enumerate(shard.iter_batches(batch_size=self.cfg.train.batch_size, batch_format="numpy")):
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
@@ -363,16 +427,22 @@ class Loop:
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 _, stats = self.objective.forward(self.model, inputs)
+                if generate and len(samples) < sample_cap:
+                    samples += generate(unwrap(self.model), inputs, sample_cap - len(samples))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.model.train()
-        return self.objective.summarize(all_reduce_sum(sums, self.device))
+        metrics = self.objective.summarize(all_reduce_sum(sums, self.device))
+        if generate:
+            metrics.update(self.objective.score_samples(all_gather_objects(samples)))
+        return metrics
 
-    # -- checkpoint via ray.train.report (every rank calls report: it is a barrier)
+    # -- checkpoint via the session (with Ray Train every rank calls report: it is a barrier)
     def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
-        metrics = {**metrics, "step": self.state.step, "epoch": self.state.epoch}
+        metrics = {**metrics, "step": self.state.step, "epoch": self.state.epoch,
+                   "trainable_params": self.trainable_params}
         if not checkpoint:
-            ray.train.report(metrics)
+            self.session.report(metrics)
             return
         tmp = tempfile.mkdtemp(prefix="raylm-ckpt-")
         try:
@@ -384,15 +454,15 @@ class Loop:
                 else:
                     full_state_dict(self.model)
                     optimizer_state(self.model, self.optimizer)
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{self.state.step:07d}")
+            self.session.report(metrics, checkpoint_dir=tmp if self.rank == 0 else None,
+                                dir_name=f"checkpoint_{self.state.step:07d}")
             self.last_checkpoint_step = self.state.step
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def batches(self, epoch: int):
         """This rank's micro-batches of `epoch`, skipping those consumed before a resume."""
-        shard = ray.train.get_dataset_shard(f"train_{epoch}")
+        shard = self.session.dataset(f"train_{epoch}")
         skip = self.state.batches_in_epoch if epoch == self.state.epoch else 0
         it = shard.iter_batches(
             batch_size=self.cfg.train.batch_size,
@@ -423,6 +493,8 @@ class Loop:
         t_start = time.perf_counter()
         window = {"t0": time.perf_counter(), "wait": 0.0, "tokens": 0, "stats": {}, "steps": 0, "norm": 0.0}
         stopped_for_nan = None
+        if cfg.eval_at_start and st.step == 0:
+            self.log_validation(self.evaluate(), checkpoint=False)
         for epoch in range(st.epoch, plan.epochs):
             if st.step >= plan.max_steps:
                 break
@@ -495,12 +567,16 @@ class Loop:
             val = self.evaluate()
             if not math.isfinite(val["loss"]):
                 return self.stop_for_nan(val)
-            st.best_val_loss = min(st.best_val_loss, val["loss"])
-            val_metrics = {f"val_{k}": v for k, v in val.items()}
-            self.sink.log({"step": st.step, "epoch": st.epoch, "split": "validation", **val_metrics})
-            st.history.append({"step": st.step, **val_metrics})
-            self.report(val_metrics, checkpoint=is_ckpt)
+            self.log_validation(val, checkpoint=is_ckpt)
         return None
+
+    def log_validation(self, val: dict[str, float], checkpoint: bool) -> None:
+        st = self.state
+        st.best_val_loss = min(st.best_val_loss, val["loss"])
+        val_metrics = {f"val_{k}": v for k, v in val.items()}
+        self.sink.log({"step": st.step, "epoch": st.epoch, "split": "validation", **val_metrics})
+        st.history.append({"step": st.step, **val_metrics})
+        self.report(val_metrics, checkpoint=checkpoint)
 
     def stop_for_nan(self, metrics: dict[str, float]) -> int:
         """All ranks see the same reduced loss, so all stop here together; no checkpoint is written."""
@@ -511,8 +587,8 @@ class Loop:
             # Result.metrics keeps only checkpointed reports, so the driver learns of the stop from this file.
             storage.write_json_atomic(storage.join(self.plan.run_dir, NONFINITE_FILE),
                                       {"step": step, "last_checkpoint_step": last, "metrics": metrics})
-        ray.train.report({"nonfinite_loss_step": step, "last_good_checkpoint_step": last,
-                          "step": step, "epoch": self.state.epoch})
+        self.session.report({"nonfinite_loss_step": step, "last_good_checkpoint_step": last,
+                             "step": step, "epoch": self.state.epoch})
         return step
 
     def finish(self) -> None:

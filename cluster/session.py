@@ -1,0 +1,92 @@
+"""Where the training loop runs: a Ray Train worker, or a single process inside a Ray Tune trial.
+
+`cluster.train.Loop` talks to its host only through a session: rank and world size, the device,
+the checkpoint to resume from, the datasets, how the model is placed, and how metrics and
+checkpoints are reported. Ray Train's `ray.train.*` functions refuse to run inside a Tune function
+trainable (Ray 2.60 raises there and points to `ray.tune.*`), so a one-worker trial gets its own
+session instead of a copy of the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Session(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+
+    def checkpoint(self) -> Any | None:
+        """The checkpoint to resume from (a ray Checkpoint), or None for a fresh start."""
+
+    def dataset(self, name: str) -> Any:
+        """Something with Ray Data's `iter_batches` for the named dataset (this rank's share)."""
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        """The model placed on this session's device (wrapped for DDP/FSDP when distributed)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
+        """Report metrics, with a checkpoint directory to persist when given."""
+
+
+class TrainSession:
+    """A Ray Train worker started by TorchTrainer: every rank calls `report` (it is a barrier)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self) -> Any | None:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=dir_name if ckpt else None)
+
+
+class TuneSession:
+    """One process in a Ray Tune function trainable: rank 0 of 1, datasets handed in whole."""
+
+    def __init__(self, datasets: dict[str, Any], use_gpu: bool = False) -> None:
+        self.rank, self.world = 0, 1
+        self.datasets = datasets
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def checkpoint(self) -> Any | None:
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def dataset(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
+        import ray.tune
+
+        # Tune names checkpoints itself (checkpoint_000000, ...); dir_name applies to Ray Train only.
+        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)
