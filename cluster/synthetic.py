@@ -595,6 +595,21 @@ def entity_tagging(num: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def topic_completion(num: int, seed: int = 0) -> list[dict]:
+    """`num` prompt/completion pairs: a short document (1-2 sentences) and, after it, its topic and
+    named entities in order of appearance: prompt "<text>\nTopic and names:", completion
+    " travel: Ada Okafor, Port Elwin." (" travel: none." when the text names no one)."""
+    order = _balanced_topics(num, _rng("completion-order", seed, 0))
+    out = []
+    for i, topic in enumerate(order):
+        rng = _rng("completion", seed, i)
+        doc = _compose(rng, topic, 1 + rng.randrange(2))
+        names = list(dict.fromkeys(doc.text[e.start : e.end] for e in doc.entities))
+        out.append({"prompt": f"{doc.text}\nTopic and names:",
+                    "completion": f" {topic}: {', '.join(names) if names else 'none'}."})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="print synthetic documents and the corpus entropy floor")
     p.add_argument("--docs", type=int, default=3, help="documents to print")

@@ -64,3 +64,29 @@ def bert_corpus(ray_session):
     """The BERT-family recipe: WordPiece tokenizer, sentence-aware segments."""
     return _prepare("t-bert", "prepare-synthetic-bert.yaml",
                     ["sources.0.num_docs=5000", "output.shard_mb=0.2", "split.validation_fraction=0.1"])
+
+
+def _pretrain(name: str, config: str, corpus: str, sets: list[str]) -> str:
+    """A short pretraining run on the shared Ray; returns its run name (fine-tuning resolves it)."""
+    from cluster.config import load_config
+    from cluster.pretrain import PretrainConfig
+    from jobs.pretrain import run
+
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", config),
+                      [f"name={name}", f"corpus={corpus}", "scaling.threads_per_worker=2", *sets])
+    run(cfg)
+    return name
+
+
+@pytest.fixture(scope="session")
+def gpt_base(gpt_corpus):
+    """A tiny GPT pretrained for 80 steps: the base model of the fine-tuning and sweep tests."""
+    return _pretrain("t-base-gpt", "gpt-tiny.yaml", "t-gpt",
+                     ["train.max_steps=80", "train.eval_every=40", "train.checkpoint_every=80", "train.eval_batches=4"])
+
+
+@pytest.fixture(scope="session")
+def bert_base(bert_corpus):
+    """A tiny BERT pretrained for 60 steps (MLM + NSP)."""
+    return _pretrain("t-base-bert", "bert-tiny.yaml", "t-bert",
+                     ["train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60", "train.eval_batches=4"])

@@ -5,7 +5,9 @@ import pytest
 
 from cluster.config import ConfigError, load_config, parse_overrides
 from cluster.corpus import PrepareConfig
+from cluster.finetune import FinetuneConfig
 from cluster.pretrain import PretrainConfig
+from cluster.sweep import SweepConfig, check_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,6 +55,10 @@ def config_class(filename: str):
         return PrepareConfig
     if stem.split("-")[0] in ("gpt", "gpt2", "llama", "bert", "roberta", "albert"):
         return PretrainConfig
+    if stem.startswith("finetune-"):
+        return FinetuneConfig
+    if stem.startswith("tune-"):
+        return SweepConfig
     raise AssertionError(f"{stem}: no job claims this config; add it to config_class()")
 
 
@@ -60,3 +66,5 @@ def config_class(filename: str):
 def test_every_shipped_config_loads(path):
     cfg = load_config(config_class(path), path)
     assert cfg.to_dict()
+    if isinstance(cfg, SweepConfig):
+        check_sweep(cfg)  # search keys, metric and scheduler are valid before any trial

@@ -1,0 +1,359 @@
+"""Fine-tuning logic without Ray: task metrics against scikit-learn / seqeval, tokenization and
+label alignment, the completion mask, strategies (what trains), LoRA export and resume, and the
+checks that refuse bad input before any training starts."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cluster import metrics as M
+from cluster import synthetic, tasks
+from cluster.config import ConfigError, build
+from cluster.entry import JobError
+from cluster.finetune import (
+    FinetuneConfig,
+    StrategyConfig,
+    apply_strategy,
+    build_task_model,
+    check_family,
+    check_strategy,
+    prepare_tokenizer,
+)
+from cluster.models import ModelConfig, build_model, special_ids
+from cluster.task_losses import IGNORE_INDEX, Completion, TokenClassification
+from cluster.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.train import (
+    STATE_DIR,
+    TrainState,
+    apply_hyperparameters,
+    lr_lambda,
+    param_groups,
+    restore,
+    save_checkpoint,
+)
+
+TEXTS = [d.text for d in synthetic.documents(400, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return train_tokenizer(TEXTS, TokenizerConfig(kind="bpe", vocab_size=600, model_max_length=128))
+
+
+@pytest.fixture(scope="module")
+def wp_tok():
+    return train_tokenizer(TEXTS, TokenizerConfig(kind="wordpiece", vocab_size=600, model_max_length=128))
+
+
+def save_base(path, family: str, tok) -> str:
+    """A tiny random 'pretrained' checkpoint, as jobs.pretrain writes it."""
+    model = build_model(ModelConfig(family=family, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=128),
+                        len(tok), special_ids(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gpt_base(tmp_path_factory, bpe_tok):
+    return save_base(tmp_path_factory.mktemp("gpt-base"), "gpt2", bpe_tok)
+
+
+@pytest.fixture(scope="module")
+def bert_base(tmp_path_factory, wp_tok):
+    return save_base(tmp_path_factory.mktemp("bert-base"), "bert", wp_tok)
+
+
+def files_json(tok) -> str:
+    return json.dumps(tasks.tokenizer_files(tok))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_macro_f1_and_accuracy_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = random.Random(0)
+    gold = [rng.randrange(5) for _ in range(500)]
+    pred = [g if rng.random() < 0.6 else rng.randrange(4) for g in gold]  # class 4 is never predicted
+    sums: dict[str, float] = {}
+    for i in range(0, 500, 64):  # counts from batches add up to the whole
+        for k, v in M.class_counts(pred[i:i + 64], gold[i:i + 64], 6).items():
+            sums[k] = sums.get(k, 0.0) + v
+    scores = M.classification_scores(sums, 6)  # label 5 occurs nowhere: not averaged in
+    assert scores["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert scores["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro"))
+
+
+def _random_bio(rng: random.Random, n: int) -> list[str]:
+    tags = []
+    for _ in range(n):
+        kind = rng.choice(["PER", "LOC", "ORG"])
+        tags.append(rng.choice(["O", "O", f"B-{kind}", f"I-{kind}"]))
+    return tags
+
+
+def test_entity_scores_match_seqeval():
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    rng = random.Random(1)
+    gold = [_random_bio(rng, rng.randrange(3, 20)) for _ in range(300)]
+    pred = [[t if rng.random() < 0.8 else rng.choice(["O", "B-PER", "I-LOC"]) for t in g] for g in gold]
+    sums = M.entity_counts(pred, gold, ["LOC", "ORG", "PER"])
+    scores = M.entity_scores(sums, ["LOC", "ORG", "PER"])
+    assert scores["entity_f1"] == pytest.approx(f1_score(gold, pred))
+    assert scores["entity_precision"] == pytest.approx(precision_score(gold, pred))
+    assert scores["entity_recall"] == pytest.approx(recall_score(gold, pred))
+
+
+def test_generation_scores_bound_identical_and_disjoint_texts():
+    same = M.generation_scores(["sports: Ada Okafor."] * 3, ["sports: Ada Okafor."] * 3)
+    assert same["rouge_l"] == pytest.approx(100.0) and same["bleu"] == pytest.approx(100.0)
+    other = M.generation_scores(["finance none"] * 3, ["sports: Ada Okafor, Port Elwin."] * 3)
+    assert other["rouge_l"] == 0.0 and other["bleu"] < 1.0
+
+
+# ---------------------------------------------------------------- tokenization and alignment
+
+
+@pytest.mark.parametrize("which", ["bpe", "wordpiece"])
+def test_each_word_labels_exactly_its_first_sub_token(which, bpe_tok, wp_tok):
+    tok = bpe_tok if which == "bpe" else wp_tok
+    rows = synthetic.entity_tagging(30, seed=2)
+    labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    label2id = {t: i for i, t in enumerate(labels)}
+    for row in rows:
+        words, tags = row["tokens"], row["tags"]
+        ids, lab, cut = tasks.align_word_labels(words, [label2id[t] for t in tags], tok, 512)
+        assert not cut
+        scored = np.flatnonzero(lab != IGNORE_INDEX)
+        assert [labels[i] for i in lab[scored]] == tags  # one label per word, in order
+        for word, pos in zip(words, scored, strict=True):  # ... on the token where the word starts
+            assert tok.decode([int(ids[pos])]).strip() == word[: len(tok.decode([int(ids[pos])]).strip())]
+
+
+def test_tagging_truncation_is_reported_and_keeps_whole_labels(bpe_tok):
+    words = ["Ada", "Okafor", "met", "Ben", "Lind", "in", "Calder", "."] * 10
+    tags = ["B-PER", "I-PER", "O", "B-PER", "I-PER", "O", "B-LOC", "O"] * 10
+    ids, lab, cut = tasks.align_word_labels(words, [0] * len(tags), bpe_tok, 16)
+    assert cut and len(ids) == 16 and (lab != IGNORE_INDEX).sum() < len(words)
+
+
+def test_completion_loss_covers_completion_and_eos_only(bpe_tok):
+    import pandas as pd
+
+    cfg = tasks.TaskData(max_length=24).resolved("completion")
+    batch = pd.DataFrame([{"prompt": "Ada Okafor scored in Tarn.\nTopic and names:", "completion": " sports: Ada Okafor."},
+                          {"prompt": "x " * 40, "completion": " travel: none."}])
+    out = tasks._tokenize(batch, "completion", files_json(bpe_tok), cfg.model_dump(), None, False)
+    objective = Completion(bpe_tok, sample_limit=0, max_new_tokens=4)
+    inputs = objective.collate({k: np.array(v, dtype=object) if k == "input_ids" else v for k, v in out.items()},
+                               (0,))
+    for i in range(2):
+        labels, ids = inputs["labels"][i], inputs["input_ids"][i]
+        target = bpe_tok.decode([t for t in labels.tolist() if t != IGNORE_INDEX])
+        assert target.endswith(bpe_tok.eos_token)
+        assert target.removesuffix(bpe_tok.eos_token) == [" sports: Ada Okafor.", " travel: none."][i]
+        assert (labels[: int(inputs["prompt_len"][i])] == IGNORE_INDEX).all()
+        assert len(ids) <= 24
+    assert int(inputs["prompt_len"][1]) == 24 - len(bpe_tok(" travel: none.")["input_ids"]) - 1  # prompt cut on the left
+
+
+def test_pair_template_and_token_types_are_saved_with_the_tokenizer(tmp_path, gpt_base, bert_base):
+    from transformers import AutoTokenizer
+
+    gpt = prepare_tokenizer(gpt_base, "classification", pair=True)
+    ids = gpt("Shares rose.", "Ada scored.")["input_ids"]
+    assert gpt.eos_token_id in ids  # "A <eos> B" for a tokenizer without a pair template
+    bert = prepare_tokenizer(bert_base, "classification", pair=True, token_types=True)
+    bert.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)  # what Serve and pipeline() load
+    enc = again("Shares rose.", "Ada scored.")
+    assert enc["input_ids"].count(again.sep_token_id) == 2 and 1 in enc["token_type_ids"]
+
+
+# ---------------------------------------------------------------- strategies and checkpoints
+
+
+def finetune_cfg(task: str, checkpoint: str, **strategy) -> FinetuneConfig:
+    return build(FinetuneConfig, {"task": task, "model": {"checkpoint": checkpoint}, "strategy": strategy})
+
+
+META = {"labels": ["finance", "science", "sports", "travel"], "pad_id": 1}
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_frozen_trains_the_head_and_top_k_blocks_only(gpt_base):
+    cfg = finetune_cfg("classification", gpt_base, kind="frozen", unfreeze_top_k=1)
+    model = apply_strategy(build_task_model(cfg, META, gpt_base), cfg.strategy, cfg.task)
+    names = trainable_names(model)
+    assert names and all(n.startswith(("score.", "transformer.h.1.")) for n in names)
+    assert any(n.startswith("score.") for n in names) and any(".h.1." in n for n in names)
+
+
+def test_lora_trains_only_adapters_and_the_head(bert_base):
+    cfg = finetune_cfg("tagging", bert_base, kind="lora", lora={"rank": 4})
+    meta = {"labels": ["O", "B-PER", "I-PER"], "pad_id": 0}
+    model = apply_strategy(build_task_model(cfg, meta, bert_base), cfg.strategy, cfg.task)
+    names = trainable_names(model)
+    lora = [n for n in names if "lora_" in n]
+    head = [n for n in names if "classifier" in n]
+    assert sorted(lora + head) == sorted(names)
+    # rank 4 on query and value of 2 layers: A (4 x 32) and B (32 x 4) per module
+    assert sum(p.numel() for n, p in model.named_parameters() if n in lora) == 2 * 2 * (4 * 32 + 32 * 4)
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < 0.1 * sum(
+        p.numel() for p in model.parameters())
+
+
+def _perturbed_lora_model(base: str, task: str, meta: dict) -> torch.nn.Module:
+    cfg = finetune_cfg(task, base, kind="lora", lora={"rank": 4})
+    model = apply_strategy(build_task_model(cfg, meta, base), cfg.strategy, cfg.task)
+    torch.manual_seed(5)
+    with torch.no_grad():  # a trained adapter: B is zero at init, which would make merging trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    return model.eval()
+
+
+def _optimizer(model):
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", 2, 10, 0.1))
+
+
+@pytest.mark.parametrize("task, base_name", [("classification", "gpt"), ("tagging", "bert"), ("completion", "gpt")])
+def test_lora_export_is_merged_and_matches_the_adapter_model(tmp_path, task, base_name, gpt_base, bert_base, bpe_tok):
+    import transformers
+
+    base = gpt_base if base_name == "gpt" else bert_base
+    meta = {**META, "labels": None if task == "completion" else META["labels"]}
+    model = _perturbed_lora_model(base, task, meta)
+    opt, sched = _optimizer(model)
+    save_checkpoint(str(tmp_path), model, bpe_tok, opt, sched, TrainState(step=3), {})
+    cls = {"classification": transformers.AutoModelForSequenceClassification,
+           "tagging": transformers.AutoModelForTokenClassification,
+           "completion": transformers.AutoModelForCausalLM}[task]
+    exported = cls.from_pretrained(str(tmp_path)).eval()  # transformers alone, no peft
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+    ids = torch.randint(5, 500, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / STATE_DIR / "adapter.safetensors").exists()
+
+
+def test_lora_resume_restores_the_adapter_and_config_hyperparameters(tmp_path, gpt_base, bpe_tok):
+    trained = _perturbed_lora_model(gpt_base, "classification", META)
+    opt, sched = _optimizer(trained)
+    for _ in range(4):
+        sched.step()
+    save_checkpoint(str(tmp_path), trained, bpe_tok, opt, sched, TrainState(step=4), {})
+    fresh = _perturbed_lora_model(gpt_base, "classification", META)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.zero_()
+    opt2, sched2 = _optimizer(fresh)
+    state = restore(str(tmp_path), fresh, opt2, sched2, torch.device("cpu"))
+    assert state.step == 4 and sched2.last_epoch == 4
+    ids = torch.randint(5, 500, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, trained(input_ids=ids).logits)
+    # PBT: a resumed trial trains with its own (mutated) optimizer values, at the restored step
+    opt_cfg = build(FinetuneConfig, {"task": "classification", "model": {"checkpoint": "x"},
+                                     "optim": {"lr": 5e-3, "weight_decay": 0.2}}).optim
+    apply_hyperparameters(opt2, sched2, opt_cfg)
+    factor = lr_lambda("cosine", 2, 10, 0.1)(4)
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([5e-3 * factor] * 2)
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.2, 0.0]
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(5e-3 * lr_lambda("cosine", 2, 10, 0.1)(5))
+
+
+def test_tagging_objective_scores_entities_in_eval_mode_only(bert_base):
+    labels = ["O", "B-PER", "I-PER"]
+    cfg = finetune_cfg("tagging", bert_base)
+    model = build_task_model(cfg, {"labels": labels, "pad_id": 0}, bert_base)
+    objective = TokenClassification(labels, pad_id=0)
+    batch = {"input_ids": np.array([np.arange(5, 12), np.arange(5, 9)], dtype=object),
+             "labels": np.array([np.array([-100, 1, 2, 0, -100, 0, -100]), np.array([-100, 1, 0, -100])], dtype=object)}
+    inputs = objective.collate(batch, (0,))
+    model.train()
+    _, train_stats = objective.forward(model, inputs)
+    assert "tp_PER" not in train_stats
+    model.eval()
+    _, stats = objective.forward(model, inputs)
+    summary = objective.summarize({k: float(v) for k, v in stats.items()})
+    assert 0.0 <= summary["entity_f1"] <= 1.0 and stats["tokens"] == 6
+
+
+# ---------------------------------------------------------------- refused before training
+
+
+def test_completion_needs_a_causal_checkpoint_and_heads_must_exist():
+    with pytest.raises(JobError, match="causal language model"):
+        check_family("completion", {"model_type": "bert", "architectures": ["BertForPreTraining"]}, "ckpt")
+    check_family("classification", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "ckpt")
+    with pytest.raises(JobError, match="has no AutoModelForTokenClassification head"):
+        check_family("tagging", {"model_type": "no-such-model"}, "ckpt")
+
+
+def test_strategy_problems_are_found_on_the_driver(gpt_base, bert_base):
+    gpt_config = json.load(open(f"{gpt_base}/config.json"))
+    with pytest.raises(JobError, match="unfreeze_top_k 0"):
+        check_strategy(finetune_cfg("completion", gpt_base, kind="frozen"), gpt_config)
+    with pytest.raises(JobError, match="exceeds the model's 2 blocks"):
+        check_strategy(finetune_cfg("classification", gpt_base, kind="frozen", unfreeze_top_k=3), gpt_config)
+    with pytest.raises(JobError, match=r"\['query'\] are not modules of gpt2"):
+        check_strategy(finetune_cfg("classification", gpt_base, kind="lora", lora={"target_modules": ["query"]}),
+                       gpt_config)
+    check_strategy(finetune_cfg("classification", bert_base, kind="lora", lora={"target_modules": ["query"]}),
+                   json.load(open(f"{bert_base}/config.json")))
+
+
+def test_lora_with_fsdp_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="LoRA with FSDP"):
+        build(FinetuneConfig, {"task": "tagging", "model": {"checkpoint": "x"}, "strategy": {"kind": "lora"},
+                               "scaling": {"strategy": "fsdp"}})
+
+
+def test_label_problems_name_the_split_and_column():
+    cfg = tasks.TaskData(label_column="topic")
+    stats = {"train": tasks.SplitStats(rows=10, labels={"a": 5, "b": 5}),
+             "validation": tasks.SplitStats(rows=4, missing=1, labels={"a": 1, "c": 2})}
+    with pytest.raises(tasks.TaskDataError) as err:
+        tasks.infer_labels("classification", cfg, stats)
+    assert "1 row(s) of the validation split have no label in 'topic'" in str(err.value)
+    assert "validation labels ['c'] never occur in the training split" in str(err.value)
+    assert StrategyConfig().kind == "full"
+
+
+def test_sweep_mode_against_the_metric_direction_is_refused():
+    from cluster.sweep import SweepConfig, check_sweep
+
+    base = {"name": "s", "finetune": {"task": "completion", "model": {"checkpoint": "x"}},
+            "search": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
+    with pytest.raises(ConfigError, match="mode 'max' would pick the worst trial: 'val_loss' is better when lower"):
+        check_sweep(build(SweepConfig, {**base, "metric": "val_loss", "mode": "max"}))
+    cfg = build(SweepConfig, {**base, "metric": "val_loss"})
+    check_sweep(cfg)
+    assert cfg.objective == ("val_loss", "min")
+    assert build(SweepConfig, base).objective == ("val_rouge_l", "max")
+
+
+def test_trial_config_sets_dotted_values_and_checkpoints_every_evaluation():
+    from cluster.sweep import trial_config
+
+    base = build(FinetuneConfig, {"task": "tagging", "model": {"checkpoint": "x"},
+                                  "train": {"eval_every": 7, "checkpoint_every": 50}}).to_dict()
+    out = trial_config(base, {"optim.lr": 0.01, "strategy.lora.rank": 16})
+    assert out["optim"]["lr"] == 0.01 and out["strategy"]["lora"]["rank"] == 16
+    assert out["train"]["checkpoint_every"] == 7 and base["optim"]["lr"] == 5e-4  # base untouched
