@@ -1,0 +1,494 @@
+"""Hyperparameter sweeps over fine-tuning with Ray Tune: one trial = one fine-tuning run through
+cluster.finetune (the same loop, objectives and strategies), a search space in YAML, ASHA/PBT
+schedulers, random/grid/Optuna search, and the best trial's checkpoint published to the registry.
+
+A trial with one worker is a Tune function trainable running the loop in its own process
+(cluster.session.TuneSession); with N workers it runs a TorchTrainer inside the trial and forwards
+its reports to Tune. Re-running an interrupted sweep (same name, same config) restores it with
+`Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Literal
+
+import ray
+from pydantic import Field, model_validator
+from ray import tune
+
+from cluster import registry, storage
+from cluster.config import ConfigError, Section, _set_dotted, build
+from cluster.entry import JobError
+from cluster.finetune import (
+    METRICS,
+    TASKS,
+    FinetuneConfig,
+    TaskSetup,
+    epoch_datasets,
+    plan_run,
+    run_worker,
+    setup,
+)
+from cluster.runs import RunDir, check_name
+
+log = logging.getLogger(__name__)
+DEFAULT_METRIC = {"classification": "val_accuracy", "tagging": "val_entity_f1", "completion": "val_rouge_l"}
+
+
+class Domain(Section):
+    """One searched value: exactly one of the keys below."""
+
+    loguniform: list[float] | None = Field(None, min_length=2, max_length=2, description="[low, high], log scale")
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2, description="[low, high]")
+    randint: list[int] | None = Field(None, min_length=2, max_length=2, description="[low, high) integers")
+    choice: list[Any] | None = Field(None, min_length=1, description="values sampled uniformly")
+    grid: list[Any] | None = Field(None, min_length=1, description="every value, crossed with the other grids")
+
+    @model_validator(mode="after")
+    def _one(self) -> Domain:
+        given = [k for k in ("loguniform", "uniform", "randint", "choice", "grid") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice, grid (got {given or 'none'})")
+        for key in ("loguniform", "uniform", "randint"):
+            low_high = getattr(self, key)
+            if low_high is not None and not low_high[0] < low_high[1]:
+                raise ValueError(f"{key}: low {low_high[0]} must be below high {low_high[1]}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low {self.loguniform[0]} must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "randint", "choice", "grid") if getattr(self, k) is not None)
+
+    def values(self) -> list[Any]:
+        """Representative values (the bounds for ranges), used to check the key before any trial."""
+        return list(getattr(self, self.kind))
+
+    def to_tune(self, grid_choices: bool = False) -> Any:
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.loguniform)
+        if self.kind == "uniform":
+            return tune.uniform(*self.uniform)
+        if self.kind == "randint":
+            return tune.randint(*self.randint)
+        if self.kind == "grid" or grid_choices:
+            return tune.grid_search(list(self.values()))
+        return tune.choice(list(self.choice))
+
+
+class SchedulerConfig(Section):
+    kind: Literal["asha", "pbt", "fifo"] = Field("asha", description="early stopping (asha), population-based "
+                                                 "training (pbt), or run every trial to the end (fifo)")
+    grace_period: int | None = Field(None, ge=1, description="asha: steps before a trial can be stopped "
+                                     "(default: one evaluation interval)")
+    reduction_factor: float = Field(3.0, gt=1, description="asha: keep the best 1/factor at each rung")
+    max_t: int | None = Field(None, ge=1, description="asha: steps of a full trial (default: the base plan's)")
+    perturbation_interval: int | None = Field(None, ge=1, description="pbt: steps between exploit/explore "
+                                              "(default: one evaluation interval)")
+    mutations: dict[str, Domain] = Field(default_factory=dict, description="pbt: optim.* values to resample")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt: share of trials cloned / replaced")
+
+
+class SearchAlgConfig(Section):
+    kind: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random (grids crossed, the rest sampled), grid (choices become grids too), "
+        "optuna (TPE)")
+    seed: int | None = Field(0, description="sampler seed (random / optuna)")
+
+
+class TrialConfig(Section):
+    workers: int = Field(1, ge=1, description="1: a function trainable; N: a TorchTrainer with N workers per trial")
+    cpus: float = Field(1.0, gt=0, description="CPUs per trial worker (fractions allowed)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per trial worker (fractions share a GPU)")
+
+
+class PublishConfig(Section):
+    enabled: bool = Field(True, description="publish the best trial's checkpoint to the registry")
+    name: str | None = Field(None, description="registry name (default: the sweep's name)")
+    force: bool = Field(False, description="replace the published model even if its metric is not better")
+
+
+class SweepConfig(Section):
+    name: str = Field("sweep", description="<RAYLM_STORAGE>/tune/<name>/; the same name and config resumes")
+    finetune: FinetuneConfig = Field(description="the fine-tuning run every trial starts from")
+    search: dict[str, Domain] = Field(default_factory=dict, description="dotted finetune keys -> domains, "
+                                      "e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+    metric: str | None = Field(None, description="validation metric to optimise (default by task)")
+    mode: Literal["max", "min"] | None = Field(None, description="default: the metric's natural direction")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search_alg: SearchAlgConfig = Field(default_factory=SearchAlgConfig)
+    num_samples: int = Field(4, ge=1, description="samples of the space (each grid point num_samples times)")
+    max_concurrent_trials: int = Field(2, ge=1, description="trials running at once")
+    trial: TrialConfig = Field(default_factory=TrialConfig)
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    keep_checkpoints: int = Field(1, ge=1, description="best checkpoints kept per trial")
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+
+    @model_validator(mode="after")
+    def _name(self) -> SweepConfig:
+        check_name(self.name)
+        return self
+
+    @property
+    def objective(self) -> tuple[str, str]:
+        task = self.finetune.task
+        metric = self.metric or DEFAULT_METRIC[task]
+        return metric, self.mode or METRICS[task].get(metric, "max")
+
+
+# ---------------------------------------------------------------- checks before any trial
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The base fine-tune config with the trial's dotted values set."""
+    out = copy.deepcopy(base)
+    for key, value in params.items():
+        _set_dotted(out, key, value)
+    # every evaluation is checkpointed, so the best one can be published and PBT can clone it
+    out["train"]["checkpoint_every"] = out["train"]["eval_every"]
+    return out
+
+
+def check_sweep(cfg: SweepConfig) -> None:
+    """Every problem a trial would hit late, reported at once before any trial starts."""
+    problems = []
+    task = cfg.finetune.task
+    metric, _ = cfg.objective
+    if not cfg.search and not (cfg.scheduler.kind == "pbt" and cfg.scheduler.mutations):
+        problems.append("search: the search space is empty; give at least one key, e.g. "
+                        "search: {optim.lr: {loguniform: [1.0e-4, 1.0e-2]}}")
+    if metric not in METRICS[task]:
+        problems.append(f"metric '{metric}' is never reported by a {task} trial (reported: "
+                        f"{', '.join(METRICS[task])})")
+    elif cfg.mode and cfg.mode != METRICS[task][metric]:
+        problems.append(f"mode '{cfg.mode}' would pick the worst trial: '{metric}' is better when "
+                        f"{'higher' if METRICS[task][metric] == 'max' else 'lower'} (set mode: "
+                        f"{METRICS[task][metric]}, or leave mode out)")
+    fixed = [k for k in cfg.search if k == "task" or k.startswith(("model.checkpoint", "data.", "scaling."))]
+    if fixed:
+        problems.append(f"search keys {fixed}: the data, base checkpoint and tokenizer are prepared once per sweep "
+                        "and trial resources come from trial.*; search training keys (optim.*, train.*, "
+                        "strategy.*) instead, or run one sweep per base model / dataset")
+    base = cfg.finetune.to_dict()
+    for key, domain in {**cfg.search, **cfg.scheduler.mutations}.items():
+        for value in domain.values():
+            try:
+                build(FinetuneConfig, trial_config(base, {key: value}), source=f"search.{key}")
+            except ConfigError as exc:
+                problems.append(str(exc).replace("config key '", f"search key '{key}' -> '"))
+                break
+    if cfg.search_alg.kind == "optuna" and any(d.kind == "grid" for d in cfg.search.values()):
+        problems.append("search_alg 'optuna' samples its own points: use choice instead of grid")
+    if cfg.search_alg.kind == "grid":
+        ranged = [k for k, d in cfg.search.items() if d.kind not in ("grid", "choice")]
+        if ranged:
+            problems.append(f"search_alg 'grid' needs grid/choice domains; {ranged} are ranges")
+    if cfg.scheduler.kind == "pbt":
+        if cfg.trial.workers > 1:
+            problems.append("scheduler 'pbt' clones checkpoints between trials: it runs with trial.workers 1")
+        if not cfg.scheduler.mutations:
+            problems.append("scheduler.mutations: pbt needs at least one key to mutate, e.g. optim.lr")
+        off = [k for k in cfg.scheduler.mutations if not k.startswith("optim.")]
+        if off:
+            problems.append(f"scheduler.mutations {off}: pbt mutates optim.* keys only (a trial resumes its data "
+                            "position and step count, which other keys would change)")
+    if problems:
+        raise ConfigError("sweep config: " + str(len(problems)) + " problem(s)\n  - " + "\n  - ".join(problems))
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any], data: dict[str, Any],
+               trial: dict[str, Any], sweep_dir: str) -> None:
+    """A Tune function trainable: build the trial's fine-tune config and run it."""
+    from cluster.session import TuneSession
+
+    ctx = tune.get_context()
+    cfg_dict = trial_config(base, config)
+    cfg_dict["name"] = f"trial-{ctx.get_trial_id()}"
+    cfg = FinetuneConfig.model_validate(cfg_dict)
+    run_dir = storage.join(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if trial["workers"] == 1:
+        cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = 1, trial["cpus"]
+        plan = plan_run(cfg, meta, run_dir, 1)
+        session = TuneSession(epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
+                              use_gpu=trial["gpus"] > 0)
+        run_worker(cfg, plan, meta, session)
+        return
+    _trial_on_train(cfg, meta, data, trial, run_dir, ctx.get_trial_id(), sweep_dir)
+
+
+def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, run_dir: str, trial_id: str,
+                    sweep_dir: str) -> None:
+    """N workers: a TorchTrainer inside the trial; TuneReportCallback forwards each report (with the
+    checkpoint's path) to Tune. Re-running the trial resumes the Train run of the same name."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cluster.finetune import worker_main
+
+    metric, mode = trial["metric"], trial["mode"]
+    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = trial["workers"], trial["cpus"]
+    cfg.scaling.use_gpu, cfg.scaling.gpus_per_worker = trial["gpus"] > 0, trial["gpus"] or 1
+    plan = plan_run(cfg, meta, run_dir, trial["workers"])
+    TorchTrainer(
+        worker_main,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "meta": meta},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=cfg.scaling.resources()),
+        run_config=RunConfig(name=trial_id, storage_path=storage.join(sweep_dir, "train-runs"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                                checkpoint_score_order=mode),
+                             callbacks=[TuneReportCallback()]),
+        datasets=epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+    ).fit()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def build_scheduler(cfg: SweepConfig, max_steps: int, eval_every: int) -> Any:
+    s = cfg.scheduler
+    if s.kind == "asha":
+        max_t = s.max_t or max_steps
+        grace = min(s.grace_period or eval_every, max_t)
+        return tune.schedulers.ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace,
+                                             reduction_factor=s.reduction_factor)
+    if s.kind == "pbt":
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="step", perturbation_interval=s.perturbation_interval or eval_every,
+            hyperparam_mutations={k: d.to_tune() for k, d in s.mutations.items()},
+            quantile_fraction=s.quantile_fraction, synch=False,
+        )
+    return tune.schedulers.FIFOScheduler()
+
+
+def build_search(cfg: SweepConfig) -> tuple[dict[str, Any], Any]:
+    """(param_space, search algorithm or None)."""
+    space = {k: d.to_tune(grid_choices=cfg.search_alg.kind == "grid") for k, d in cfg.search.items()}
+    if cfg.scheduler.kind == "pbt":  # PBT starts each trial from a sample of the mutated keys
+        space |= {k: d.to_tune() for k, d in cfg.scheduler.mutations.items() if k not in space}
+    if cfg.search_alg.kind == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        metric, mode = cfg.objective
+        return space, OptunaSearch(metric=metric, mode=mode, sampler=TPESampler(seed=cfg.search_alg.seed))
+    if cfg.search_alg.kind == "random" and cfg.search_alg.seed is not None:
+        from ray.tune.search import BasicVariantGenerator
+
+        return space, BasicVariantGenerator(random_state=cfg.search_alg.seed)
+    return space, None
+
+
+def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
+    t0 = time.time()
+    check_sweep(cfg)
+    metric, mode = cfg.objective
+    run = RunDir("tune", cfg.name, root)
+    previous = storage.read_text(run.file("config.yaml")) if storage.exists(run.file("config.yaml")) else None
+    restoring = tune.Tuner.can_restore(run.path)
+    if restoring and previous is not None and previous != cfg.to_yaml():
+        raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
+                       "name, or delete that folder to start over")
+    ts = setup(cfg.finetune, root)
+    run.create()
+    run.write_config(cfg)
+    run.clear_summary()
+    base_plan = plan_run(cfg.finetune, ts.meta, run.path, cfg.trial.workers)
+    trainable = tune.with_parameters(
+        trial_main, base=cfg.finetune.to_dict(), meta=ts.meta, data={"train": ts.train, "validation": ts.validation},
+        trial={**cfg.trial.to_dict(), "metric": metric, "mode": mode}, sweep_dir=run.path,
+    )
+    if cfg.trial.workers == 1:
+        resources = {"cpu": cfg.trial.cpus, "gpu": cfg.trial.gpus}
+    else:  # the trial only drives a TorchTrainer, whose workers reserve the real resources
+        resources = {"cpu": 0}
+    trainable = tune.with_resources(trainable, resources)
+    # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
+    # last save would run again after an interrupted driver is restored. Save more often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if restoring:
+        log.info("restoring sweep '%s' from %s", cfg.name, run.path)
+        tuner = tune.Tuner.restore(run.path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        space, search_alg = build_search(cfg)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.finetune.train.eval_every),
+                search_alg=search_alg,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=storage.join(root or storage.storage_root(), "tune"),
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                        checkpoint_score_attribute=metric,
+                                                        checkpoint_score_order=mode),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    return finish(cfg, run, ts, results, base_plan.max_steps, t0, restored=restoring)
+
+
+# ---------------------------------------------------------------- results, plot, publish
+
+
+def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, best metric (and step), steps run, status, checkpoint."""
+    metric, mode = cfg.objective
+    pick = max if mode == "max" else min
+    rows = []
+    for result in results:
+        df = result.metrics_dataframe
+        history = df[df[metric].notna()] if df is not None and metric in df else None
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path)}
+        row |= {k: (result.config or {}).get(k) for k in [*cfg.search, *cfg.scheduler.mutations]}
+        start = history[history["step"] == 0] if history is not None else None
+        row["untuned"] = float(start[metric].iloc[0]) if start is not None and len(start) else None
+        if history is not None and len(history):
+            best_i = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
+            row |= {metric: float(history.loc[best_i, metric]), "best_step": int(history.loc[best_i, "step"]),
+                    "steps": int(df["step"].max())}
+        else:
+            row |= {metric: None, "best_step": None, "steps": 0}
+        stopped_early = row["steps"] < max_steps
+        row["status"] = "ERROR" if result.error else ("STOPPED" if stopped_early else "DONE")
+        row["checkpoint"] = best_checkpoint(result, metric, pick)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
+
+
+def best_checkpoint(result: Any, metric: str, pick: Any) -> str | None:
+    """The trial's best checkpointed path: Tune checkpoints (function trials) or the checkpoint_path
+    that TuneReportCallback put in the metrics (N-worker trials)."""
+    kept = [(c.path, m[metric]) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+    df = result.metrics_dataframe
+    if df is not None and "checkpoint_path" in df and metric in df:
+        kept += [(p, v) for p, v in zip(df["checkpoint_path"], df[metric], strict=True) if isinstance(p, str)
+                 and v == v and storage.exists(p)]
+    return pick(kept, key=lambda pv: pv[1])[0] if kept else None
+
+
+def write_table(rows: list[dict[str, Any]], path: str) -> str:
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text_atomic(path, buf.getvalue())
+    return path
+
+
+def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    table = [keys] + [[cell(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table)
+
+
+def plot_sweep(cfg: SweepConfig, rows: list[dict[str, Any]], path: str) -> str | None:
+    """The metric against each searched hyperparameter (log axis for loguniform), one panel each."""
+    metric, _ = cfg.objective
+    keys = [*cfg.search, *[k for k in cfg.scheduler.mutations if k not in cfg.search]]
+    scored = [r for r in rows if r.get(metric) is not None]
+    if not keys or not scored:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = {**cfg.scheduler.mutations, **cfg.search}
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = [r[key] for r in scored]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            ax.scatter(values, [r[metric] for r in scored])
+            if domains[key].kind == "loguniform":
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], [r[metric] for r in scored])
+            ax.set_xticks(range(len(labels)), labels)
+        for r in scored:
+            if r["status"] == "STOPPED":
+                ax.annotate("stopped", (r[key] if numeric else sorted({str(v) for v in values}).index(str(r[key])),
+                                        r[metric]), fontsize=6, alpha=0.6)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"sweep {cfg.name}: best {metric} per trial")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cfg: dict[str, Any]) -> dict[str, Any]:
+    metric, mode = cfg.objective
+    name = cfg.publish.name or cfg.name
+    if not cfg.publish.enabled:
+        return {"published": False, "reason": "publish.enabled is false"}
+    if not best.get("checkpoint"):
+        return {"published": False, "reason": "no trial left a checkpoint"}
+    try:
+        path = registry.publish(
+            best["checkpoint"], name, TASKS[cfg.finetune.task][1],
+            metric={"name": metric, "value": best[metric], "mode": mode}, labels=ts.meta["labels"],
+            config=trial_cfg, sweep_id=f"{cfg.name}/{best['trial_id']}", force=cfg.publish.force,
+        )
+    except registry.RegistryError as exc:
+        return {"published": False, "name": name, "reason": str(exc)}
+    return {"published": True, "name": name, "path": path}
+
+
+def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, results: Any, max_steps: int, t0: float,
+           restored: bool) -> dict[str, Any]:
+    metric, mode = cfg.objective
+    rows = trial_rows(cfg, results, max_steps)
+    keys = ["trial_id", *cfg.search, *[k for k in cfg.scheduler.mutations if k not in cfg.search], "untuned", metric,
+            "best_step", "steps", "status"]
+    print(f"\n# sweep {cfg.name}: {len(rows)} trials, {metric} ({mode})\n{format_table(rows, keys)}\n", flush=True)
+    table = write_table(rows, run.file("results.csv"))
+    plot = plot_sweep(cfg, rows, run.file("results.png"))
+    scored = [r for r in rows if r.get(metric) is not None and r.get("checkpoint")]
+    best = scored[0] if scored else None
+    errors = [r["trial_id"] for r in rows if r["status"] == "ERROR"]
+    if best is None:
+        raise JobError(f"sweep '{cfg.name}': no trial reported '{metric}' with a checkpoint "
+                       f"({len(errors)} of {len(rows)} trials failed; see {run.path})")
+    searched = [*cfg.search, *cfg.scheduler.mutations]
+    trial_cfg = trial_config(cfg.finetune.to_dict(), {k: best[k] for k in searched if best.get(k) is not None})
+    published = publish_best(cfg, ts, best, trial_cfg)
+    return {
+        "task": cfg.finetune.task, "metric": metric, "mode": mode, "restored": restored,
+        "trials": len(rows), "errored": errors, "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
+        "trial_steps": sum(r["steps"] for r in rows), "max_steps_per_trial": max_steps,
+        "best": {k: best[k] for k in ("trial_id", metric, "best_step", "checkpoint")} | {
+            "config": {k: best[k] for k in [*cfg.search, *cfg.scheduler.mutations] if k in best}},
+        "baseline": ts.baseline, "registry": published, "results": table, "plot": plot,
+        "seconds": round(time.time() - t0, 2),
+    }
