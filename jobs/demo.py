@@ -1,7 +1,9 @@
 """jobs.demo: the whole pipeline on the built-in synthetic corpus, on an embedded local Ray.
 
-prepare (Ray Data) -> pretrain a tiny GPT (Ray Train) -> sample continuations from the final
-checkpoint with plain transformers. `make demo` runs this; each later stage adds itself here.
+prepare (Ray Data) -> pretrain a tiny GPT (Ray Train) -> sample from it with plain transformers ->
+sweep fine-tuning hyperparameters for topic classification (Ray Tune, ASHA) and publish the best
+classifier and the pretrained GPT to the registry -> serve both (Ray Serve) and query them over
+HTTP. `make demo` runs this.
 """
 
 from __future__ import annotations
@@ -9,16 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import urllib.request
 
-from cluster import runtime
+from cluster import registry, runtime
 from cluster.config import load_config
 from cluster.corpus import PrepareConfig
 from cluster.entry import setup_logging, user_errors
 from cluster.pretrain import PretrainConfig
+from cluster.sweep import SweepConfig
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROMPTS = ["The", "In the match", "The market"]
+GPT_NAME, CLASSIFIER_NAME = "demo-gpt", "demo-topic"  # registry names
 
 
 def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 40, seed: int = 0) -> list[str]:
@@ -38,14 +44,69 @@ def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 40, seed: 
     return out
 
 
+def publish_gpt(summary: dict) -> str:
+    """The pretrained GPT as a generation model; the demo's own entry, so a re-run replaces it."""
+    metrics = summary["final"]["metrics"]
+    metric = {"name": "val_bits_per_byte", "value": metrics["val_bits_per_byte"], "mode": "min"}
+    return registry.publish(summary["final"]["checkpoint"], GPT_NAME, "generation", metric=metric, force=True)
+
+
+def _post(url: str, body: dict) -> urllib.request.Request:
+    return urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+
+
+def query(base: str) -> None:
+    """A completion, a streamed completion and a classification, over plain HTTP."""
+    completion = {"model": GPT_NAME, "prompt": "The market", "max_tokens": 20, "temperature": 0}
+    with urllib.request.urlopen(_post(f"{base}/v1/completions", completion), timeout=120) as r:
+        print(f"   completion > The market{json.load(r)['choices'][0]['text']}", flush=True)
+    print("   streamed   > In the match", end="", flush=True)
+    stream = {**completion, "prompt": "In the match", "stream": True}
+    with urllib.request.urlopen(_post(f"{base}/v1/completions", stream), timeout=120) as r:
+        for line in r:
+            data = line.decode().strip().removeprefix("data: ")
+            if data and data != "[DONE]":
+                print(json.loads(data)["choices"][0]["text"], end="", flush=True)
+    print(flush=True)
+    texts = ["Shares of Vela Bank rose 12 percent in Calder.", "Ada Okafor scored 3 goals as Kite Labs won in Tarn."]
+    with urllib.request.urlopen(_post(f"{base}/v1/classify", {"model": CLASSIFIER_NAME, "inputs": texts}),
+                                timeout=120) as r:
+        for text, result in zip(texts, json.load(r)["results"], strict=True):
+            print(f"   classify   > {text!r}: {result['label']} ({result['score']:.2f})", flush=True)
+    storage = f"RAYLM_STORAGE={os.environ['RAYLM_STORAGE']} " if os.environ.get("RAYLM_STORAGE") else ""
+    print(f"   try it by hand: {storage}raylm serve run --port 8000   # then, from another shell:\n"
+          f"   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' "
+          f"-d '{json.dumps({'model': GPT_NAME, 'prompt': 'The market', 'max_tokens': 20})}'", flush=True)
+
+
+def serve_and_query(port: int) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        args = {"models": [GPT_NAME, CLASSIFIER_NAME], "model": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.1}}
+        serve.run(build_app(args), name="raylm", route_prefix="/")
+        query(f"http://127.0.0.1:{port}")
+    finally:
+        serve.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the gpt-tiny config's)")
     p.add_argument("--docs", type=int, default=None, help="synthetic documents (default: the config's)")
+    p.add_argument("--port", type=int, default=0, help="HTTP port for the serve stage (default: a free one)")
     args = p.parse_args(argv)
     setup_logging()
     from jobs import prepare as prepare_job
     from jobs import pretrain as pretrain_job
+    from tune import sweep as sweep_job
 
     try:
         runtime.connect()
@@ -59,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         train_sets = ["name=demo-gpt", "corpus=demo"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
         train = load_config(PretrainConfig, os.path.join(CONFIGS, "gpt-tiny.yaml"), train_sets)
         print("== 2. pretrain: tiny GPT (Ray Train)", flush=True)
-        summary_path = pretrain_job.run(train)
-        summary = json.load(open(summary_path))
+        summary = json.load(open(pretrain_job.run(train)))
         final = summary["final"]
         print(f"   final checkpoint: {final['checkpoint']}\n   validation: "
               f"{final['metrics'].get('val_bits_per_byte', float('nan')):.3f} bits/byte "
@@ -69,10 +129,26 @@ def main(argv: list[str] | None = None) -> int:
         print("== 3. samples from the final checkpoint (plain transformers)", flush=True)
         for text in sample(final["checkpoint"], PROMPTS):
             print(f"   > {text}", flush=True)
+
+        print("== 4. sweep: fine-tune it for topic classification (Ray Tune, ASHA), publish the best", flush=True)
+        sweep_cfg = load_config(SweepConfig, os.path.join(CONFIGS, "tune-topic-tiny.yaml"),
+                                ["name=demo-topic", "finetune.model.checkpoint=demo-gpt", f"publish.name={CLASSIFIER_NAME}"])
+        sweep_path = sweep_job.run(sweep_cfg)
+        sweep = json.load(open(sweep_path))
+        best = sweep["best"]
+        print(f"   best trial {best['trial_id']}: {sweep['metric']} {best[sweep['metric']]:.3f} "
+              f"(majority-class baseline {sweep['baseline']['accuracy']:.3f}) with {best['config']}; "
+              f"{sweep['stopped_early']} of {sweep['trials']} trials stopped early", flush=True)
+        reg = sweep["registry"]
+        print(f"   registry: {reg['path'] if reg['published'] else 'kept the published model: ' + reg['reason']}")
+        print(f"   registry: {publish_gpt(summary)} (generation)", flush=True)
+
+        print("== 5. serve: the registry on Ray Serve, queried over HTTP", flush=True)
+        serve_and_query(args.port)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(summary_path)
+    print(sweep_path)
     return 0
 
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -135,7 +136,7 @@ fastapi_app = FastAPI(
     version="0.1.0",
 )
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 500, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 504)
 }
 
 
@@ -198,7 +199,7 @@ fastapi_app.add_middleware(Guard, state=fastapi_app.state)
 
 @fastapi_app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @fastapi_app.exception_handler(RequestValidationError)
@@ -239,6 +240,14 @@ async def _await(response: Any) -> Any:
     return await response
 
 
+def _busy(exc: BackPressureError) -> ApiError:
+    """A model deployment whose queue is full (max_queued_requests) answers 429 with Retry-After,
+    which the openai client and most HTTP clients honour; the replica itself is unaffected."""
+    retry = exc.retry_after_s or 1
+    return ApiError(429, f"model is at capacity, retry in {retry:g} s ({exc.message})", code="rate_limit_exceeded",
+                    headers={"Retry-After": f"{retry:g}"})
+
+
 def _error(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, ApiError):
         return {"error": exc.body()["error"], "status": exc.status}
@@ -272,6 +281,8 @@ class Gateway:
             response.cancel()
             raise ApiError(504, f"model did not answer within {self.limits['request_timeout_s']} s",
                            code="timeout") from None
+        except BackPressureError as exc:
+            raise _busy(exc) from None
         return _raise_if_error(result)
 
     @fastapi_app.get("/healthz")
@@ -310,7 +321,10 @@ class Gateway:
     async def _stream(self, handle: DeploymentHandle, prompts: list[str], req: Any, chat: bool,
                       params: dict | None = None) -> StreamingResponse:
         gen = handle.options(stream=True).stream.remote(prompts, params or req.sampling())
-        first = _raise_if_error(await gen.__anext__())  # a bad request fails before the 200 is sent
+        try:
+            first = _raise_if_error(await gen.__anext__())  # a bad request fails before the 200 is sent
+        except BackPressureError as exc:
+            raise _busy(exc) from None
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(item: dict[str, Any]) -> str:

@@ -31,9 +31,11 @@ ERROR_TYPES = {
 class ApiError(Exception):
     """An error answered to the client as `{"error": {message, type, param, code}}` with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(status, message, param, code)
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, message, param, code, headers)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)

@@ -235,3 +235,27 @@ def test_autoscaling(served):
         time.sleep(1)
     assert _replicas("scale", "model-gpt-tiny") == 1, "idle did not remove the extra replica"
     serve.delete("scale")
+
+
+def test_full_queue_answers_429_with_retry_after(served):
+    """max_queued_requests bounds a model's queue: overflow gets a 429 in the OpenAI error shape
+    with Retry-After, never a 500, and the deployment keeps answering afterwards."""
+    import concurrent.futures
+
+    from ray import serve
+
+    from serve.app import build_app
+
+    args = {"models": ["gpt-tiny"], "ingress": {"num_cpus": 0.05},
+            "model": {**SMALL, "max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1}}
+    serve.run(build_app(args), name="busy", route_prefix="/busy")
+    body = {"model": "gpt-tiny", "prompt": "the cat", "max_tokens": 48, "temperature": 0}
+    with httpx.Client(base_url=f"{served}/busy", timeout=120) as c:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(12)))
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 1, codes
+        busy = next(r for r in answers if r.status_code == 429)
+        assert _is_error(busy, 429)["type"] == "rate_limit_error" and busy.headers["Retry-After"]
+        assert c.post("/v1/completions", json=body).status_code == 200
+    serve.delete("busy")
