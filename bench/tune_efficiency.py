@@ -4,7 +4,7 @@ trial to the end, ASHA stops the weak ones at its rungs. Reported: the best vali
 each, the trial-steps each spent, wall time, and the ratios (goal: ASHA's best within 1% of the
 grid's best with <= 40% of its trial-steps).
 
-    python -m bench.tune_efficiency [--steps 60] [--base demo-gpt]
+    python -m bench.tune_efficiency [--steps 120] [--rungs 12] [--base demo-gpt]
 
 The base model is a pretrain run name, checkpoint or registry name; without one, a tiny GPT is
 pretrained first (a couple of minutes).
@@ -41,13 +41,13 @@ def ensure_base(base: str | None) -> str:
     return resolve_checkpoint("bench-tune-gpt")
 
 
-def sweep_config(name: str, base: str, steps: int, scheduler: dict, metric: str, concurrency: int):
+def sweep_config(name: str, base: str, steps: int, eval_every: int, scheduler: dict, metric: str, concurrency: int):
     from cluster.config import load_config
     from cluster.sweep import SweepConfig
 
     return load_config(SweepConfig, os.path.join(REPO, "configs/tune-topic-tiny.yaml"), [
         f"name={name}", f"finetune.model.checkpoint={base}", f"finetune.train.max_steps={steps}",
-        f"finetune.train.eval_every={steps // 6}", "finetune.data.train_examples=1000",
+        f"finetune.train.eval_every={eval_every}", "finetune.data.train_examples=1000",
         "finetune.data.validation_examples=300", "finetune.train.eval_batches=19", "finetune.train.batch_size=8",
         "finetune.strategy.unfreeze_top_k=0", f"search={json.dumps({'optim.lr': {'grid': LRS}, 'strategy.kind': {'grid': STRATEGIES}})}",
         "search_alg.kind=grid", "num_samples=1", f"max_concurrent_trials={concurrency}", f"metric={metric}",
@@ -57,7 +57,8 @@ def sweep_config(name: str, base: str, steps: int, scheduler: dict, metric: str,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60, help="steps of a full trial")
+    p.add_argument("--steps", type=int, default=120, help="steps of a full trial")
+    p.add_argument("--rungs", type=int, default=12, help="evaluations per full trial; ASHA's first rung is the first")
     p.add_argument("--base", default=None, help="base model (default: pretrain one now)")
     p.add_argument("--metric", default="val_macro_f1")
     p.add_argument("--concurrency", type=int, default=2)
@@ -70,15 +71,17 @@ def main() -> None:
     base = ensure_base(args.base)
     out = {}
     for name, scheduler in (("grid", {"kind": "fifo"}),
-                            ("asha", {"kind": "asha", "grace_period": args.steps // 6, "reduction_factor": 3})):
+                            ("asha", {"kind": "asha", "grace_period": args.steps // args.rungs, "reduction_factor": 3})):
         t0 = time.time()
-        s = sweep(sweep_config(f"bench-{name}-{int(t0)}", base, args.steps, scheduler, args.metric, args.concurrency))
+        s = sweep(sweep_config(f"bench-{name}-{int(t0)}", base, args.steps, args.steps // args.rungs, scheduler,
+                               args.metric, args.concurrency))
         out[name] = {"best": s["best"][args.metric], "config": s["best"]["config"], "trial_steps": s["trial_steps"],
                      "stopped": s["stopped_early"], "trials": s["trials"], "seconds": time.time() - t0}
     g, a = out["grid"], out["asha"]
     best_ratio, steps_ratio = a["best"] / g["best"], a["trial_steps"] / g["trial_steps"]
     print(f"\n{len(LRS) * len(STRATEGIES)} grid points (lr {LRS} x strategy {STRATEGIES}), {args.steps} steps per "
-          f"full trial, {args.metric}\n")
+          f"full trial, evaluated every {args.steps // args.rungs}, {args.metric}; ASHA grace "
+          f"{args.steps // args.rungs} steps, reduction factor 3\n")
     print("| | full grid | ASHA | ASHA / grid |\n|---|---|---|---|")
     print(f"| best {args.metric} | {g['best']:.4f} | {a['best']:.4f} | {best_ratio:.3f} |")
     print(f"| trial-steps | {g['trial_steps']} | {a['trial_steps']} | {steps_ratio:.2f} |")
