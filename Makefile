@@ -31,6 +31,12 @@ lint: install
 bench: install
 	$(PY) -m bench.prepare
 	$(PY) -m bench.train_overhead
+	$(PY) -m bench.serve
+	$(PY) -m bench.tune_efficiency
+
+# Faults, load and hostile input across the pipeline; writes RELIABILITY.md (about 25 minutes).
+drills: install
+	$(PY) -m bench.drills.run
 
 clean:
 	rm -rf runs .pytest_cache

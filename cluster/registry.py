@@ -102,6 +102,42 @@ def validate_checkpoint(checkpoint: str, task: str) -> dict[str, Any]:
     return config
 
 
+WEIGHTS = "model.safetensors"
+
+
+def weights_sha256(path: str) -> str:
+    """sha256 of a model directory's model.safetensors, streamed (recorded in model.json at publish)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    fs, p = storage.filesystem(storage.join(path, WEIGHTS))
+    with fs.open_input_stream(p) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights(path: str, expected_sha256: str | None = None, what: str | None = None) -> None:
+    """Refuse a model directory whose model.safetensors is missing, truncated or malformed (the
+    safetensors header must parse and cover the file), or, given the digest recorded at publish,
+    differs from what was published (a flipped bit anywhere)."""
+    what = what or f"'{path}'"
+    weights = storage.join(path, WEIGHTS)
+    if not storage.exists(weights):
+        raise RegistryError(f"{what} has no {WEIGHTS} (pickled *.bin weights are never loaded)")
+    if not storage.is_uri(weights):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights, "np") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error types for every malformation
+            raise RegistryError(f"{what}: {WEIGHTS} is corrupted ({type(exc).__name__}: {exc})") from None
+    if expected_sha256 and weights_sha256(path) != expected_sha256:
+        raise RegistryError(f"{what}: {WEIGHTS} does not match the sha256 recorded when it was published "
+                            "(corrupted or replaced since); publish it again")
+
+
 def _labels_from_config(config: dict[str, Any]) -> list[str] | None:
     id2label = config.get("id2label")
     if not id2label:
@@ -139,6 +175,7 @@ def publish(
     """Publish `checkpoint` as registry model `name`; returns the entry's path."""
     check_name(name, key="name")
     model_config = validate_checkpoint(checkpoint, task)
+    check_weights(checkpoint, what=f"checkpoint '{checkpoint}'")
     metric = _check_metric(metric)
     dest = entry_path(name, root)
     old = _read_entry(dest)
@@ -160,6 +197,7 @@ def publish(
         "source_checkpoint": checkpoint,
         "sweep_id": sweep_id,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_sha256": weights_sha256(checkpoint),
     }
     if storage.is_uri(dest):
         # Object stores have no rename: copy in place, model.json last marks the entry complete.
@@ -171,6 +209,7 @@ def publish(
     tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         copy_tree(checkpoint, tmp)
+        check_weights(tmp, entry["weights_sha256"], what=f"the copy of '{checkpoint}'")
         storage.write_json_atomic(os.path.join(tmp, "model.json"), entry)
         if os.path.exists(dest):
             # Two renames: the old entry moves aside, the new one takes its name, the old is removed.

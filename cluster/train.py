@@ -381,6 +381,9 @@ class Loop:
             self.state = restore(d, self.model, self.optimizer, self.scheduler, self.device)
         apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.optim)
         self.last_checkpoint_step = self.state.step
+        # the metrics log shows where a restarted or re-submitted run picked up
+        self.sink.log({"step": self.state.step, "epoch": self.state.epoch, "split": "resume",
+                       "batches_in_epoch": self.state.batches_in_epoch, "time": time.time()})
         if self.rank == 0:
             log.info("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch,
                      self.state.batches_in_epoch)

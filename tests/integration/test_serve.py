@@ -259,3 +259,27 @@ def test_full_queue_answers_429_with_retry_after(served):
         assert _is_error(busy, 429)["type"] == "rate_limit_error" and busy.headers["Retry-After"]
         assert c.post("/v1/completions", json=body).status_code == 200
     serve.delete("busy")
+
+
+def test_fuzzed_requests_never_get_a_5xx(served):
+    """schemathesis, from the app's own OpenAPI schema, a few examples per operation (the full
+    drill runs 100: `make drills`)."""
+    from bench.drills.hostile import fuzz_api
+
+    findings = fuzz_api(served, examples=10)
+    assert all(f.passed for f in findings), [(f.figure, f.detail) for f in findings]
+    assert findings[0].detail["cases"] >= 30
+
+
+def test_api_key_guards_every_route(served, monkeypatch):
+    from ray import serve
+
+    from bench.drills.security import api_key
+    from serve.app import build_app
+
+    monkeypatch.setenv("RAYLM_API_KEY", "s3cret")
+    serve.run(build_app({"models": ["bert-cls"], "model": SMALL, "ingress": {"num_cpus": 0.05}}), name="guarded",
+              route_prefix="/guarded")
+    findings = api_key(f"{served}/guarded", "s3cret")
+    serve.delete("guarded")
+    assert all(f.passed for f in findings), [(f.figure, f.detail) for f in findings]

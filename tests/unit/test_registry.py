@@ -116,3 +116,30 @@ def test_publish_cli(ckpts, tmp_path, capsys):
     assert main([ckpts["gpt"], "--name", "gpt-tiny", "--task", "generation", "--root", root, "--force"]) == 0
     with open(os.path.join(root, "gpt-tiny", "model.json")) as f:
         assert json.load(f)["metric"] is None
+
+
+def test_corrupted_weights_are_refused_at_publish_and_at_load(ckpts, tmp_path):
+    import shutil
+
+    from serve import engines
+
+    root = str(tmp_path / "reg")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(ckpts["cls"], truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(registry.RegistryError, match="model.safetensors is corrupted"):
+        registry.publish(str(truncated), "t", "classification", root=root)
+    assert registry.list_models(root) == []
+
+    path = registry.publish(ckpts["cls"], "cls", "classification", root=root)
+    entry = registry.load_entry("cls", root)
+    assert entry["weights_sha256"] == registry.weights_sha256(ckpts["cls"])
+    engines.load(entry)  # intact: loads
+    weights = os.path.join(path, "model.safetensors")
+    flipped = bytearray(open(weights, "rb").read())
+    flipped[-5] ^= 0xFF  # one bit pattern inside a tensor: the header still parses
+    open(weights, "wb").write(bytes(flipped))
+    registry.check_weights(path)  # the header alone cannot tell ...
+    with pytest.raises(registry.RegistryError, match="does not match the sha256 recorded when it was published"):
+        engines.load(entry)  # ... the digest recorded at publish can: never served
