@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,12 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, model_validator
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster import registry
+from cluster import registry, storage
 from cluster.config import Section, build, deep_merge
 from serve.schemas import (
     ApiError,
@@ -52,6 +54,7 @@ from serve.schemas import (
 
 log = logging.getLogger("raylm.serve")
 API_KEY_ENV = "RAYLM_API_KEY"
+REPLICA_DEATH_RETRIES = 1  # a request whose replica died goes to another one this many times
 
 # Every default in one place; `AppArgs` merges user args (YAML `args:` or `serve run k=v`) over it.
 DEFAULTS: dict[str, Any] = {
@@ -93,13 +96,19 @@ class DeploymentOptions(Section):
     max_queued_requests: int = Field(-1, ge=-1, description="queued requests per caller before 503; -1 = unbounded")
     max_batch_size: int = Field(8, ge=1, description="dynamic batch size (1 = batching off)")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait this long to fill a batch")
+    health_check_period_s: float = Field(2.0, gt=0, description="how often Serve checks a replica (Ray's "
+                                         "default is 10 s; shorter replaces a dead replica sooner)")
+    health_check_timeout_s: float = Field(10.0, gt=0, description="an unanswered health check after this "
+                                          "long marks the replica unhealthy")
 
     def serve_options(self, env: dict[str, str] | None = None) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if env:
             actor["runtime_env"] = {"env_vars": env}
         opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests,
-                                "max_queued_requests": self.max_queued_requests}
+                                "max_queued_requests": self.max_queued_requests,
+                                "health_check_period_s": self.health_check_period_s,
+                                "health_check_timeout_s": self.health_check_timeout_s}
         if self.autoscaling:
             opts["autoscaling_config"] = self.autoscaling.to_dict()
             opts["num_replicas"] = "auto"
@@ -136,7 +145,7 @@ fastapi_app = FastAPI(
     version="0.1.0",
 )
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 503, 504)
 }
 
 
@@ -274,16 +283,28 @@ class Gateway:
                            "model", "wrong_task")
         return self.handles[model]
 
-    async def _call(self, response: Any) -> dict[str, Any]:
-        try:
-            result = await asyncio.wait_for(_await(response), timeout=self.limits["request_timeout_s"])
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise ApiError(504, f"model did not answer within {self.limits['request_timeout_s']} s",
-                           code="timeout") from None
-        except BackPressureError as exc:
-            raise _busy(exc) from None
-        return _raise_if_error(result)
+    async def _call(self, call: Callable[[], Any]) -> dict[str, Any]:
+        """Send `call()` to a model replica. A replica that dies under a request (its process
+        killed, its node lost) is not the client's fault: the request goes once more to a live
+        replica instead of answering 500."""
+        for attempt in range(REPLICA_DEATH_RETRIES + 1):
+            response = call()
+            try:
+                result = await asyncio.wait_for(_await(response), timeout=self.limits["request_timeout_s"])
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(504, f"model did not answer within {self.limits['request_timeout_s']} s",
+                               code="timeout") from None
+            except BackPressureError as exc:
+                raise _busy(exc) from None
+            except (ActorDiedError, ActorUnavailableError):
+                if attempt == REPLICA_DEATH_RETRIES:
+                    raise ApiError(503, "the model's replica died while answering; retry", code="replica_died",
+                                   headers={"Retry-After": "1"}) from None
+                log.warning("a replica died under a request; sending it to another replica")
+                continue
+            return _raise_if_error(result)
+        raise AssertionError("unreachable")
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -299,7 +320,7 @@ class Gateway:
         prompts = req.prompts()
         if req.stream:
             return await self._stream(handle, prompts, req, chat=False)
-        out = await self._call(handle.complete.remote(prompts, req.sampling()))
+        out = await self._call(lambda: handle.complete.remote(prompts, req.sampling()))
         choices = [{"index": i, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
                    for i, c in enumerate(out["choices"])]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -312,7 +333,7 @@ class Gateway:
         params = {**req.sampling(), "stop": (req.stop or []) + ["\nUser:"]}
         if req.stream:
             return await self._stream(handle, [prompt], req, chat=True, params=params)
-        out = await self._call(handle.complete.remote([prompt], params))
+        out = await self._call(lambda: handle.complete.remote([prompt], params))
         choices = [{"index": i, "message": {"role": "assistant", "content": c["text"].strip()},
                     "finish_reason": c["finish_reason"]} for i, c in enumerate(out["choices"])]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -320,11 +341,17 @@ class Gateway:
 
     async def _stream(self, handle: DeploymentHandle, prompts: list[str], req: Any, chat: bool,
                       params: dict | None = None) -> StreamingResponse:
-        gen = handle.options(stream=True).stream.remote(prompts, params or req.sampling())
-        try:
-            first = _raise_if_error(await gen.__anext__())  # a bad request fails before the 200 is sent
-        except BackPressureError as exc:
-            raise _busy(exc) from None
+        for attempt in range(REPLICA_DEATH_RETRIES + 1):
+            gen = handle.options(stream=True).stream.remote(prompts, params or req.sampling())
+            try:
+                first = _raise_if_error(await gen.__anext__())  # a bad request fails before the 200 is sent
+                break
+            except BackPressureError as exc:
+                raise _busy(exc) from None
+            except (ActorDiedError, ActorUnavailableError):  # nothing was sent yet: try another replica
+                if attempt == REPLICA_DEATH_RETRIES:
+                    raise ApiError(503, "the model's replica died while answering; retry", code="replica_died",
+                                   headers={"Retry-After": "1"}) from None
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(item: dict[str, Any]) -> str:
@@ -359,20 +386,20 @@ class Gateway:
     async def fill_mask(self, req: FillMaskRequest) -> dict[str, Any]:
         handle = self._handle(req.model, "fill-mask")
         items = [(t, None, req.top_k) for t in as_list(req.inputs)]
-        out = await self._call(handle.encode.remote(items))
+        out = await self._call(lambda: handle.encode.remote(items))
         return {"model": req.model, "results": out["results"]}
 
     @fastapi_app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
         handle = self._handle(req.model, "classification")
         items = [(x.text, x.text_pair, 0) if isinstance(x, TextPair) else (x, None, 0) for x in as_list(req.inputs)]
-        out = await self._call(handle.encode.remote(items))
+        out = await self._call(lambda: handle.encode.remote(items))
         return {"model": req.model, "results": out["results"]}
 
     @fastapi_app.post("/v1/tag", response_model=TagResponse, responses=ERRORS)
     async def tag(self, req: TagRequest) -> dict[str, Any]:
         handle = self._handle(req.model, "tagging")
-        out = await self._call(handle.encode.remote([(t, None, 0) for t in as_list(req.inputs)]))
+        out = await self._call(lambda: handle.encode.remote([(t, None, 0) for t in as_list(req.inputs)]))
         return {"model": req.model, "results": out["results"]}
 
 
@@ -489,6 +516,9 @@ def select_models(args: AppArgs) -> list[dict[str, Any]]:
                 f"(published: {', '.join(by_name) or 'none'})"
             )
         entries = [by_name[m] for m in args.models]
+    for entry in entries:  # fail fast, naming the model, instead of replicas failing to start
+        if not storage.is_uri(entry["path"]):
+            registry.check_weights(entry["path"], entry.get("weights_sha256"), what=f"registry model '{entry['name']}'")
     unknown = sorted(set(args.per_model) - {e["name"] for e in entries})
     if unknown:
         raise registry.RegistryError(f"per_model names {unknown} are not among the served models")

@@ -6,7 +6,6 @@ Models load from safetensors only and never run remote code. Every method takes 
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -52,8 +51,8 @@ class Engine:
             local = tempfile.mkdtemp(prefix=f"raylm-{entry['name']}-")
             registry.copy_tree(path, local)
             path = local
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
-            raise FileNotFoundError(f"registry model '{entry['name']}' at '{path}' has no model.safetensors")
+        # The whole file against the digest recorded at publish: a corrupted model is never served.
+        registry.check_weights(path, entry.get("weights_sha256"), what=f"registry model '{entry['name']}'")
         self.name, self.task, self.path = entry["name"], entry["task"], path
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self.model = _AUTO[self.task].from_pretrained(path, use_safetensors=True, trust_remote_code=False)
