@@ -66,10 +66,10 @@ class DrillCluster:
         """The job's final status (SUCCEEDED, FAILED, STOPPED), or TIMEOUT after stopping it."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            status = self.job("status", sid)
-            for final in ("SUCCEEDED", "FAILED", "STOPPED"):
-                if final in status:
-                    return final
+            status = self.job("status", sid).lower()  # "Job 'x' succeeded" / "failed" / "was stopped"
+            for final in ("succeeded", "failed", "stopped"):
+                if f"' {final}" in status or f"' was {final}" in status:
+                    return final.upper()
             time.sleep(2)
         self.job("stop", sid)
         return "TIMEOUT"

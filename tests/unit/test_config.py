@@ -68,3 +68,14 @@ def test_every_shipped_config_loads(path):
     assert cfg.to_dict()
     if isinstance(cfg, SweepConfig):
         check_sweep(cfg)  # search keys, metric and scheduler are valid before any trial
+
+
+def test_test_modules_have_unique_basenames():
+    """tests/ has no __init__.py, so pytest imports test modules by basename: two modules with
+    the same name in unit/ and integration/ stop collection ("import file mismatch"), which once
+    turned CI red after a clean local run that had the other module cached."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in Path(__file__).parents[1].rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1]
