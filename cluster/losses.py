@@ -112,14 +112,18 @@ class MaskedLM:
             arrays = self.obj.build_pairs(rows, self.pair, self.max_len, rng, self.special)
         else:
             arrays = self.obj.build_single(rows, self.max_len, self.special)
-        ids = torch.from_numpy(arrays["input_ids"]).long()  # (B, T)
+        ids = torch.from_numpy(arrays["input_ids"]).long()  # (B, max_len)
         masked, labels = self._mask(ids, rows, seed)
+        # Drop the columns that are padding in every row: with segments much shorter than max_len,
+        # they were most of the batch's compute (the MLM head scores every position). Masks are
+        # drawn at full width first, so a static mask does not depend on the rest of the batch.
+        width = int(arrays["attention_mask"].sum(axis=1).max())
         out = {
-            "input_ids": masked,
-            "attention_mask": torch.from_numpy(arrays["attention_mask"]).long(),
-            "token_type_ids": torch.from_numpy(arrays["token_type_ids"]).long(),
-            "labels": labels,
-        }
+            "input_ids": masked[:, :width],
+            "attention_mask": torch.from_numpy(arrays["attention_mask"][:, :width]).long(),
+            "token_type_ids": torch.from_numpy(arrays["token_type_ids"][:, :width]).long(),
+            "labels": labels[:, :width],
+        }  # each (B, T), T <= max_len
         if self.pair:
             out["pair_label"] = torch.from_numpy(arrays["pair_label"]).long()
         return out

@@ -563,3 +563,41 @@ def test_build_single_truncates_and_pads():
     ]
     assert out["attention_mask"].tolist() == [[1] * 8, [1] * 5 + [0] * 3]
     assert not out["token_type_ids"].any() and out["token_type_ids"].shape == (2, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLM objective's batches (cluster.losses.MaskedLM)
+
+
+def segment_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows as Ray Data hands them over: list columns as object arrays of 1-D arrays."""
+    def column(key: str) -> np.ndarray:
+        out = np.empty(len(rows), dtype=object)
+        out[:] = [np.asarray(r[key]) for r in rows]
+        return out
+
+    return {"input_ids": column("input_ids"), "sentence_starts": column("sentence_starts"),
+            "doc_id": np.array([r["doc_id"] for r in rows])}
+
+
+@pytest.mark.parametrize("pair, static", [(None, False), ("nsp", False), ("sop", True)])
+def test_mlm_batches_are_as_wide_as_their_longest_row_not_max_len(wordpiece, pair, static):
+    """Segments far shorter than max_len must not cost max_len columns: padding columns would be
+    most of the model's work (and of the MLM head's logits). Trimming happens after masking, so
+    a static mask does not depend on which rows share the batch."""
+    from cluster.losses import MaskedLM
+
+    objective = MaskedLM(wordpiece, pair, max_len=128, rate=0.3, whole_word=False, static=static, seed=0)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(4, 20, (8, 2))  # two sentences per row: rows of 8-38 tokens
+    rows = [{"input_ids": rng.integers(len(wordpiece.all_special_ids), len(wordpiece), int(a + b)),
+             "sentence_starts": [0, int(a)], "doc_id": i} for i, (a, b) in enumerate(lengths)]
+    out = objective.collate(segment_batch(rows), (0, 0, 0, 0))
+    longest = int(out["attention_mask"].sum(1).max())
+    assert longest <= 2 * max(len(r["input_ids"]) for r in rows) + 3 < 128  # an NSP B may come from another row
+    assert all(v.shape == (len(rows), longest) for k, v in out.items() if k != "pair_label")
+    assert (out["labels"] != IGNORE_INDEX).any()
+    if static:
+        alone = objective.collate(segment_batch(rows[:1]), (0, 0, 0, 0))
+        width = alone["input_ids"].shape[1]
+        assert torch.equal(alone["labels"][0], out["labels"][0, :width])
