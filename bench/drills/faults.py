@@ -63,7 +63,9 @@ def _final_val_loss(c: DrillCluster, name: str) -> float | None:
 
 
 def _checkpoints(c: DrillCluster, name: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(_run_dir(c, name), "checkpoint_*")))
+    """Checkpoint folders (`checkpoint_0000010`), not Ray Train's `checkpoint_manager_snapshot.json`."""
+    found = glob.glob(os.path.join(_run_dir(c, name), "checkpoint_[0-9]*"))
+    return sorted(p for p in found if os.path.isdir(p))
 
 
 def _unloadable(paths: list[str]) -> list[str]:

@@ -86,6 +86,17 @@ def group_serve(workdir: str, args: argparse.Namespace) -> list[Finding]:
     return findings
 
 
+def _guarded(drill) -> list[Finding]:
+    """A drill whose own code raises is a failed figure, and the group's other drills still run."""
+    try:
+        return drill()
+    except Exception as exc:  # the drill's failure is what gets reported
+        import traceback
+
+        traceback.print_exc()
+        return [Finding("drill crashed", f"{type(exc).__name__}: {exc}"[:300], "runs to the end", False)]
+
+
 def group_faults(workdir: str, args: argparse.Namespace) -> list[Finding]:
     from bench.drills import faults
     from bench.drills.local_cluster import DrillCluster
@@ -94,12 +105,12 @@ def group_faults(workdir: str, args: argparse.Namespace) -> list[Finding]:
     try:
         faults.prepare_corpus(c)
         seeds = list(range(1, args.seeds + 1))
-        findings = faults.worker_kills(c, seeds)
-        findings += faults.node_kill(c, seeds[0])
-        findings += faults.job_stop_and_resubmit(c)
-        findings += faults.kill_during_checkpoint(c)
         base = os.path.join(c.storage, "pretrain", f"base-{seeds[0]}")
-        findings += faults.sweep_trial_kill(c, base)
+        findings = []
+        for drill in (lambda: faults.worker_kills(c, seeds), lambda: faults.node_kill(c, seeds[0]),
+                      lambda: faults.job_stop_and_resubmit(c), lambda: faults.kill_during_checkpoint(c),
+                      lambda: faults.sweep_trial_kill(c, base)):
+            findings += _guarded(drill)
     finally:
         c.down()
     return findings
