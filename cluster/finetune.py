@@ -53,7 +53,7 @@ CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 class FinetuneModel(Section):
     checkpoint: str = Field(
-        description="base model: a checkpoint directory or URI, a pretrain run name (its best checkpoint), "
+        description="base model: a checkpoint directory or URI, a pretrain run name or folder (its best checkpoint), "
         "a registry model name, or a Hugging Face hub id (downloaded only because you named it)"
     )
     compile: bool = Field(False, description="torch.compile the model")
@@ -125,22 +125,28 @@ class FinetuneConfig(Section):
 
 
 def resolve_checkpoint(name: str, root: str | None = None) -> str:
-    """A checkpoint directory (or URI, or hub id) for `model.checkpoint`."""
+    """A checkpoint directory (or URI, or hub id) for `model.checkpoint`: a pretraining run, by name
+    or by its folder, stands for its best checkpoint (else its final one)."""
     if storage.exists(name) or storage.is_uri(name):
-        return name
+        is_run = storage.exists(storage.join(name, "summary.json")) and not storage.exists(storage.join(name, "config.json"))
+        return _run_checkpoint(storage.join(name, "summary.json")) or name if is_run else name
     base = root or storage.storage_root()
-    summary = storage.join(base, "pretrain", name, "summary.json")
-    if storage.exists(summary):
-        s = storage.read_json(summary)
-        picked = (s.get("best") or {}).get("checkpoint") or (s.get("final") or {}).get("checkpoint")
-        if picked:
-            return picked
+    picked = _run_checkpoint(storage.join(base, "pretrain", name, "summary.json"))
+    if picked:
+        return picked
     entry = storage.join(base, "registry", name)
     if storage.exists(storage.join(entry, "model.json")):
         return entry
     if name.startswith((".", "/")):
         raise JobError(f"model.checkpoint '{name}' does not exist")
     return name  # a hub id such as "bert-base-uncased": transformers fetches it (base_config says if it cannot)
+
+
+def _run_checkpoint(summary: str) -> str | None:
+    if not storage.exists(summary):
+        return None
+    s = storage.read_json(summary)
+    return (s.get("best") or {}).get("checkpoint") or (s.get("final") or {}).get("checkpoint")
 
 
 def local_copy(path: str) -> str:

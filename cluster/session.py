@@ -63,6 +63,14 @@ class TrainSession:
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=dir_name if ckpt else None)
+        if ckpt is not None:
+            # The controller registers a reported checkpoint at its next poll of the workers (every 2 s);
+            # a worker that dies before then takes the report with it and the run resumes from the
+            # checkpoint before, losing more than one interval (seen in the worker-kill drill). So training
+            # goes on only once this one is committed: at most one poll's wait per checkpoint.
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+            )
 
 
 class TuneSession:

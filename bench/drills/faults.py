@@ -104,9 +104,13 @@ def _wait_for_step(c: DrillCluster, name: str, step: int, timeout: float = 600) 
 
 def _resumed_from(c: DrillCluster, name: str, since: float) -> int | None:
     """The step training picked up from after a fault: the first `resume` row the loop logged after
-    `since` (a time.time())."""
-    rows = [r for r in _metrics(c, name) if r.get("split") == "resume" and r.get("time", 0) >= since]
-    return rows[0]["step"] if rows else None
+    `since` (a time.time()); a restart with no checkpoint to resume from logs none, and starts at 0."""
+    rows = _metrics(c, name)
+    resumes = [r for r in rows if r.get("split") == "resume" and r.get("time", 0) >= since]
+    if resumes:
+        return resumes[0]["step"]
+    after = [r["step"] for r in rows if r.get("split") == "train" and r.get("time", 0) >= since + 1]
+    return 0 if after and min(after) == 1 else None
 
 
 def prepare_corpus(c: DrillCluster) -> None:
@@ -249,7 +253,8 @@ def kill_during_checkpoint(c: DrillCluster, attempts: int = 3) -> list[Finding]:
 
 def sweep_trial_kill(c: DrillCluster, base: str) -> list[Finding]:
     """A sweep's trial process is SIGKILLed mid-trial; with max_failures 1 it is retried from its
-    checkpoint and the sweep still publishes."""
+    checkpoint and the sweep still publishes. `base`: a pretraining run's folder (fine-tuning takes
+    its best checkpoint)."""
     name = "drill-sweep"
     sets = [f"name={name}", f"finetune.model.checkpoint={base}", "finetune.train.max_steps=60",
             "finetune.train.eval_every=10", "finetune.data.train_examples=600", "finetune.data.validation_examples=120",
@@ -259,8 +264,12 @@ def sweep_trial_kill(c: DrillCluster, base: str) -> list[Finding]:
     sid = c.submit([python(), "-m", "tune.sweep", "--config", "configs/tune-topic-tiny.yaml",
                     *[a for s in sets for a in ("--set", s)]], name)
     sweep_dir = os.path.join(c.storage, "tune", name)
-    deadline, killed = time.time() + 600, None
+    deadline, killed, polled = time.time() + 600, None, time.time()
     while time.time() < deadline and killed is None:
+        if time.time() - polled > 5:  # a sweep that failed at start must not be waited on for 10 minutes
+            polled = time.time()
+            if c.ended(sid):
+                break
         for rank0 in glob.glob(os.path.join(sweep_dir, "trial_main_*", "workers", "rank-0.json")):
             metrics = os.path.join(os.path.dirname(os.path.dirname(rank0)), "metrics.jsonl")
             steps = [json.loads(line).get("step", 0) for line in open(metrics)] if os.path.exists(metrics) else []
@@ -270,6 +279,9 @@ def sweep_trial_kill(c: DrillCluster, base: str) -> list[Finding]:
                 break
         time.sleep(0.2)
     status = c.wait(sid)
+    if status != "SUCCEEDED" and killed is None:
+        return [Finding("sweep trial process killed mid-trial", f"sweep {status.lower()} before a trial could be "
+                        f"killed: {c.job('logs', sid)[-300:].strip()}", "trial retried, sweep publishes", False)]
     summary_path = os.path.join(sweep_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     rows = [json.loads(line) for line in open(os.path.join(killed, "metrics.jsonl"))] if killed else []

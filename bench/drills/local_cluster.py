@@ -62,14 +62,20 @@ class DrillCluster:
         cmd = [ray_cli(), "job", verb, "--address", self.env["RAY_API_SERVER_ADDRESS"], sid]
         return subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout).stdout
 
+    def ended(self, sid: str) -> str | None:
+        """The job's final status (SUCCEEDED, FAILED, STOPPED), or None while it runs."""
+        status = self.job("status", sid).lower()  # "Job 'x' succeeded" / "failed" / "was stopped"
+        for final in ("succeeded", "failed", "stopped"):
+            if f"' {final}" in status or f"' was {final}" in status:
+                return final.upper()
+        return None
+
     def wait(self, sid: str, timeout: float = 600) -> str:
         """The job's final status (SUCCEEDED, FAILED, STOPPED), or TIMEOUT after stopping it."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            status = self.job("status", sid).lower()  # "Job 'x' succeeded" / "failed" / "was stopped"
-            for final in ("succeeded", "failed", "stopped"):
-                if f"' {final}" in status or f"' was {final}" in status:
-                    return final.upper()
+            if final := self.ended(sid):
+                return final
             time.sleep(2)
         self.job("stop", sid)
         return "TIMEOUT"

@@ -105,7 +105,7 @@ def group_faults(workdir: str, args: argparse.Namespace) -> list[Finding]:
     try:
         faults.prepare_corpus(c)
         seeds = list(range(1, args.seeds + 1))
-        base = os.path.join(c.storage, "pretrain", f"base-{seeds[0]}")
+        base = os.path.join(c.storage, "pretrain", f"base-{seeds[0]}")  # a run folder: its best checkpoint
         findings = []
         for drill in (lambda: faults.worker_kills(c, seeds), lambda: faults.node_kill(c, seeds[0]),
                       lambda: faults.job_stop_and_resubmit(c), lambda: faults.kill_during_checkpoint(c),

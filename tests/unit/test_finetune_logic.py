@@ -357,3 +357,21 @@ def test_trial_config_sets_dotted_values_and_checkpoints_every_evaluation():
     out = trial_config(base, {"optim.lr": 0.01, "strategy.lora.rank": 16})
     assert out["optim"]["lr"] == 0.01 and out["strategy"]["lora"]["rank"] == 16
     assert out["train"]["checkpoint_every"] == 7 and base["optim"]["lr"] == 5e-4  # base untouched
+
+
+def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
+    # Regression (found by the sweep drill): a run folder's path was taken as a checkpoint and refused
+    # with "has no config.json"; its name already resolved to its best checkpoint, its path now does too.
+    from cluster.finetune import resolve_checkpoint
+
+    run = tmp_path / "pretrain" / "r"
+    for step in ("0000010", "0000020"):
+        (run / f"checkpoint_{step}").mkdir(parents=True)
+        (run / f"checkpoint_{step}" / "config.json").write_text("{}")
+    best, final = str(run / "checkpoint_0000010"), str(run / "checkpoint_0000020")
+    (run / "summary.json").write_text(json.dumps({"best": {"checkpoint": best}, "final": {"checkpoint": final}}))
+    assert resolve_checkpoint(str(run)) == best
+    assert resolve_checkpoint("r", root=str(tmp_path)) == best
+    assert resolve_checkpoint(final) == final  # a checkpoint folder is itself
+    (run / "summary.json").write_text(json.dumps({"final": {"checkpoint": final}}))
+    assert resolve_checkpoint(str(run)) == final
