@@ -158,9 +158,16 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_sess
     cfg = config("t-fail", "scaling.num_workers=2", "train.max_steps=30", "train.checkpoint_every=10",
                  "train.eval_every=10", "max_failures=2", "train.log_every=1")
     driver = _submit(cfg, ray_session)
+    metrics = os.path.join(run_dir("t-fail"), "metrics.jsonl")
+
+    def steps() -> list[dict]:
+        return [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
+
     try:
-        _wait_for(lambda: glob.glob(os.path.join(run_dir("t-fail"), "checkpoint_0000010", "train_state")),
-                  240, "the first checkpoint")
+        # Killed as soon as step 11 is logged: checkpoint 10 is then at most a moment old. Regression:
+        # the controller registers a checkpoint at its next poll (every 2 s), so a kill this early used
+        # to lose the report and restart the run from step 0; training now waits for the commit.
+        _wait_for(lambda: any(r.get("split") == "train" and r["step"] >= 11 for r in steps()), 240, "step 11")
         with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
             victim_pid = json.load(f)["pid"]
         os.kill(victim_pid, signal.SIGKILL)
@@ -168,6 +175,7 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_sess
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    assert [r["step"] for r in steps() if r.get("split") == "resume"] == [10]
     s = summary("t-fail")
     assert s["final"]["metrics"]["step"] == 30
     with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
@@ -213,7 +221,7 @@ def test_nan_loss_stops_and_names_last_good_checkpoint(gpt_corpus, capsys):
                               "optim.warmup_steps=0", "train.max_grad_norm=1e9"]], []))
     assert rc == 1, err
     assert "loss became NaN/inf at step" in err and "Last good checkpoint" in err
-    ckpts = glob.glob(os.path.join(run_dir("t-nan"), "checkpoint_*"))
+    ckpts = glob.glob(os.path.join(run_dir("t-nan"), "checkpoint_0*"))
     for c in ckpts:  # every checkpoint that exists is finite
         state = json.load(open(os.path.join(c, "train_state", "state.json")))
         assert all(v == v for h in state["history"] for k, v in h.items() if k.startswith("val_"))
