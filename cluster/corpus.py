@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -139,10 +140,16 @@ def _select_batch(batch: dict[str, Any], duplicates: set[int], weights: dict[str
                                   else np.asarray(batch[c])[idx]) for c in cols})
 
 
-def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max_segment_tokens: int) -> dict:
+@lru_cache(maxsize=2)
+def _rust_tokenizer(tokenizer_json: str) -> Any:
+    """One parsed tokenizer per worker process and tokenizer, not one per batch."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(tokenizer_json)
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max_segment_tokens: int) -> dict:
+    tok = _rust_tokenizer(tokenizer_json)
     texts = [str(t) for t in batch["text"]]
     n_bytes = [len(t.encode("utf-8")) for t in texts]
     out: dict[str, Any] = {
@@ -308,6 +315,15 @@ def _write_split(ds: ray.data.Dataset, out_dir: str, split: str, rows_per_shard:
     return shards
 
 
+def _empty(cfg: PrepareConfig, counts: _Counts) -> CorpusError:
+    kept = counts.docs_in - sum(counts.dropped.values())
+    dropped = ", ".join(f"{k}={v}" for k, v in sorted(counts.dropped.items()) if v) or "none"
+    weighted = f"; the {kept} kept were all weighted away (source weight)" if kept else ""
+    return CorpusError(
+        f"corpus '{cfg.name}' is empty after filtering: {counts.docs_in} documents in, dropped {dropped}{weighted}"
+    )
+
+
 def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset, workdir: str):
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
@@ -316,7 +332,10 @@ def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset, workdir: str):
         sample = kept.filter(expr="split == 'train'").limit(cfg.tokenizer.train_docs).select_columns(["text"])
         texts = [r["text"] for r in sample.take_all()]
         if not texts:
-            raise CorpusError("no training documents to train the tokenizer on (all were held out)")
+            raise CorpusError(
+                f"corpus '{cfg.name}': no training documents to train the tokenizer on (every kept document "
+                "was held out for validation or weighted away by a source weight of 0)"
+            )
         log.info("training a %s tokenizer (vocab %d) on %d documents", cfg.tokenizer.kind,
                  cfg.tokenizer.vocab_size, len(texts))
         tok = train_tokenizer(texts, cfg.tokenizer)
@@ -353,18 +372,16 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
         ).materialize()
         counts = _count_and_dedup(cleaned, cfg.clean.dedup)
         weights = {s.label: s.weight for s in cfg.sources}
+        # Selection is not materialised: Ray Data fuses it into the tokenize stage below, one
+        # pass over the kept text instead of two (the tokenizer sample reads only what it needs).
         kept = cleaned.map_batches(
             _select_batch,
             fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
             batch_size=2048,
             batch_format="numpy",
-        ).materialize()
-        n_kept = kept.count()
-        if n_kept == 0:
-            raise CorpusError(
-                f"corpus '{cfg.name}' is empty after filtering: {counts.docs_in} documents in, dropped "
-                + ", ".join(f"{k}={v}" for k, v in sorted(counts.dropped.items()) if v)
-            )
+        )
+        if counts.docs_in == sum(counts.dropped.values()):
+            raise _empty(cfg, counts)
 
         with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
             log.info("stage 2/4: tokenizer")
@@ -375,9 +392,12 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
                 _tokenize_batch,
                 fn_kwargs={"tokenizer_json": tok.backend_tokenizer.to_str(), "layout": cfg.pack.layout,
                            "max_segment_tokens": cfg.pack.max_segment_tokens},
-                batch_size=1024,
+                batch_size=4096,
             ).materialize()
             stats = _split_stats(tokenized)
+            n_kept = sum(int(s["documents"]) for s in stats.values())
+            if n_kept == 0:  # every kept document was weighted away
+                raise _empty(cfg, counts)
 
             log.info("stage 4/4: pack + write shards")
             shards_dir = run.file("shards")

@@ -95,3 +95,27 @@ def test_bad_input_fails_clearly_and_writes_no_manifest(tmp_path, ray_session, c
     assert message in err
     assert "Traceback" not in err
     assert not storage.exists(os.path.join(os.environ["RAYLM_STORAGE"], "prepare", "t-bad", "manifest.json"))
+
+
+@pytest.mark.parametrize("reuse_tokenizer", [False, True], ids=["trained-tokenizer", "reused-tokenizer"])
+def test_a_corpus_weighted_away_entirely_fails_clearly(tmp_path, ray_session, reuse_tokenizer):
+    """Selection is fused into tokenization (not materialised on its own), so a corpus whose every
+    kept document has weight 0 is found empty later than the drop filters; it must still fail by
+    name and leave no manifest."""
+    from cluster.corpus import PrepareConfig, prepare
+    from cluster.sources import CorpusError
+    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+
+    texts = [f"Document {i} tells a long enough story about clusters." for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer: dict = {"vocab_size": 300}
+    if reuse_tokenizer:
+        save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=300)), str(tmp_path / "tok"))
+        tokenizer = {"path": str(tmp_path / "tok")}
+    cfg = PrepareConfig.model_validate({
+        "name": "t-weighted-away", "tokenizer": tokenizer,
+        "sources": [{"kind": "files", "paths": [str(tmp_path / "a.jsonl")], "weight": 0}],
+    })
+    with pytest.raises(CorpusError, match="t-weighted-away.*(weighted away|weight of 0)"):
+        prepare(cfg)
+    assert not storage.exists(os.path.join(os.environ["RAYLM_STORAGE"], "prepare", "t-weighted-away", "manifest.json"))
