@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--set", action="append", default=[], help="extra jobs.pretrain override, e.g. train.shuffle_buffer=0")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="raylm-bench-train-")
     env = {**os.environ, "RAYLM_STORAGE": root, "RAYLM_DASHBOARD": "1", "PYTHONPATH": REPO}
@@ -68,7 +69,7 @@ def main() -> None:
                    cwd=REPO, env=env, check=True, capture_output=True)
     sets = ["corpus=bench", "name=bench", f"train.max_steps={args.steps}", "train.log_every=20",
             f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}", "train.eval_batches=2",
-            f"train.batch_size={args.batch_size}", f"scaling.threads_per_worker={args.threads}"]
+            f"train.batch_size={args.batch_size}", f"scaling.threads_per_worker={args.threads}", *args.set]
     launched = time.time()
     subprocess.run([py, "-m", "jobs.pretrain", "--config", "configs/gpt-tiny.yaml", *sum([["--set", s] for s in sets], [])],
                    cwd=REPO, env=env, check=True, capture_output=True)

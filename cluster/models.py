@@ -7,24 +7,14 @@ be overridden in the config.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
-from transformers import (
-    AlbertConfig,
-    AlbertForPreTraining,
-    BertConfig,
-    BertForPreTraining,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    RobertaConfig,
-    RobertaForMaskedLM,
-)
 
 from cluster.config import Section
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Family = Literal["gpt2", "llama", "bert", "roberta", "albert"]
 CAUSAL = ("gpt2", "llama")
@@ -80,6 +70,10 @@ class ModelConfig(Section):
 
 def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None]) -> Any:
     """The transformers config object for `cfg` (saved with every checkpoint)."""
+    # transformers is imported where it is used: a job's driver validates ModelConfig but never
+    # builds a model, and importing transformers there costs ~2 s of time-to-first-step.
+    from transformers import AlbertConfig, BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
     n_layer, n_head, d_model, d_ff = cfg.shape()
     common = {"vocab_size": vocab_size, "tie_word_embeddings": cfg.tie_embeddings}
     if cfg.family == "gpt2":
@@ -114,23 +108,23 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None])
     )
 
 
-_CLASSES = {
-    "gpt2": GPT2LMHeadModel,
-    "llama": LlamaForCausalLM,
-    "bert": BertForPreTraining,
-    "roberta": RobertaForMaskedLM,
-    "albert": AlbertForPreTraining,
-}
-
-
 def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None], seed: int = 0) -> PreTrainedModel:
     """A randomly initialised pretraining model (seeded, so every rank starts identical)."""
     import torch
+    from transformers import (
+        AlbertForPreTraining,
+        BertForPreTraining,
+        GPT2LMHeadModel,
+        LlamaForCausalLM,
+        RobertaForMaskedLM,
+    )
 
+    classes = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "bert": BertForPreTraining,
+               "roberta": RobertaForMaskedLM, "albert": AlbertForPreTraining}
     torch.manual_seed(seed)
     config = hf_config(cfg, vocab_size, special)
     config._attn_implementation = cfg.attn
-    model = _CLASSES[cfg.family](config)
+    model = classes[cfg.family](config)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -13,13 +13,15 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from cluster.config import Section
+
+if TYPE_CHECKING:  # imported where used: a job's driver often needs none of transformers
+    from transformers import PreTrainedTokenizerFast
 
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": "<|pad|>"}
@@ -90,6 +92,8 @@ def _train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokeni
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
     tok, specials = (_train_bpe if cfg.kind == "bpe" else _train_wordpiece)(texts, cfg)
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=cfg.model_max_length, **specials)
 
 
@@ -102,6 +106,8 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, path: str) -> str:
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"tokenizer directory '{path}' has no tokenizer.json")
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 

@@ -20,16 +20,18 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerFast
 
 from cluster import storage
 from cluster.losses import Objective
 from cluster.session import Session
+
+if TYPE_CHECKING:  # annotations only: the job driver imports this module and needs no transformers
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 STATE_DIR = "train_state"
