@@ -223,6 +223,11 @@ class _Counts:
     problems: list[str]
     duplicates: set[int]
 
+    @property
+    def kept(self) -> int:
+        """Documents that passed every filter (before source weights copy or drop them)."""
+        return self.docs_in - sum(self.dropped.values())
+
 
 def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps errors raised in tasks (RayTaskError, UserCodeException); find our CorpusError."""
@@ -316,9 +321,8 @@ def _write_split(ds: ray.data.Dataset, out_dir: str, split: str, rows_per_shard:
 
 
 def _empty(cfg: PrepareConfig, counts: _Counts) -> CorpusError:
-    kept = counts.docs_in - sum(counts.dropped.values())
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(counts.dropped.items()) if v) or "none"
-    weighted = f"; the {kept} kept were all weighted away (source weight)" if kept else ""
+    weighted = f"; the {counts.kept} kept were all weighted away (source weight)" if counts.kept else ""
     return CorpusError(
         f"corpus '{cfg.name}' is empty after filtering: {counts.docs_in} documents in, dropped {dropped}{weighted}"
     )
@@ -380,7 +384,7 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
             batch_size=2048,
             batch_format="numpy",
         )
-        if counts.docs_in == sum(counts.dropped.values()):
+        if counts.kept == 0:
             raise _empty(cfg, counts)
 
         with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
@@ -453,7 +457,6 @@ def _manifest(cfg, counts: _Counts, n_kept, stats, shards, tok, eod) -> dict[str
             "rows": rows,
             "tokens_packed": packed,
         }
-    dropped_total = sum(counts.dropped.values())
     manifest: dict[str, Any] = {
         "format": "raylm-corpus/1",
         "name": cfg.name,
@@ -463,7 +466,7 @@ def _manifest(cfg, counts: _Counts, n_kept, stats, shards, tok, eod) -> dict[str
         "columns": ["input_ids"] if cfg.pack.layout == "blocks" else ["input_ids", "sentence_starts", "doc_id"],
         "documents": {
             "in": counts.docs_in,
-            "kept": counts.docs_in - dropped_total,
+            "kept": counts.kept,
             "dropped": counts.dropped,
             "after_weighting": n_kept,
         },
