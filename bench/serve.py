@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per cell")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--batch-wait", type=float, default=None,
+                   help="Serve rows' batch_wait_timeout_s (default: serve.app's default)")
     ns = p.parse_args(argv)
 
     import torch
@@ -159,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
+    wait = {} if ns.batch_wait is None else {"batch_wait_timeout_s": ns.batch_wait}
     for label, batch in (("serve", 8), ("serve-nobatch", 1)):
-        serve.run(build_app({"model": {"num_cpus": 1, "max_batch_size": batch, "batch_wait_timeout_s": 0.005},
+        serve.run(build_app({"model": {"num_cpus": 1, "max_batch_size": batch, **wait},
                              "ingress": {"num_cpus": 0.1}, "max_tokens": 256}), name="raylm", route_prefix="/")
         bench_http(f"{base}/v1/completions", gen_body, 4, 1)  # warm up
         for c in ns.concurrency:

@@ -33,7 +33,9 @@ def served(ray_session, storage_root, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": {**SMALL, "max_batch_size": 4}, "ingress": {"num_cpus": 0.05}, "max_tokens": 64,
-            "max_body_bytes": 4096}
+            "max_body_bytes": 4096,
+            # a batch wait far beyond any request's time: see test_an_idle_replica_does_not_hold_a_request
+            "per_model": {"bert-mlm": {"batch_wait_timeout_s": 30.0}}}
     serve.run(build_app(args), name="raylm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -283,3 +285,42 @@ def test_api_key_guards_every_route(served, monkeypatch):
     findings = api_key(f"{served}/guarded", "s3cret")
     serve.delete("guarded")
     assert all(f.passed for f in findings), [(f.figure, f.detail) for f in findings]
+
+
+def test_an_idle_replica_does_not_hold_a_request_for_the_batch_wait(client):
+    """bert-mlm is served with a 30 s batch wait: Serve's batcher would hold each batch's first
+    request that long for company, but a request that finds the replica idle starts at once
+    (the client gives up after 10 s). The wait applies only while a batch is running."""
+    body = {"model": "bert-mlm", "inputs": "the [MASK] sat."}
+    for _ in range(3):
+        r = client.post("/v1/fill-mask", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]
+
+
+def test_a_killed_replica_is_replaced_and_the_model_answers_again(client):
+    """A model replica's process dies (as on a lost node): Serve's health check notices, a new
+    replica starts from the registry, and the endpoint answers again without a redeploy."""
+    import ray
+    from ray import serve
+
+    from serve.tiny import CLASS_LABELS
+
+    prefix = "SERVE_REPLICA::raylm#model-bert-cls#"
+
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+    def running() -> int:
+        return serve.status().applications["raylm"].deployments["model-bert-cls"].replica_states.get("RUNNING", 0)
+
+    before = replicas()
+    assert len(before) == 1 and running() == 1
+    ray.kill(ray.get_actor(next(iter(before)), namespace="serve"), no_restart=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not (replicas() - before and running() == 1):
+        time.sleep(0.5)
+    assert replicas() - before and running() == 1, "no new replica took the killed one's place"
+    r = client.post("/v1/classify", json={"model": "bert-cls", "inputs": "a good day"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["label"] in CLASS_LABELS
