@@ -161,7 +161,7 @@ def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max
     if layout == "blocks":
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
         out["ids"] = [np.asarray(e.ids, dtype=np.int32) for e in encs]
-        out["n_tokens"] = [len(e.ids) for e in encs]
+        out["n_tokens"] = [len(e) for e in encs]
         return out
     # segments: tokenise sentence by sentence so chunk boundaries fall between sentences
     sentences = [split_sentences(t) for t in texts]

@@ -1,3 +1,6 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cluster.text import (
     DROP_CHARSET,
     DROP_EMPTY,
@@ -6,6 +9,7 @@ from cluster.text import (
     clean,
     content_hash,
     hash_unit,
+    is_normalized,
     normalize,
 )
 
@@ -24,6 +28,34 @@ def test_cjk_survives_intact():
     text = "这是中文文本，测试一下。日本語のテキスト。한국어 텍스트."
     assert normalize(text) == text
     assert clean(text, 1, 1000)[1] == ""
+
+
+# Characters each rule of normalize() acts on, and look-alikes it must keep, drawn rarely enough
+# among letters, spaces and newlines that many strings are clean or nearly so.
+_TRICKY = list("\t\r\x0b\x0c\x1c\x1f\x00\x07\x1b[\x7f\x85\x9f\xa0\xad\u1680\u2003\u200b\u200d\u2028\u2029\u3000"
+               "\u0301\ufeff\U0001f600")
+_ALPHABET = list("abcé中") * 20 + [" "] * 30 + ["\n"] * 15 + _TRICKY
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_ALPHABET), max_size=40).map("".join))
+def test_the_fast_path_agrees_with_the_full_normalisation(text):
+    """normalize() skips its regular expressions when is_normalized() says nothing would change;
+    on text built from every character class the rules touch, that must never be wrong."""
+    from cluster.text import _normalize
+
+    full = _normalize(text)
+    assert normalize(text) == full
+    if is_normalized(text):
+        assert full == text
+
+
+def test_synthetic_documents_take_the_fast_path():
+    from cluster import synthetic
+
+    docs = list(synthetic.documents(200, seed=1))
+    assert all(is_normalized(d.text) for d in docs)
+    assert not is_normalized("a  b") and not is_normalized("a\tb") and not is_normalized("cafe\u0301")
 
 
 def test_drop_reasons():
