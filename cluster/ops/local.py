@@ -38,6 +38,8 @@ from pathlib import Path
 
 import psutil
 
+from cluster.runtime import SERVE_ENV
+
 STATE_ENV = "RAYLM_LOCAL_CLUSTER_STATE"
 DEFAULT_STATE = Path.home() / ".raylm" / "local-cluster.json"
 DEFAULT_TOKEN = Path.home() / ".ray" / "auth_token"
@@ -203,7 +205,7 @@ def ensure_token() -> tuple[dict[str, str], str]:
 
 
 def node_env(auth_env: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ, **auth_env)
+    env = {**SERVE_ENV, **os.environ, **auth_env}  # Serve's throughput mode unless the shell says otherwise
     # A job's entrypoint (`python -m jobs.pretrain`) is resolved on the node's PATH: put this
     # interpreter first so jobs run with the Python that has raylm and this Ray installed.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

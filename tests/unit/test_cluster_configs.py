@@ -261,6 +261,26 @@ def test_cluster_spec_keeps_token_auth_autoscaling_and_gpus(where: str, spec: di
         assert group["maxReplicas"] > group["minReplicas"], f"{where}/{group['groupName']}: cannot scale"
 
 
+def test_every_node_runs_serve_in_throughput_mode_with_one_http_port():
+    """Serve's controller, proxies and replicas read SERVE_ENV at start: every way raylm starts Ray
+    nodes sets it, the same values everywhere, so clients keep the proxy's one port."""
+    from cluster.ops.local import node_env
+    from cluster.runtime import SERVE_ENV
+
+    assert SERVE_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    cfg = load_cluster_yaml()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in (c for c in cfg[key] if "ray start" in c):
+            for name, value in SERVE_ENV.items():
+                assert f"{name}={value}" in command, f"cluster.yaml {key}: `ray start` without {name}={value}"
+    for where, spec in cluster_specs():
+        for name, pod in pod_specs(spec):
+            ray_container = pod["containers"][0]
+            env = {e["name"]: e.get("value") for e in ray_container.get("env", [])}
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, f"{where}/{name}: Serve env"
+    assert {k: node_env({})[k] for k in SERVE_ENV} == {k: os.environ.get(k, v) for k, v in SERVE_ENV.items()}
+
+
 def test_manifests_take_secrets_from_kubernetes_secrets_only():
     for where, spec in cluster_specs():
         for name, pod in pod_specs(spec):
