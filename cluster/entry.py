@@ -8,6 +8,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,6 +43,39 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def follow_replaced_cwd(interval_s: float = 0.2) -> threading.Thread | None:
+    """Keep this process in its starting directory when something replaces that directory.
+
+    `ray job submit --working-dir` starts the driver inside the unpacked package, and Ray (2.60)
+    unpacks it again, rmtree first, when it sets the same package up for the job's own workers on
+    that node. The driver is then left in a deleted directory: os.getcwd() fails from there on,
+    and transformers calls it when first imported (the prepare job's tokenizer stage failed so on
+    the local multi-node cluster). A daemon thread re-enters the path once it names a new
+    directory; files and imports by absolute path were never affected."""
+    try:
+        start = os.getcwd()
+        inode = os.stat(start).st_ino
+    except OSError:
+        return None
+
+    def follow() -> None:
+        nonlocal inode
+        while True:
+            time.sleep(interval_s)
+            try:
+                current = os.stat(start).st_ino
+            except OSError:  # between rmtree and unpack: try again next time
+                continue
+            if current != inode:
+                os.chdir(start)
+                inode = current
+                log.debug("working directory %s was replaced; re-entered it", start)
+
+    thread = threading.Thread(target=follow, name="raylm-follow-cwd", daemon=True)
+    thread.start()
+    return thread
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from cluster.sources import CorpusError
 
@@ -62,6 +97,7 @@ def run_job(
         extra_args(p)
     args = p.parse_args(argv)
     setup_logging()
+    follow_replaced_cwd()
     try:
         sets = list(args.set)
         if config_from_args:

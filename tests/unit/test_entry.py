@@ -1,0 +1,42 @@
+"""The job entry point's own behaviour, without Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_REPLACE = textwrap.dedent("""
+    import os, shutil, sys, time
+    from cluster.entry import follow_replaced_cwd
+    work = sys.argv[1]
+    os.makedirs(work)
+    os.chdir(work)
+    if sys.argv[2] == "follow":
+        follow_replaced_cwd(interval_s=0.05)
+    shutil.rmtree(work)  # what Ray does to a job's working_dir when it unpacks the package again
+    os.makedirs(work)
+    open(os.path.join(work, "marker"), "w").close()
+    deadline = time.time() + float(sys.argv[3])
+    while time.time() < deadline and not os.path.exists("marker"):
+        time.sleep(0.05)
+    print(os.path.exists("marker"), os.getcwd() if os.path.exists("marker") else "-")
+""")
+
+
+def _run(tmp_path: Path, mode: str, wait_s: float) -> str:
+    out = subprocess.run([sys.executable, "-c", _REPLACE, str(tmp_path / "pkg"), mode, str(wait_s)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_a_job_follows_its_working_directory_when_ray_replaces_it(tmp_path):
+    """`ray job submit --working-dir` jobs start inside a directory Ray may rmtree and unpack again
+    under the running driver; the entry point re-enters the new one (relative paths and
+    os.getcwd() work again) instead of staying in the deleted one."""
+    assert _run(tmp_path, "follow", wait_s=20) == f"True {tmp_path / 'pkg'}"
+    assert _run(tmp_path / "again", "stay", wait_s=1) == "False -"  # what a driver without it is left with
