@@ -302,8 +302,8 @@ def test_a_killed_replica_is_replaced_and_the_model_answers_again(client):
     """A model replica's process dies (as on a lost node): Serve's health check notices, a new
     replica starts from the registry, and the endpoint answers again without a redeploy."""
     import ray
-    from ray import serve
 
+    from bench.drills.serve_load import _running_replicas
     from serve.tiny import CLASS_LABELS
 
     prefix = "SERVE_REPLICA::raylm#model-bert-cls#"
@@ -312,7 +312,7 @@ def test_a_killed_replica_is_replaced_and_the_model_answers_again(client):
         return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
 
     def running() -> int:
-        return serve.status().applications["raylm"].deployments["model-bert-cls"].replica_states.get("RUNNING", 0)
+        return _running_replicas("raylm", "model-bert-cls")
 
     before = replicas()
     assert len(before) == 1 and running() == 1
