@@ -1,6 +1,6 @@
 """Serve latency and throughput against baselines in the same run.
 
-    python -m bench.serve [--requests 64] [--max-tokens 16] [--concurrency 1 8 32]
+    python -m bench.serve [--requests 64] [--max-tokens 16] [--concurrency 1 8 32] [--batch-wait S]
 
 For generation (tiny GPT-2) and classification (tiny BERT), at each concurrency: p50/p99 latency
 and requests/s for (1) the engine called in-process (threads), (2) a plain FastAPI + uvicorn server
