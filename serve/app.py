@@ -10,13 +10,14 @@ Deployment defaults live in `DEFAULTS`; YAML/CLI args are merged over them. No
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -62,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "num_replicas": 1, "autoscaling": None, "num_cpus": 1.0, "num_gpus": 0.0,
         "max_ongoing_requests": 32, "max_queued_requests": -1,
-        "max_batch_size": 8, "batch_wait_timeout_s": 0.01,
+        "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "compute_in_thread": False,
     },
     "per_model": {},
     "request_timeout_s": 60.0,
@@ -95,8 +96,18 @@ class DeploymentOptions(Section):
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(-1, ge=-1, description="queued requests per caller before 503; -1 = unbounded")
     max_batch_size: int = Field(8, ge=1, description="dynamic batch size (1 = batching off)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="while a batch runs, the next one waits this "
-                                        "long to fill; a request to an idle replica starts at once")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="while other requests are in the replica, a new "
+                                        "batch waits this long to fill; a request to an idle replica starts at once")
+    # A batch's model call runs on the replica's event loop by default. In a worker thread it
+    # contends for the GIL with the loop, which is busy receiving the next requests: on the 2-core
+    # box `bench.serve`'s generation at concurrency 32 ran at half the rate that way (the model call
+    # took 30 ms instead of 16 and batches stayed small). Serve runs sync methods on the loop too.
+    # In throughput-optimised mode Serve's health check waits on that loop as well: a replica is
+    # restarted after 3 unanswered checks in a row, so a batch that computes for longer than
+    # ~3 x health_check_timeout_s needs the thread (the replica warns when one takes over 1x).
+    compute_in_thread: bool = Field(False, description="run each batch's model call in a worker thread so the "
+                                    "replica keeps receiving requests and streaming meanwhile (long GPU batches); "
+                                    "off: the call runs on the event loop, without GIL contention")
     # Serve learns that a replica's process died only from a failed health check, so this period
     # is the wait before a replacement starts (Ray's default: 10 s). A check is one no-op actor
     # call: at 0.5 s the drill's replacement starts ~0.6 s after the kill instead of ~2.2 s at 2 s.
@@ -423,14 +434,25 @@ class ModelServer:
         self._generate_batch.set_max_batch_size(options["max_batch_size"])
         self._encode_batch.set_max_batch_size(options["max_batch_size"])
         self.batch_wait_s = options["batch_wait_timeout_s"]
-        self.running_batches = 0
+        self.compute_in_thread = options["compute_in_thread"]
+        self.slow_batch_s = options["health_check_timeout_s"]
+        self.in_flight = 0  # batched requests (complete/encode calls) in this replica now
+
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _batched(self, fn: Any) -> Any:
         """`fn` (a `@serve.batch` method) with its wait set for the batch the next request opens.
         Serve's batcher holds a batch's first request for the whole wait; on an idle replica that
-        is pure latency (nothing else is coming), so only while a batch runs, and the next one
-        could not start anyway, does it wait to fill. Serve reads the wait when a batch opens."""
-        fn.set_batch_wait_timeout_s(self.batch_wait_s if self.running_batches else 0.0)
+        is pure latency (nothing else is coming), so only while other requests are in the replica
+        (a batch runs or just finished, and more are arriving) does it wait to fill. Serve reads
+        the wait when a batch opens."""
+        fn.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
         return fn
 
     def _check_params(self, params: dict[str, Any]) -> None:
@@ -442,8 +464,9 @@ class ModelServer:
         try:
             self._check_params(params)
             ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
-            batched = self._batched(self._generate_batch)
-            results = await asyncio.gather(*(batched((i, params)) for i in ids))
+            with self._request():
+                batched = self._batched(self._generate_batch)
+                results = await asyncio.gather(*(batched((i, params)) for i in ids))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
             return _error(exc)
         choices = [c for per_prompt in results for c in per_prompt]
@@ -490,8 +513,9 @@ class ModelServer:
     async def encode(self, items: list[tuple[str, str | None, int]]) -> dict[str, Any]:
         try:
             self.engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
-            batched = self._batched(self._encode_batch)
-            results = await asyncio.gather(*(batched(item) for item in items))
+            with self._request():
+                batched = self._batched(self._encode_batch)
+                results = await asyncio.gather(*(batched(item) for item in items))
         except Exception as exc:  # noqa: BLE001
             return _error(exc)
         return {"results": list(results)}
@@ -507,12 +531,19 @@ class ModelServer:
         return await self._compute(engine.tag, texts)
 
     async def _compute(self, fn: Callable, *args: Any) -> Any:
-        """One batch's model call, off the event loop, counted as running for `_batched`."""
-        self.running_batches += 1
-        try:
+        """One batch's model call: on the event loop, or in a worker thread with `compute_in_thread`.
+        On the loop, requests that arrive meanwhile wait in Ray's queues and join the next batch."""
+        if self.compute_in_thread:
             return await asyncio.to_thread(fn, *args)
+        start = time.perf_counter()
+        try:
+            return fn(*args)
         finally:
-            self.running_batches -= 1
+            took = time.perf_counter() - start
+            if took > self.slow_batch_s:
+                log.warning("a batch computed for %.1f s on the event loop, longer than health_check_timeout_s "
+                            "(%.1f s): Serve restarts a replica after 3 unanswered health checks in a row; "
+                            "set compute_in_thread: true for this model", took, self.slow_batch_s)
 
 
 def _card(entry: dict[str, Any]) -> dict[str, Any]:

@@ -34,8 +34,9 @@ def served(ray_session, storage_root, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": {**SMALL, "max_batch_size": 4}, "ingress": {"num_cpus": 0.05}, "max_tokens": 64,
             "max_body_bytes": 4096,
-            # a batch wait far beyond any request's time: see test_an_idle_replica_does_not_hold_a_request
-            "per_model": {"bert-mlm": {"batch_wait_timeout_s": 30.0}}}
+            # a batch wait far beyond any request's time: see test_an_idle_replica_does_not_hold_a_request;
+            # bert-tag computes in a worker thread, the others on their replica's event loop
+            "per_model": {"bert-mlm": {"batch_wait_timeout_s": 30.0}, "bert-tag": {"compute_in_thread": True}}}
     serve.run(build_app(args), name="raylm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -124,6 +125,38 @@ def test_encoder_tasks(client):
     kinds = {lbl.split("-", 1)[-1] for lbl in TAG_LABELS if lbl != "O"}
     for ent in r.json()["results"][0]:
         assert ent["label"] in kinds and text[ent["start"]:ent["end"]] == ent["text"]
+
+
+@pytest.mark.parametrize(("path", "model", "texts"), [
+    ("/v1/classify", "bert-cls", ["good day", "bad night", "the cat sat", "rain in Paris", "a dog", "so so"]),
+    ("/v1/tag", "bert-tag", ["Alice sat in Paris.", "Bob met Carol in London.", "rain", "Dave of Acme ran."]),
+])
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served, client, path, model, texts):
+    """Requests sent at once share batches (on the event loop for bert-cls, in a worker thread for
+    bert-tag) and each gets the answer it gets alone, padding notwithstanding."""
+    alone = {}
+    for t in texts:
+        r = client.post(path, json={"model": model, "inputs": t})
+        assert r.status_code == 200, r.text
+        alone[t] = r.json()["results"][0]
+    answers: dict[str, dict] = {}
+
+    def send(t: str) -> None:
+        with httpx.Client(base_url=served, timeout=60) as c:
+            answers[t] = c.post(path, json={"model": model, "inputs": t}).json()["results"][0]
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in texts * 2]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for t in texts:
+        got, want = answers[t], alone[t]
+        if model == "bert-cls":
+            assert got["label"] == want["label"]
+            assert [s["score"] for s in got["scores"]] == pytest.approx([s["score"] for s in want["scores"]], abs=1e-4)
+        else:
+            assert [(e["label"], e["start"], e["end"]) for e in got] == [(e["label"], e["start"], e["end"]) for e in want]
 
 
 BAD_BODIES = [
@@ -290,7 +323,7 @@ def test_api_key_guards_every_route(served, monkeypatch):
 def test_an_idle_replica_does_not_hold_a_request_for_the_batch_wait(client):
     """bert-mlm is served with a 30 s batch wait: Serve's batcher would hold each batch's first
     request that long for company, but a request that finds the replica idle starts at once
-    (the client gives up after 10 s). The wait applies only while a batch is running."""
+    (the client gives up after 10 s). The wait applies only while other requests are in the replica."""
     body = {"model": "bert-mlm", "inputs": "the [MASK] sat."}
     for _ in range(3):
         r = client.post("/v1/fill-mask", json=body, timeout=10)

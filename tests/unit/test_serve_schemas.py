@@ -129,3 +129,29 @@ def test_importing_app_needs_no_registry(tmp_path, monkeypatch):
     assert callable(serve.app.build_app)  # `app` is built only when read
     app = serve.app.app  # an empty registry still builds (health and /v1/models only)
     assert app is not None
+
+
+def test_batch_wait_applies_only_while_other_requests_are_in_the_replica():
+    """A model replica's batch waits to fill only when other requests are in it; alone, a request
+    starts at once, and the count comes back down whatever happened to a request."""
+    from serve.app import ModelServer
+
+    cls = ModelServer.func_or_class
+    server = cls.__new__(cls)
+    server.batch_wait_s, server.in_flight = 0.02, 0
+
+    class Batcher:  # stands in for a `@serve.batch` method: records the wait Serve would use
+        wait = None
+
+        def set_batch_wait_timeout_s(self, seconds: float) -> None:
+            self.wait = seconds
+
+    batcher = Batcher()
+    with server._request():
+        assert server._batched(batcher).wait == 0.0
+        with server._request():
+            assert server._batched(batcher).wait == 0.02
+    with pytest.raises(RuntimeError), server._request():
+        raise RuntimeError("a request that failed in its batch")
+    with server._request():
+        assert server._batched(batcher).wait == 0.0
