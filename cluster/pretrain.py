@@ -200,8 +200,10 @@ def latest_checkpoint_state(run_dir: str) -> dict | None:
 
 
 def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.Dataset]:
-    """One dataset per epoch: shard order and block order seeded by (seed, epoch), so an epoch's
-    order is reproducible (resume) and different from the other epochs."""
+    """One dataset per epoch, its shard order seeded by (seed, epoch): reproducible (resume, with
+    `preserve_order`) and different from the other epochs; the workers' seeded local shuffle buffer
+    mixes rows across the blocks it holds. No `randomize_block_order`: it is an all-to-all stage,
+    so every epoch would read the whole split into the object store before the first batch."""
     import numpy as np
 
     shards = corpus.shard_paths("train")
@@ -209,8 +211,7 @@ def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.
     out = {}
     for epoch in range(plan.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-        ds = ray.data.read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
-        out[f"train_{epoch}"] = ds.randomize_block_order(seed=seed * 7919 + epoch)
+        out[f"train_{epoch}"] = ray.data.read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
     # Validation is small and read at every evaluation: materialise it once in the object store.
     val = ray.data.read_parquet(corpus.shard_paths("validation"), columns=corpus.manifest["columns"])
     out["validation"] = val.materialize()

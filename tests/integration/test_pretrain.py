@@ -253,3 +253,20 @@ def test_tiny_config_learns_to_within_1_5x_of_the_entropy_floor(gpt_corpus):
     assert s["entropy_floor_bpb"] == floor
     assert bpb < 1.5 * floor, f"validation {bpb:.3f} bits/byte vs floor {floor:.3f}"
     assert bpb > floor * 0.98  # nothing beats the true entropy (up to sampling noise)
+
+
+def test_each_epoch_streams_without_an_all_to_all_stage(gpt_corpus, ray_session, capsys):
+    """Workers get their first batch once the first shard's first block is read: an all-to-all
+    stage (`randomize_block_order` was one) read the whole epoch into the object store first."""
+    from types import SimpleNamespace
+
+    from cluster.corpus import Corpus
+    from cluster.pretrain import train_datasets
+
+    corpus = Corpus.open("t-gpt")
+    datasets = train_datasets(corpus, SimpleNamespace(epochs=2), seed=0)
+    for name in ("train_0", "train_1"):
+        capsys.readouterr()
+        datasets[name].explain()
+        physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+        assert "ReadFiles" in physical and "AllToAll" not in physical, physical
