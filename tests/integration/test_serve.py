@@ -139,19 +139,21 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served, cl
         r = client.post(path, json={"model": model, "inputs": t})
         assert r.status_code == 200, r.text
         alone[t] = r.json()["results"][0]
-    answers: dict[str, dict] = {}
+    answers: list[tuple[str, httpx.Response]] = []
 
     def send(t: str) -> None:
         with httpx.Client(base_url=served, timeout=60) as c:
-            answers[t] = c.post(path, json={"model": model, "inputs": t}).json()["results"][0]
+            answers.append((t, c.post(path, json={"model": model, "inputs": t})))
 
     threads = [threading.Thread(target=send, args=(t,)) for t in texts * 2]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    for t in texts:
-        got, want = answers[t], alone[t]
+    assert len(answers) == 2 * len(texts)
+    for t, r in answers:
+        assert r.status_code == 200, r.text
+        got, want = r.json()["results"][0], alone[t]
         if model == "bert-cls":
             assert got["label"] == want["label"]
             assert [s["score"] for s in got["scores"]] == pytest.approx([s["score"] for s in want["scores"]], abs=1e-4)
