@@ -439,21 +439,18 @@ class ModelServer:
         self.in_flight = 0  # batched requests (complete/encode calls) in this replica now
 
     @contextlib.contextmanager
-    def _request(self) -> Iterator[None]:
+    def _batching(self, fn: Any) -> Iterator[Any]:
+        """One request's use of `fn` (a `@serve.batch` method), counted while it lasts, with the
+        wait set for the batch it may open. Serve's batcher holds a batch's first request for the
+        whole wait; on an idle replica that is pure latency (nothing else is coming), so only while
+        other requests are in the replica (a batch runs or just finished, and more are arriving)
+        does it wait to fill. Serve reads the wait when a batch opens."""
         self.in_flight += 1
         try:
-            yield
+            fn.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            yield fn
         finally:
             self.in_flight -= 1
-
-    def _batched(self, fn: Any) -> Any:
-        """`fn` (a `@serve.batch` method) with its wait set for the batch the next request opens.
-        Serve's batcher holds a batch's first request for the whole wait; on an idle replica that
-        is pure latency (nothing else is coming), so only while other requests are in the replica
-        (a batch runs or just finished, and more are arriving) does it wait to fill. Serve reads
-        the wait when a batch opens."""
-        fn.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
-        return fn
 
     def _check_params(self, params: dict[str, Any]) -> None:
         if params["max_tokens"] > self.max_tokens:
@@ -464,8 +461,7 @@ class ModelServer:
         try:
             self._check_params(params)
             ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
-            with self._request():
-                batched = self._batched(self._generate_batch)
+            with self._batching(self._generate_batch) as batched:
                 results = await asyncio.gather(*(batched((i, params)) for i in ids))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
             return _error(exc)
@@ -513,8 +509,7 @@ class ModelServer:
     async def encode(self, items: list[tuple[str, str | None, int]]) -> dict[str, Any]:
         try:
             self.engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
-            with self._request():
-                batched = self._batched(self._encode_batch)
+            with self._batching(self._encode_batch) as batched:
                 results = await asyncio.gather(*(batched(item) for item in items))
         except Exception as exc:  # noqa: BLE001
             return _error(exc)

@@ -147,11 +147,11 @@ def test_batch_wait_applies_only_while_other_requests_are_in_the_replica():
             self.wait = seconds
 
     batcher = Batcher()
-    with server._request():
-        assert server._batched(batcher).wait == 0.0
-        with server._request():
-            assert server._batched(batcher).wait == 0.02
-    with pytest.raises(RuntimeError), server._request():
+    with server._batching(batcher) as alone:
+        assert alone.wait == 0.0
+        with server._batching(batcher) as second:
+            assert second.wait == 0.02
+    with pytest.raises(RuntimeError), server._batching(batcher):
         raise RuntimeError("a request that failed in its batch")
-    with server._request():
-        assert server._batched(batcher).wait == 0.0
+    with server._batching(batcher) as again:
+        assert again.wait == 0.0
