@@ -1,6 +1,9 @@
 """jobs.prepare's pipeline (raw text -> sharded token blocks) and the Corpus that later stages open.
 
-Ray Data stages: read -> clean -> de-duplicate + split + weight -> tokenize -> pack -> write Parquet.
+Ray Data stages: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
+per-split statistics] -> select (drop, de-duplicate, weight) + pack -> write Parquet. A tokenizer to
+train is trained on the cleaned text between cleaning and tokenizing; a reused one lets reading,
+cleaning and tokenizing run fused, one task per part of the input.
 A corpus directory holds `shards/*.parquet`, `tokenizer/`, `config.yaml` and `manifest.json`; the
 manifest is written last, so a directory without one is an unfinished or failed corpus.
 """
@@ -8,6 +11,7 @@ manifest is written last, so a directory without one is an unfinished or failed 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -124,20 +128,24 @@ def _clean_batch(batch: dict[str, Any], clean_cfg: dict, split_cfg: dict) -> dic
     return {**batch, "text": texts, "drop": drops, "hash": hashes, "split": splits}
 
 
-def _select_batch(batch: dict[str, Any], duplicates: set[int], weights: dict[str, float]) -> pa.Table:
-    """Drop filtered rows and duplicates; apply each source's weight as a deterministic number of copies."""
+def _copies(digest: bytes, weight: float) -> int:
+    """How many times a kept document enters the corpus under its source's weight: floor(w), plus
+    one more for a deterministic fraction w - floor(w) of documents (drawn from the content hash)."""
+    whole = math.floor(weight)
+    return int(whole) + int(weight > whole and hash_unit(digest, salt=7) < weight - whole)
+
+
+def _select_batch(batch: pa.Table, duplicates: set[int], weights: dict[str, float], split: str | None = None
+                  ) -> pa.Table:
+    """Drop filtered rows and duplicates (and rows of other splits when `split` is given); apply
+    each source's weight as a deterministic number of copies."""
     keep: list[int] = []
-    cols = (batch["key"], batch["source"], batch["hash"], batch["drop"])
-    for i, (key, source, digest, drop) in enumerate(zip(*cols, strict=True)):
-        if drop or int(key) in duplicates:
+    cols = [batch.column(c).to_pylist() for c in ("key", "source", "hash", "drop", "split")]
+    for i, (key, source, digest, drop, row_split) in enumerate(zip(*cols, strict=True)):
+        if drop or key in duplicates or (split is not None and row_split != split):
             continue
-        w = weights[source]
-        copies = int(math.floor(w)) + int(hash_unit(digest, salt=7) < w - math.floor(w))
-        keep.extend([i] * copies)
-    idx = np.asarray(keep, dtype=np.int64)
-    cols = ("text", "key", "source", "logprob", "split")
-    return pa.table({c: pa.array(np.asarray(batch[c], dtype=object)[idx] if c in ("text", "source", "split")
-                                  else np.asarray(batch[c])[idx]) for c in cols})
+        keep.extend([i] * _copies(digest, weights[source]))
+    return batch.take(pa.array(keep, type=pa.int64()))
 
 
 @lru_cache(maxsize=2)
@@ -148,25 +156,32 @@ def _rust_tokenizer(tokenizer_json: str) -> Any:
     return Tokenizer.from_str(tokenizer_json)
 
 
-def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max_segment_tokens: int) -> dict:
+_PASS_THROUGH = ("key", "source", "hash", "drop", "note", "split", "logprob")
+
+
+def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max_segment_tokens: int) -> Any:
+    """Every kept document's tokens (a filtered one gets none: it may be a huge line) and the
+    columns that selection, counting and the manifest need; the text is not carried further."""
     tok = _rust_tokenizer(tokenizer_json)
-    texts = [str(t) for t in batch["text"]]
-    n_bytes = [len(t.encode("utf-8")) for t in texts]
-    out: dict[str, Any] = {
-        "split": batch["split"],
-        "key": batch["key"],
-        "n_bytes": n_bytes,
-        "logprob": batch["logprob"],
-    }
+    texts = ["" if drop else str(t) for t, drop in zip(batch["text"], batch["drop"], strict=True)]
+    n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
     if layout == "blocks":
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-        out["ids"] = [np.asarray(e.ids, dtype=np.int32) for e in encs]
-        out["n_tokens"] = [len(e) for e in encs]
-        return out
+        lens = np.fromiter((len(e) for e in encs), dtype=np.int32, count=len(encs))
+        offsets = np.zeros(len(encs) + 1, dtype=np.int32)
+        np.cumsum(lens, out=offsets[1:])
+        # One flat array and offsets make the Arrow list column directly (no array per document).
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=int(offsets[-1]))
+        cols = {c: pa.array(np.asarray(batch[c]) if c in ("key", "logprob") else list(batch[c]))
+                for c in _PASS_THROUGH}
+        return pa.table({**cols, "n_bytes": n_bytes, "n_tokens": lens,
+                         "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))})
+    out: dict[str, Any] = {c: batch[c] for c in _PASS_THROUGH}
+    out["n_bytes"] = n_bytes
     # segments: tokenise sentence by sentence so chunk boundaries fall between sentences
     sentences = [split_sentences(t) for t in texts]
-    flat = [s for doc in sentences for s in doc]
-    encs = iter(tok.encode_batch_fast(flat, add_special_tokens=False))
+    flat_sents = [s for doc in sentences for s in doc]
+    encs = iter(tok.encode_batch_fast(flat_sents, add_special_tokens=False))
     chunks, n_tokens = [], []
     for doc in sentences:
         ids = [np.asarray(next(encs).ids, dtype=np.int32) for _ in doc]
@@ -238,56 +253,70 @@ def _unwrap(exc: BaseException) -> BaseException:
             continue
         seen.add(id(e))
         if isinstance(e, CorpusError) and type(e) is CorpusError:
-            return e
+            # Ray Data appends its retry advice to errors raised in a UDF; ours are not transient.
+            return CorpusError(str(e).split("\nFailed to ", 1)[0])
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     # Last resort: the remote traceback is flattened into the message.
     match = re.search(r"cluster\.sources\.CorpusError: (.+)", str(exc))
     return CorpusError(match.group(1).strip()) if match else exc
 
 
-def _count_and_dedup(cleaned: ray.data.Dataset, dedup: bool, max_problems: int = 50) -> _Counts:
-    """One pass over the small columns on the driver: drop counts, problem notes and the keys of
-    duplicate documents. Exact de-duplication needs a global view; holding 16-byte hashes on the
+def _tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: bool, max_problems: int = 50
+           ) -> tuple[_Counts, dict[str, dict[str, float]]]:
+    """One pass over the small columns on the driver: drop counts, problem notes, the keys of
+    duplicate documents and (with `tokens`) each split's documents, tokens, bytes and log-probability
+    after source weights. Exact de-duplication needs a global view; holding 16-byte hashes on the
     driver costs far less than a shuffle by hash and keeps the corpus order (hence determinism)."""
-    keys, hashes = [], []
+    names = ["key", "hash", "drop", "note", "source"] + (["split", "n_tokens", "n_bytes", "logprob"] if tokens else [])
+    cols: dict[str, list] = {c: [] for c in ("key", "copies", "split", "n_tokens", "n_bytes", "logprob")}
+    hashes: list[bytes] = []
     dropped: Counter[str] = Counter()
     problems: list[str] = []
     docs_in = 0
-    for batch in cleaned.select_columns(["key", "hash", "drop", "note"]).iter_batches(batch_format="numpy"):
-        docs_in += len(batch["key"])
-        for key, digest, drop, note in zip(batch["key"], batch["hash"], batch["drop"], batch["note"], strict=True):
+    for batch in ds.select_columns(names).iter_batches(batch_format="pyarrow", batch_size=None):
+        docs_in += batch.num_rows
+        drops = batch.column("drop").to_pylist()
+        kept = np.flatnonzero(np.asarray([not d for d in drops], dtype=bool))
+        for drop, note in zip(drops, batch.column("note").to_pylist(), strict=True):
             if drop:
-                dropped[str(drop)] += 1
+                dropped[drop] += 1
                 if note and len(problems) < max_problems:
                     problems.append(f"{note} ({drop})")
-            else:
-                keys.append(int(key))
-                hashes.append(bytes(digest))
+        batch = batch.take(pa.array(kept, type=pa.int64()))
+        digests = batch.column("hash").to_pylist()
+        hashes += digests
+        cols["key"].append(batch.column("key").to_numpy())
+        cols["copies"].append(np.fromiter((_copies(h, weights[src]) for h, src in zip(
+            digests, batch.column("source").to_pylist(), strict=True)), dtype=np.int64, count=len(digests)))
+        if tokens:
+            cols["split"].append(np.asarray([SPLITS.index(x) for x in batch.column("split").to_pylist()]))
+            for c in ("n_tokens", "n_bytes", "logprob"):
+                cols[c].append(batch.column(c).to_numpy())
+    arr = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
     duplicates: set[int] = set()
     if dedup:
         seen: set[bytes] = set()
-        for i in np.argsort(np.asarray(keys, dtype=np.int64), kind="stable"):
+        for i in np.argsort(arr["key"], kind="stable"):  # the first document by key is the one kept
             if hashes[i] in seen:
-                duplicates.add(keys[i])
+                duplicates.add(int(arr["key"][i]))
             else:
                 seen.add(hashes[i])
     dropped[DROP_DUPLICATE] = len(duplicates)
-    return _Counts(docs_in, dict(dropped), problems, duplicates)
-
-
-def _split_stats(tokenized: ray.data.Dataset) -> dict[str, dict[str, float]]:
+    counts = _Counts(docs_in, dict(dropped), problems, duplicates)
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "logprob": 0.0, "synthetic_docs": 0} for s in SPLITS}
-    cols = ["split", "n_tokens", "n_bytes", "logprob"]
-    for batch in tokenized.select_columns(cols).iter_batches(batch_format="numpy"):
-        for split, n_tok, n_bytes, lp in zip(*(batch[c] for c in cols), strict=True):
-            s = stats[str(split)]
-            s["documents"] += 1
-            s["tokens"] += int(n_tok)
-            s["bytes"] += int(n_bytes)
-            if not math.isnan(lp):
-                s["logprob"] += float(lp)
-                s["synthetic_docs"] += 1
-    return stats
+    if tokens and len(arr["key"]):
+        copies = arr["copies"] * ~np.isin(arr["key"], np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))
+        synthetic = ~np.isnan(arr["logprob"])
+        for code, split in enumerate(SPLITS):
+            c = copies * (arr["split"] == code)
+            stats[split] = {
+                "documents": int(c.sum()),
+                "tokens": int((c * arr["n_tokens"]).sum()),
+                "bytes": int((c * arr["n_bytes"]).sum()),
+                "logprob": float((c * np.where(synthetic, arr["logprob"], 0.0)).sum()),
+                "synthetic_docs": int((c * synthetic).sum()),
+            }
+    return counts, stats
 
 
 def _file_sha256(fs: pafs.FileSystem, path: str) -> str:
@@ -328,11 +357,12 @@ def _empty(cfg: PrepareConfig, counts: _Counts) -> CorpusError:
     )
 
 
-def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset, workdir: str):
+def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str):
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
         log.info("reusing tokenizer %s", cfg.tokenizer.path)
     else:
+        assert kept is not None, "training a tokenizer needs the kept documents"
         sample = kept.filter(expr="split == 'train'").limit(cfg.tokenizer.train_docs).select_columns(["text"])
         texts = [r["text"] for r in sample.take_all()]
         if not texts:
@@ -368,46 +398,53 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
         max_line = int(cfg.clean.max_line_mb * 2**20)
         datasets = [source_dataset(s, i, max_line) for i, s in enumerate(cfg.sources)]
         raw = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        log.info("stage 1/4: read + clean")
+        weights = {s.label: s.weight for s in cfg.sources}
         cleaned = raw.map_batches(
             _clean_batch,
             fn_kwargs={"clean_cfg": cfg.clean.to_dict(), "split_cfg": cfg.split.to_dict()},
-            batch_size=512,
-        ).materialize()
-        counts = _count_and_dedup(cleaned, cfg.clean.dedup)
-        weights = {s.label: s.weight for s in cfg.sources}
-        # Selection is not materialised: Ray Data fuses it into the tokenize stage below, one
-        # pass over the kept text instead of two (the tokenizer sample reads only what it needs).
-        kept = cleaned.map_batches(
-            _select_batch,
-            fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
-            batch_size=2048,
-            batch_format="numpy",
+            batch_size=None,  # the batches the source yields (a batch size here would bundle whole parts)
         )
-        if counts.kept == 0:
-            raise _empty(cfg, counts)
-
         with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
-            log.info("stage 2/4: tokenizer")
-            tok, tok_local = _tokenizer(cfg, kept, workdir)
+            if cfg.tokenizer.path:
+                # A reused tokenizer is known up front, so reading, cleaning and tokenizing run fused
+                # in one task per part of the input: one pass, and no text held in the object store.
+                # Duplicates are tokenized too and dropped at packing (they are few in real corpora).
+                tok, tok_local = _tokenizer(cfg, None, workdir)
+                log.info("stage 1/2: read + clean + tokenize")
+            else:
+                log.info("stage 1/4: read + clean")
+                cleaned = cleaned.materialize()
+                counts, _ = _tally(cleaned, cfg.clean.dedup, weights, tokens=False)
+                if counts.kept == 0:
+                    raise _empty(cfg, counts)
+                log.info("stage 2/4: tokenizer")
+                kept = cleaned.map_batches(
+                    _select_batch, fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
+                    batch_size=2048, batch_format="pyarrow",
+                )
+                tok, tok_local = _tokenizer(cfg, kept, workdir)
+                log.info("stage 3/4: tokenize")
             eod = end_of_document_id(tok)
-            log.info("stage 3/4: tokenize")
-            tokenized = kept.map_batches(
+            tokenized = cleaned.map_batches(
                 _tokenize_batch,
                 fn_kwargs={"tokenizer_json": tok.backend_tokenizer.to_str(), "layout": cfg.pack.layout,
                            "max_segment_tokens": cfg.pack.max_segment_tokens},
-                batch_size=4096,
+                # Fused behind the source: its batches. Over materialised blocks: bounded batches.
+                batch_size=None if cfg.tokenizer.path else 4096,
             ).materialize()
-            stats = _split_stats(tokenized)
+            counts, stats = _tally(tokenized, cfg.clean.dedup, weights, tokens=True)
             n_kept = sum(int(s["documents"]) for s in stats.values())
-            if n_kept == 0:  # every kept document was weighted away
+            if n_kept == 0:  # every document was filtered out or weighted away
                 raise _empty(cfg, counts)
 
-            log.info("stage 4/4: pack + write shards")
+            log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
             shards_dir = run.file("shards")
             shards: list[dict] = []
             for split in SPLITS:
-                part = tokenized.filter(expr=f"split == '{split}'")
+                part = tokenized.map_batches(
+                    _select_batch, batch_size=4096, batch_format="pyarrow",
+                    fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split},
+                )
                 if cfg.pack.layout == "blocks":
                     rows = part.map_batches(
                         _pack_batch, fn_kwargs={"block_size": cfg.pack.block_size, "eod_id": eod},

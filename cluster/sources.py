@@ -13,9 +13,10 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -25,8 +26,10 @@ from cluster.config import Section
 from cluster.text import DROP_UNDECODABLE
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md")
-_FILE_BITS = 24  # key = source << 55 | file << 31 | position
-_POS_BITS = 31
+# key = source << 55 | file << 35 | position: 255 sources, 1M files each; position is a byte
+# offset for line-based files (up to 32 GiB each), else the index of the document in its file.
+_FILE_BITS = 20
+_POS_BITS = 35
 
 
 class CorpusError(ValueError):
@@ -47,6 +50,10 @@ class SourceConfig(Section):
     text_column: str = Field("text", description="files/hf: column or JSON key holding the text")
     txt_mode: Literal["file", "paragraph", "line"] = Field(
         "file", description="files: what one document is in a .txt file"
+    )
+    part_mb: float = Field(
+        8, gt=0, description="files/hf: read uncompressed line-based files (.jsonl, .txt in line mode) and hf "
+        "datasets in parts of about this many MiB, one task each; the shards depend on it, not on the cluster"
     )
     # hf
     dataset: str | None = Field(None, description="hf: dataset name or local builder (json, parquet, text)")
@@ -116,133 +123,217 @@ def check_file(path: str, text_column: str) -> None:
                 f"{path}: parquet file has no column '{text_column}' (columns: {', '.join(schema.names)}); "
                 "set the source's text_column"
             )
+    elif suffix != ".parquet":
+        _check_not_binary(path)
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
-def _lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes) with a bound on line length so one huge line cannot exhaust memory."""
+def _check_not_binary(path: str) -> None:
+    """NUL bytes in the first 8 KiB (decompressed for .gz): refuse the file by name. Checked on the
+    driver, before a task reads any part of the file, so a split file fails with this reason."""
     try:
         with _open_binary(path) as f:
-            head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
-            if b"\x00" in head:
-                raise CorpusError(f"{path}: looks like a binary file (NUL bytes in its first 8 KiB)")
+            head = f.read(8192)
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
+    if b"\x00" in head:
+        raise CorpusError(f"{path}: looks like a binary file (NUL bytes in its first 8 KiB)")
+
+
+def is_line_based(path: str, txt_mode: str) -> bool:
+    """One document per line (JSON lines, or .txt in line mode): a file that can be read in parts."""
+    suffix = _base_suffix(path)
+    return suffix in (".jsonl", ".json") or (suffix in (".txt", ".md") and txt_mode == "line")
+
+
+class _LineNumbers:
+    """Line numbers for messages about a part of a file that starts at byte `start`: the lines
+    before the part are counted only when a message needs one (most parts never do)."""
+
+    def __init__(self, path: str, start: int):
+        self.path, self.start, self._before = path, start, None if start else 0
+
+    def where(self, local_lineno: int) -> str:
+        if self._before is None:
+            # The part's first line is the one after the line holding byte start - 1.
+            self._before = 1
+            with open(self.path, "rb") as f:
+                left = self.start - 1
+                while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                    self._before += chunk.count(b"\n")
+                    left -= len(chunk)
+        return f"{self.path}:{self._before + local_lineno}"
+
+
+def _lines(path: str, max_line_bytes: int, start: int = 0, end: int | None = None
+           ) -> Iterator[tuple[int, int, bytes]]:
+    """(line number within the part, byte offset in the file, raw bytes) of the lines that start in
+    [start, end), bounded in length so one huge line cannot exhaust memory. Offsets count
+    decompressed bytes for .gz (which is always read whole)."""
+    lines = _LineNumbers(path, start)
+    try:
+        with _open_binary(path) as f:
+            offset = start
+            if start:  # the line running over `start` belongs to the part before: skip to its end
+                f.seek(offset := start - 1)
+                while piece := f.readline(1 << 20):
+                    offset += len(piece)
+                    if piece.endswith(b"\n"):
+                        break
             lineno = 0
-            while True:
+            while end is None or offset < end:
                 line = f.readline(max_line_bytes + 1)
                 if not line:
                     return
                 lineno += 1
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
                     raise CorpusError(
-                        f"{path}:{lineno}: line longer than {max_line_bytes / 2**20:.0f} MiB "
+                        f"{lines.where(lineno)}: line longer than {max_line_bytes / 2**20:.0f} MiB "
                         "(raise clean.max_line_mb if this is intended)"
                     )
-                yield lineno, line
+                yield lineno, offset, line
+                offset += len(line)
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         if isinstance(exc, CorpusError):
             raise
         raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
 
 
-def _decode(raw: bytes, where: str) -> tuple[str, str, str]:
+def _decode(raw: bytes, where: Callable[[], str]) -> tuple[str, str, str]:
     """(text, drop, note): undecodable bytes are a counted drop with the position named."""
     try:
         return raw.decode("utf-8"), "", ""
     except UnicodeDecodeError as exc:
-        return "", DROP_UNDECODABLE, f"{where}: invalid UTF-8 at byte {exc.start}"
+        return "", DROP_UNDECODABLE, f"{where()}: invalid UTF-8 at byte {exc.start}"
 
 
-def _txt_docs(path: str, mode: str, max_line_bytes: int) -> Iterator[tuple[int, bytes, str]]:
+def _txt_docs(path: str, mode: str, max_line_bytes: int, start: int, end: int | None
+              ) -> Iterator[tuple[int, str, str, str]]:
+    """(position, text, drop, note) of a .txt file's documents; position orders them in the file."""
+    lines = _LineNumbers(path, start)
     if mode == "line":
-        for lineno, line in _lines(path, max_line_bytes):
-            yield lineno, line, f"{path}:{lineno}"
+        for lineno, offset, line in _lines(path, max_line_bytes, start, end):
+            yield (offset, *_decode(line, lambda lineno=lineno: lines.where(lineno)))
         return
     buf: list[bytes] = []
-    start = 1
+    first = 1
     index = 0
-    for lineno, line in _lines(path, max_line_bytes):
+    for lineno, _, line in _lines(path, max_line_bytes):
         if mode == "paragraph" and not line.strip():
             if buf:
-                yield index, b"".join(buf), f"{path}:{start}"
+                yield (index, *_decode(b"".join(buf), lambda first=first: lines.where(first)))
                 index += 1
-            buf, start = [], lineno + 1
+            buf, first = [], lineno + 1
             continue
         buf.append(line)
     if buf:
-        yield index, b"".join(buf), f"{path}:{start}"
+        yield (index, *_decode(b"".join(buf), lambda: lines.where(first)))
 
 
-def _json_docs(path: str, column: str, max_line_bytes: int) -> Iterator[tuple[int, Any, str]]:
-    for lineno, line in _lines(path, max_line_bytes):
+def _json_docs(path: str, column: str, max_line_bytes: int, start: int, end: int | None
+               ) -> Iterator[tuple[int, str, str, str]]:
+    lines = _LineNumbers(path, start)
+    for lineno, offset, line in _lines(path, max_line_bytes, start, end):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
-        text, drop, note = _decode(line, where)
+        text, drop, note = _decode(line, lambda lineno=lineno: lines.where(lineno))
         if drop:
-            yield lineno, None, note
+            yield offset, "", drop, note
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CorpusError(f"{where}: not valid JSON ({exc.msg})") from None
+            raise CorpusError(f"{lines.where(lineno)}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict) or column not in obj:
-            raise CorpusError(f"{where}: JSON object has no key '{column}'; set the source's text_column")
-        yield lineno, obj[column], where
+            raise CorpusError(
+                f"{lines.where(lineno)}: JSON object has no key '{column}'; set the source's text_column"
+            )
+        value = obj[column]
+        yield offset, value if isinstance(value, str) else str(value), "", ""
 
 
-def read_file_docs(row: dict[str, Any], text_column: str, txt_mode: str, max_line_bytes: int) -> list[dict]:
-    """Ray Data flat_map: one file -> its documents."""
-    path, source_id, file_id, label = row["path"], row["source_id"], row["file_id"], row["source"]
+def _file_docs(part: dict[str, Any], text_column: str, txt_mode: str, max_line_bytes: int
+               ) -> Iterator[tuple[int, str, str, str]]:
+    path, start, end = part["path"], int(part["start"]), part["end"]
+    end = None if end is None or int(end) < 0 else int(end)
     suffix = _base_suffix(path)
-    out: list[dict] = []
-
-    def emit(position: int, text: str, drop: str, note: str) -> None:
-        out.append(
-            {
-                "text": text,
-                "key": make_key(source_id, file_id, position),
-                "source": label,
-                "logprob": math.nan,
-                "drop": drop,
-                "note": note,
-            }
-        )
-
     if suffix == ".parquet":
         with _open_binary(path) as f:
             table = pq.read_table(f, columns=[text_column])
         for i, value in enumerate(table.column(text_column).to_pylist()):
-            emit(i, value if isinstance(value, str) else "", "" if isinstance(value, str) else "empty", "")
+            yield (i, value, "", "") if isinstance(value, str) else (i, "", "empty", "")
     elif suffix in (".jsonl", ".json"):
-        for lineno, value, where in _json_docs(path, text_column, max_line_bytes):
-            if value is None:
-                emit(lineno, "", DROP_UNDECODABLE, where)
-            else:
-                emit(lineno, value if isinstance(value, str) else str(value), "", "")
+        yield from _json_docs(path, text_column, max_line_bytes, start, end)
     else:
-        for index, raw, where in _txt_docs(path, txt_mode, max_line_bytes):
-            text, drop, note = _decode(raw, where)
-            emit(index, text, drop, note)
-    return out
+        yield from _txt_docs(path, txt_mode, max_line_bytes, start, end)
+
+
+def read_file_docs(parts: dict[str, Any], text_column: str, txt_mode: str, max_line_bytes: int,
+                   batch_rows: int = 4096) -> Iterator[dict[str, list]]:
+    """Ray Data map_batches (batch_size=1): one part of a file -> its documents, as column batches
+    of `batch_rows` (the cleaning and tokenizing stages fused behind it take them as they come)."""
+    for i in range(len(parts["path"])):
+        part = {k: v[i] for k, v in parts.items()}
+        source_id, file_id, label = int(part["source_id"]), int(part["file_id"]), str(part["source"])
+        out: dict[str, list] = {c: [] for c in ("text", "key", "drop", "note")}
+        for position, text, drop, note in _file_docs(part, text_column, txt_mode, max_line_bytes):
+            if position >= 1 << _POS_BITS:
+                raise CorpusError(f"{part['path']}: larger than {2**_POS_BITS // 2**30} GiB; split the file")
+            out["text"].append(text)
+            out["key"].append(make_key(source_id, file_id, position))
+            out["drop"].append(drop)
+            out["note"].append(note)
+            if len(out["key"]) == batch_rows:
+                yield _doc_batch(out, label)
+                out = {c: [] for c in out}
+        if out["key"]:
+            yield _doc_batch(out, label)
+
+
+def _doc_batch(cols: dict[str, list], label: str) -> dict[str, Any]:
+    n = len(cols["key"])
+    return {**cols, "key": np.asarray(cols["key"], dtype=np.int64), "source": [label] * n,
+            "logprob": np.full(n, math.nan)}
+
+
+def file_parts(files: list[str], source: SourceConfig, source_id: int, part_bytes: int) -> list[dict[str, Any]]:
+    """One row per part of a file: line-based uncompressed files over `part_bytes` are read as
+    byte ranges of about that size by several tasks (a single large JSONL file would otherwise be
+    read, cleaned and tokenized by one core); other files are one part each. A line belongs to the
+    part it starts in."""
+    parts = []
+    for file_id, path in enumerate(files):
+        size = os.path.getsize(path)
+        row = {"path": path, "source_id": source_id, "file_id": file_id, "source": source.label}
+        if path.endswith(".gz") or not is_line_based(path, source.txt_mode) or size <= part_bytes:
+            parts.append({**row, "start": 0, "end": -1})
+            continue
+        n = math.ceil(size / part_bytes)
+        bounds = [size * i // n for i in range(n + 1)]
+        parts += [{**row, "start": a, "end": b} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return parts
 
 
 def file_dataset(source: SourceConfig, source_id: int, max_line_bytes: int) -> ray.data.Dataset:
     where = f"source '{source.label}'"
     files = expand_paths(source.paths, where)
+    if len(files) >= 1 << _FILE_BITS:
+        raise CorpusError(f"{where}: {len(files)} files; at most {(1 << _FILE_BITS) - 1} per source")
     for path in files:
         check_file(path, source.text_column)
-    rows = [{"path": p, "source_id": source_id, "file_id": i, "source": source.label} for i, p in enumerate(files)]
-    # One file per task: files are the unit of parallelism and of error reporting.
-    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
+    parts = file_parts(files, source, source_id, int(source.part_mb * 2**20))
+    # Parts of files are the unit of parallelism; errors name the file and line.
+    return ray.data.from_items(parts, override_num_blocks=max(1, len(parts))).map_batches(
         read_file_docs,
         fn_kwargs={
             "text_column": source.text_column,
             "txt_mode": source.txt_mode,
             "max_line_bytes": max_line_bytes,
         },
+        batch_size=1,
     )
 
 
@@ -297,7 +388,9 @@ def hf_dataset(source: SourceConfig, source_id: int) -> ray.data.Dataset:
             "note": [""] * len(texts),
         }
     )
-    return ray.data.from_arrow(table)
+    # Blocks of about part_mb each, so cleaning and tokenizing spread over the cluster.
+    rows = max(1, int(len(table) * source.part_mb * 2**20 / max(1, table.nbytes)))
+    return ray.data.from_arrow([table.slice(i, rows) for i in range(0, max(1, len(table)), rows)])
 
 
 def source_dataset(source: SourceConfig, source_id: int, max_line_bytes: int) -> ray.data.Dataset:

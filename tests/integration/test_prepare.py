@@ -84,16 +84,18 @@ def test_files_cli_counts_every_dropped_document(tmp_path, ray_session, capsys):
         (lambda d: None, "does not exist"),
         (lambda d: (d / "x.txt").write_bytes(b"\x00\x01binary\x00" * 100), "x.txt: looks like a binary file"),
         (lambda d: (d / "x.txt").write_text("short"), "is empty after filtering"),
+        # raised inside a Ray Data task: the message is ours alone, without Ray's retry advice
+        (lambda d: (d / "x.txt").write_text("ok line\n" * 10 + "y" * 3000), "x.txt:11: line longer than"),
     ],
-    ids=["missing", "binary", "empty-after-filtering"],
+    ids=["missing", "binary", "empty-after-filtering", "huge-line"],
 )
 def test_bad_input_fails_clearly_and_writes_no_manifest(tmp_path, ray_session, capsys, setup, message):
     setup(tmp_path)
-    rc = prepare_job.main([str(tmp_path / "x.txt"), "--name", "t-bad"])
+    rc = prepare_job.main([str(tmp_path / "x.txt"), "--name", "t-bad", "--set", "clean.max_line_mb=0.001"])
     err = capsys.readouterr().err
     assert rc == 1
     assert message in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "retr" not in err
     assert not storage.exists(os.path.join(os.environ["RAYLM_STORAGE"], "prepare", "t-bad", "manifest.json"))
 
 
@@ -119,3 +121,64 @@ def test_a_corpus_weighted_away_entirely_fails_clearly(tmp_path, ray_session, re
     with pytest.raises(CorpusError, match="t-weighted-away.*(weighted away|weight of 0)"):
         prepare(cfg)
     assert not storage.exists(os.path.join(os.environ["RAYLM_STORAGE"], "prepare", "t-weighted-away", "manifest.json"))
+
+
+def test_reused_tokenizer_and_file_parts_count_the_same_corpus(tmp_path, ray_session):
+    """With a reused tokenizer, reading, cleaning and tokenizing run fused per part of a file and
+    duplicates are dropped only at packing; a JSONL file read in ~40 parts must still give exactly
+    the counts of the run that read it whole and trained the tokenizer (every document once, the
+    same drops, duplicates, problems, weighted copies, tokens and bytes per split)."""
+    from cluster.corpus import PrepareConfig, prepare
+
+    lines = [json.dumps({"text": f"Document {i} says {'more ' * (i % 7)}about clusters, models and data."}).encode()
+             for i in range(300)]
+    lines += lines[10:30]  # duplicates
+    lines += [json.dumps({"text": "tiny"}).encode(), b'{"text": "broken \xff bytes, but long enough to keep"}']
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "b.jsonl").write_bytes(b"\n".join(lines[::3]) + b"\n")
+
+    def run(name: str, tokenizer: dict, part_mb: float) -> dict:
+        files = lambda f, w: {"kind": "files", "name": f, "paths": [str(tmp_path / f)],  # noqa: E731
+                              "weight": w, "part_mb": part_mb}
+        cfg = PrepareConfig.model_validate({
+            "name": name, "tokenizer": tokenizer, "split": {"validation_fraction": 0.2},
+            "sources": [files("a.jsonl", 1.0), files("b.jsonl", 1.5)],
+        })
+        prepare(cfg)
+        return Corpus.open(name).manifest
+
+    whole = run("t-whole", {"vocab_size": 300}, part_mb=64)
+    parts = run("t-parts", {"path": os.path.join(Corpus.open("t-whole").tokenizer_path)}, part_mb=0.0005)
+    assert whole["documents"] == parts["documents"]
+    # b.jsonl repeats every third line of a.jsonl: 107 duplicates there, its last line the broken one
+    assert whole["documents"]["dropped"] == {"duplicate": 20 + 107, "too_short": 1, "undecodable": 2}
+    assert sorted(whole["problems"]) == sorted(parts["problems"])  # (their order follows the blocks')
+    assert sorted(p.split("/")[-1] for p in parts["problems"]) == ["a.jsonl:322: invalid UTF-8 at byte 17 (undecodable)",
+                                                              "b.jsonl:108: invalid UTF-8 at byte 17 (undecodable)"]
+    for split in ("train", "validation"):
+        for key in ("documents", "tokens", "bytes"):
+            assert whole["splits"][split][key] == parts["splits"][split][key], (split, key)
+    assert parts["tokenizer"]["hash"] == whole["tokenizer"]["hash"]
+
+
+def test_hf_dataset_source_in_parts_counts_like_the_same_file(tmp_path, ray_session):
+    """A Hugging Face dataset (the `json` builder on a local file) is cut into blocks of about
+    part_mb for the fused read/clean/tokenize stage; it must count the same corpus as the file."""
+    from cluster.corpus import PrepareConfig, prepare
+    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+
+    texts = [f"Record {i} holds {'several ' * (i % 5)}words about Ray Data and tokenizers." for i in range(200)]
+    texts += texts[:10]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=300)), str(tmp_path / "tok"))
+
+    def run(name: str, source: dict) -> dict:
+        prepare(PrepareConfig.model_validate({"name": name, "tokenizer": {"path": str(tmp_path / "tok")},
+                                              "sources": [source]}))
+        return Corpus.open(name).manifest
+
+    files = run("t-as-files", {"kind": "files", "name": "d", "paths": [str(tmp_path / "d.jsonl")]})
+    hf = run("t-as-hf", {"kind": "hf", "name": "d", "dataset": "json", "data_files": [str(tmp_path / "d.jsonl")],
+                         "part_mb": 0.001})
+    assert hf["documents"] == files["documents"] and hf["documents"]["dropped"] == {"duplicate": 10}
+    assert hf["splits"] == files["splits"]

@@ -8,13 +8,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.sources import CorpusError, check_file, expand_paths, read_file_docs
+from cluster.sources import CorpusError, SourceConfig, check_file, expand_paths, file_parts, read_file_docs
+
+
+def read_parts(parts, **kw):
+    """Documents of file parts as row dicts, as the Ray Data read stage yields them in batches."""
+    docs = []
+    for part in parts:
+        batches = read_file_docs({k: [v] for k, v in part.items()}, kw.get("text_column", "text"),
+                                 kw.get("txt_mode", "file"), kw.get("max_line_bytes", 16 * 2**20),
+                                 batch_rows=kw.get("batch_rows", 4096))
+        for batch in batches:
+            docs += [{c: batch[c][i] for c in batch} for i in range(len(batch["key"]))]
+    return docs
 
 
 def read(path, **kw):
-    row = {"path": str(path), "source_id": 0, "file_id": 0, "source": "s"}
-    return read_file_docs(row, kw.get("text_column", "text"), kw.get("txt_mode", "file"),
-                          kw.get("max_line_bytes", 16 * 2**20))
+    check_file(str(path), kw.get("text_column", "text"))
+    part = {"path": str(path), "source_id": 0, "file_id": 0, "source": "s", "start": 0, "end": -1}
+    return read_parts([part], **kw)
 
 
 def test_missing_path_and_empty_glob_are_named(tmp_path):
@@ -86,3 +98,56 @@ def test_txt_modes(tmp_path):
     assert len(read(path, txt_mode="file")) == 1
     assert [d["text"] for d in read(path, txt_mode="paragraph")] == ["para one\nline two\n", "para two\n"]
     assert len(read(path, txt_mode="line")) == 4
+
+
+def _parts(path, part_bytes, txt_mode="line"):
+    source = SourceConfig(kind="files", name="s", paths=[str(path)], txt_mode=txt_mode)
+    return file_parts([str(path)], source, 0, part_bytes)
+
+
+@pytest.mark.parametrize("part_bytes", [1, 7, 16, 33, 64, 10**6])
+def test_a_file_read_in_parts_yields_each_document_once_in_order(tmp_path, part_bytes):
+    """Parts cut anywhere: inside a line, at a newline, inside the invalid bytes of a document."""
+    lines = [b'{"text": "first"}', b"", b'{"text": "bad \xff byte"}', b'{"text": "' + b"x" * 40 + b'"}',
+             b'{"text": "\u4e2d\u6587 CJK"}', b'{"text": "last, no newline"}']
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    whole = read(path)
+    parts = _parts(path, part_bytes)
+    size = path.stat().st_size
+    assert len(parts) == (-(-size // part_bytes) if part_bytes < size else 1)
+    assert parts[0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(parts, parts[1:], strict=False))
+    assert parts[-1]["end"] in (size, -1)
+    in_parts = read_parts(parts, batch_rows=2)
+    assert [d["text"] for d in in_parts] == ["first", "", "x" * 40, "\u4e2d\u6587 CJK", "last, no newline"]
+    fields = ("text", "key", "drop", "note", "source")
+    assert [[d[f] for f in fields] for d in in_parts] == [[d[f] for f in fields] for d in whole]
+    assert sorted(d["key"] for d in in_parts) == [d["key"] for d in in_parts]
+    # the position is named by its line in the whole file, whichever part read it
+    assert in_parts[1]["drop"] == "undecodable" and in_parts[1]["note"].endswith("docs.jsonl:3: invalid UTF-8 at byte 14")
+
+
+def test_an_error_in_a_later_part_names_its_line_in_the_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n' * 50 + "{broken\n")
+    parts = _parts(path, 100)
+    assert len(parts) > 5
+    with pytest.raises(CorpusError, match="d.jsonl:51: not valid JSON"):
+        read_parts(parts[-1:])
+
+
+def test_only_uncompressed_line_based_files_are_split(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(200))
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    assert len(_parts(tmp_path / "a.txt", 100, txt_mode="line")) > 1
+    assert len(_parts(tmp_path / "a.txt", 100, txt_mode="paragraph")) == 1
+    assert len(_parts(tmp_path / "b.jsonl.gz", 100)) == 1
+
+
+def test_a_huge_line_in_a_later_part_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "h.txt"
+    path.write_bytes(b"short\n" * 10 + b"y" * 3000 + b"\n")
+    parts = _parts(path, 64)
+    with pytest.raises(CorpusError, match=r"h.txt:11: line longer than"):
+        read_parts(parts, txt_mode="line", max_line_bytes=2048)
