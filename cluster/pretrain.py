@@ -312,16 +312,23 @@ def worker_main(config: dict) -> None:
     import socket
 
     import torch
-    from transformers import PreTrainedTokenizerFast
 
-    from cluster.losses import CausalLM, MaskedLM
-    from cluster.models import build_model, special_ids
     from cluster.session import TrainSession
-    from cluster.train import Loop, seed_everything
+    from cluster.train import FirstBatchAhead, Loop, epoch_batches, resume_epoch, seed_everything
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     plan = Plan(**config["plan"])
     ctx = ray.train.get_context()
+    session = TrainSession()
+    # The first epoch's data starts flowing now, while transformers is imported and the model built.
+    epoch = resume_epoch(session)
+    ahead = FirstBatchAhead(epoch, epoch_batches(session, cfg.train, ctx.get_world_rank(), epoch))
+
+    from transformers import PreTrainedTokenizerFast
+
+    from cluster.losses import CausalLM, MaskedLM
+    from cluster.models import build_model, special_ids
+
     threads = cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     record = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -340,7 +347,7 @@ def worker_main(config: dict) -> None:
         objective = MaskedLM(tokenizer, cfg.objective.pair_task(cfg.model.family), cfg.model.max_len,
                              cfg.objective.mask_rate, cfg.objective.whole_word, cfg.objective.static_masking,
                              cfg.train.seed)
-    loop = Loop(cfg, plan, objective, model, tokenizer, TrainSession())
+    loop = Loop(cfg, plan, objective, model, tokenizer, session, ahead=ahead)
     loop.resume()
     loop.place()
     loop.run()

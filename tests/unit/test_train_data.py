@@ -1,0 +1,35 @@
+"""The first epoch's batches are fetched ahead, while the model is built (no Ray here)."""
+
+import threading
+
+import pytest
+
+from cluster.train import FirstBatchAhead
+
+
+class Recording:
+    """An iterator that says when its first item was asked for."""
+
+    def __init__(self, items, fail=None):
+        self.items, self.fail, self.asked = list(items), fail, threading.Event()
+
+    def __iter__(self):
+        self.asked.set()
+        if self.fail:
+            raise self.fail
+        yield from self.items
+
+
+def test_the_first_batch_is_fetched_before_anyone_iterates_and_nothing_is_lost_or_repeated():
+    source = Recording(range(5))
+    ahead = FirstBatchAhead(3, source)
+    assert source.asked.wait(timeout=10), "the first batch was not requested ahead of the loop"
+    assert ahead.epoch == 3
+    assert list(ahead) == [0, 1, 2, 3, 4]
+
+
+def test_an_empty_epoch_yields_nothing_and_an_error_surfaces_in_the_loop():
+    assert list(FirstBatchAhead(0, Recording([]))) == []
+    ahead = FirstBatchAhead(0, Recording([1], fail=RuntimeError("read failed: shard-00003.parquet")))
+    with pytest.raises(RuntimeError, match="shard-00003"):
+        list(ahead)
