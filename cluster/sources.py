@@ -168,12 +168,12 @@ class _LineNumbers:
         return f"{self.path}:{self._before + local_lineno}"
 
 
-def _lines(path: str, max_line_bytes: int, start: int = 0, end: int | None = None
-           ) -> Iterator[tuple[int, int, bytes]]:
+def _lines(path: str, max_line_bytes: int, start: int = 0, end: int | None = None,
+           lines: _LineNumbers | None = None) -> Iterator[tuple[int, int, bytes]]:
     """(line number within the part, byte offset in the file, raw bytes) of the lines that start in
     [start, end), bounded in length so one huge line cannot exhaust memory. Offsets count
     decompressed bytes for .gz (which is always read whole)."""
-    lines = _LineNumbers(path, start)
+    lines = lines or _LineNumbers(path, start)
     try:
         with _open_binary(path) as f:
             offset = start
@@ -215,13 +215,13 @@ def _txt_docs(path: str, mode: str, max_line_bytes: int, start: int, end: int | 
     """(position, text, drop, note) of a .txt file's documents; position orders them in the file."""
     lines = _LineNumbers(path, start)
     if mode == "line":
-        for lineno, offset, line in _lines(path, max_line_bytes, start, end):
+        for lineno, offset, line in _lines(path, max_line_bytes, start, end, lines):
             yield (offset, *_decode(line, lambda lineno=lineno: lines.where(lineno)))
         return
     buf: list[bytes] = []
     first = 1
     index = 0
-    for lineno, _, line in _lines(path, max_line_bytes):
+    for lineno, _, line in _lines(path, max_line_bytes, lines=lines):
         if mode == "paragraph" and not line.strip():
             if buf:
                 yield (index, *_decode(b"".join(buf), lambda first=first: lines.where(first)))
@@ -236,7 +236,7 @@ def _txt_docs(path: str, mode: str, max_line_bytes: int, start: int, end: int | 
 def _json_docs(path: str, column: str, max_line_bytes: int, start: int, end: int | None
                ) -> Iterator[tuple[int, str, str, str]]:
     lines = _LineNumbers(path, start)
-    for lineno, offset, line in _lines(path, max_line_bytes, start, end):
+    for lineno, offset, line in _lines(path, max_line_bytes, start, end, lines):
         if not line.strip():
             continue
         text, drop, note = _decode(line, lambda lineno=lineno: lines.where(lineno))

@@ -356,12 +356,13 @@ def epoch_batches(session: Session, train: Any, rank: int, epoch: int) -> Any:
 
 
 def resume_epoch(session: Session) -> int:
-    """The epoch a run starts in: its checkpoint's, or 0 for a fresh start."""
+    """The epoch a run starts in: its checkpoint's, or 0 for a fresh start. Reads only the state
+    file (the checkpoint's weights are fetched once, later, by `Loop.resume`)."""
     ckpt = session.checkpoint()
     if ckpt is None:
         return 0
-    with ckpt.as_directory() as d:
-        return load_train_state(d).epoch
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE_DIR}/state.json") as f:
+        return int(json.loads(f.read())["epoch"])
 
 
 class FirstBatchAhead:

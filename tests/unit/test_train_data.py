@@ -33,3 +33,23 @@ def test_an_empty_epoch_yields_nothing_and_an_error_surfaces_in_the_loop():
     ahead = FirstBatchAhead(0, Recording([1], fail=RuntimeError("read failed: shard-00003.parquet")))
     with pytest.raises(RuntimeError, match="shard-00003"):
         list(ahead)
+
+
+def test_the_resume_epoch_comes_from_the_checkpoint_state_file(tmp_path):
+    import json
+
+    import ray.train
+
+    from cluster.train import STATE_DIR, resume_epoch
+
+    class Session:
+        def __init__(self, ckpt):
+            self.ckpt = ckpt
+
+        def checkpoint(self):
+            return self.ckpt
+
+    (tmp_path / STATE_DIR).mkdir()
+    (tmp_path / STATE_DIR / "state.json").write_text(json.dumps({"step": 40, "epoch": 2, "batches_in_epoch": 7}))
+    assert resume_epoch(Session(ray.train.Checkpoint.from_directory(str(tmp_path)))) == 2
+    assert resume_epoch(Session(None)) == 0
