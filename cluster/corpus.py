@@ -107,9 +107,11 @@ class PrepareConfig(Section):
 # ---------------------------------------------------------------- Ray Data stage functions
 
 
-def _clean_batch(batch: dict[str, Any], clean_cfg: dict, split_cfg: dict) -> dict[str, Any]:
+def _clean_batch(batch: pa.Table, clean_cfg: dict, split_cfg: dict) -> pa.Table:
+    """Cleaned text, drop reason, content hash and split per document; the other columns pass
+    through as Arrow (batch_format="pyarrow": no conversion of the columns this stage leaves alone)."""
     texts, drops, hashes, splits = [], [], [], []
-    for text, drop in zip(batch["text"], batch["drop"], strict=True):
+    for text, drop in zip(batch.column("text").to_pylist(), batch.column("drop").to_pylist(), strict=True):
         if drop:
             cleaned, reason = "", drop
         else:
@@ -125,7 +127,11 @@ def _clean_batch(batch: dict[str, Any], clean_cfg: dict, split_cfg: dict) -> dic
         drops.append(reason)
         hashes.append(digest)
         splits.append(split_of(digest, split_cfg["validation_fraction"], split_cfg["seed"]))
-    return {**batch, "text": texts, "drop": drops, "hash": hashes, "split": splits}
+    out = batch.drop_columns(["text", "drop"])
+    for name, values, type_ in (("text", texts, pa.string()), ("drop", drops, pa.string()),
+                                ("hash", hashes, pa.binary(16)), ("split", splits, pa.string())):
+        out = out.append_column(pa.field(name, type_), pa.array(values, type=type_))
+    return out
 
 
 def _copies(digest: bytes, weight: float) -> int:
@@ -159,12 +165,14 @@ def _rust_tokenizer(tokenizer_json: str) -> Any:
 _PASS_THROUGH = ("key", "source", "hash", "drop", "note", "split", "logprob")
 
 
-def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max_segment_tokens: int) -> Any:
+def _tokenize_batch(batch: pa.Table, tokenizer_json: str, layout: str, max_segment_tokens: int) -> Any:
     """Every kept document's tokens (a filtered one gets none: it may be a huge line) and the
     columns that selection, counting and the manifest need; the text is not carried further."""
     tok = _rust_tokenizer(tokenizer_json)
-    texts = ["" if drop else str(t) for t, drop in zip(batch["text"], batch["drop"], strict=True)]
+    texts = ["" if drop else t for t, drop in zip(batch.column("text").to_pylist(), batch.column("drop").to_pylist(),
+                                                    strict=True)]
     n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    passed = batch.select(list(_PASS_THROUGH))  # as Arrow columns, untouched
     if layout == "blocks":
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)
         lens = np.fromiter((len(e) for e in encs), dtype=np.int32, count=len(encs))
@@ -172,11 +180,9 @@ def _tokenize_batch(batch: dict[str, Any], tokenizer_json: str, layout: str, max
         np.cumsum(lens, out=offsets[1:])
         # One flat array and offsets make the Arrow list column directly (no array per document).
         flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=int(offsets[-1]))
-        cols = {c: pa.array(np.asarray(batch[c]) if c in ("key", "logprob") else list(batch[c]))
-                for c in _PASS_THROUGH}
-        return pa.table({**cols, "n_bytes": n_bytes, "n_tokens": lens,
+        return pa.table({**{c: passed.column(c) for c in _PASS_THROUGH}, "n_bytes": n_bytes, "n_tokens": lens,
                          "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))})
-    out: dict[str, Any] = {c: batch[c] for c in _PASS_THROUGH}
+    out: dict[str, Any] = {c: passed.column(c).to_numpy(zero_copy_only=False) for c in _PASS_THROUGH}
     out["n_bytes"] = n_bytes
     # segments: tokenise sentence by sentence so chunk boundaries fall between sentences
     sentences = [split_sentences(t) for t in texts]
@@ -403,6 +409,7 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
             _clean_batch,
             fn_kwargs={"clean_cfg": cfg.clean.to_dict(), "split_cfg": cfg.split.to_dict()},
             batch_size=None,  # the batches the source yields (a batch size here would bundle whole parts)
+            batch_format="pyarrow",
         )
         with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
             if cfg.tokenizer.path:
@@ -431,6 +438,7 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
                            "max_segment_tokens": cfg.pack.max_segment_tokens},
                 # Fused behind the source: its batches. Over materialised blocks: bounded batches.
                 batch_size=None if cfg.tokenizer.path else 4096,
+                batch_format="pyarrow",
             ).materialize()
             counts, stats = _tally(tokenized, cfg.clean.dedup, weights, tokens=True)
             n_kept = sum(int(s["documents"]) for s in stats.values())

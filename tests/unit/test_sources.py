@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.sources import CorpusError, SourceConfig, check_file, expand_paths, file_parts, read_file_docs
+from cluster.sources import (
+    DOC_SCHEMA,
+    CorpusError,
+    SourceConfig,
+    check_file,
+    expand_paths,
+    file_parts,
+    read_file_docs,
+)
 
 
 def read_parts(parts, **kw):
@@ -19,7 +27,8 @@ def read_parts(parts, **kw):
                                  kw.get("txt_mode", "file"), kw.get("max_line_bytes", 16 * 2**20),
                                  batch_rows=kw.get("batch_rows", 4096))
         for batch in batches:
-            docs += [{c: batch[c][i] for c in batch} for i in range(len(batch["key"]))]
+            assert batch.schema == DOC_SCHEMA
+            docs += batch.to_pylist()
     return docs
 
 
