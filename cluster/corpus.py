@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -145,13 +146,16 @@ def _select_batch(batch: pa.Table, duplicates: set[int], weights: dict[str, floa
                   ) -> pa.Table:
     """Drop filtered rows and duplicates (and rows of other splits when `split` is given); apply
     each source's weight as a deterministic number of copies."""
-    keep: list[int] = []
-    cols = [batch.column(c).to_pylist() for c in ("key", "source", "hash", "drop", "split")]
-    for i, (key, source, digest, drop, row_split) in enumerate(zip(*cols, strict=True)):
-        if drop or key in duplicates or (split is not None and row_split != split):
-            continue
-        keep.extend([i] * _copies(digest, weights[source]))
-    return batch.take(pa.array(keep, type=pa.int64()))
+    keep = pc.equal(batch.column("drop"), "")
+    if duplicates:
+        keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("key"), pa.array(list(duplicates), pa.int64()))))
+    if split is not None:
+        keep = pc.and_(keep, pc.equal(batch.column("split"), split))
+    rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+    if any(w != 1.0 for w in weights.values()):  # copies per row, from the content hash
+        digests, sources = batch.column("hash").take(rows).to_pylist(), batch.column("source").take(rows).to_pylist()
+        rows = np.repeat(rows, [_copies(h, weights[src]) for h, src in zip(digests, sources, strict=True)])
+    return batch.take(pa.array(rows, type=pa.int64()))
 
 
 @lru_cache(maxsize=2)
@@ -171,7 +175,9 @@ def _tokenize_batch(batch: pa.Table, tokenizer_json: str, layout: str, max_segme
     tok = _rust_tokenizer(tokenizer_json)
     texts = ["" if drop else t for t, drop in zip(batch.column("text").to_pylist(), batch.column("drop").to_pylist(),
                                                     strict=True)]
-    n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    # UTF-8 bytes of the kept documents' text, counted by Arrow (a filtered document counts none)
+    n_bytes = pc.if_else(pc.equal(batch.column("drop"), ""), pc.binary_length(batch.column("text")), 0
+                         ).to_numpy(zero_copy_only=False).astype(np.int64)
     passed = batch.select(list(_PASS_THROUGH))  # as Arrow columns, untouched
     if layout == "blocks":
         encs = tok.encode_batch_fast(texts, add_special_tokens=False)

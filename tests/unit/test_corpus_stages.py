@@ -1,0 +1,71 @@
+"""jobs.prepare's Ray Data stage functions on Arrow batches, without Ray: what each keeps, drops,
+counts and passes through."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from cluster.corpus import _clean_batch, _copies, _select_batch, _tokenize_batch
+from cluster.sources import DOC_SCHEMA
+from cluster.text import content_hash
+from cluster.tokenizer import TokenizerConfig, train_tokenizer
+
+CLEAN = {"min_chars": 3, "max_chars": 1000, "charsets": None, "min_charset_fraction": 0.9}
+SPLIT = {"validation_fraction": 0.5, "seed": 0}
+
+
+def docs(texts, drops=None, source="s"):
+    n = len(texts)
+    return pa.table({"text": texts, "key": np.arange(n, dtype=np.int64), "source": [source] * n,
+                     "logprob": np.full(n, math.nan), "drop": drops or [""] * n, "note": [""] * n}, schema=DOC_SCHEMA)
+
+
+def test_clean_keeps_other_columns_and_types_new_ones():
+    out = _clean_batch(docs(["  Caf\u0065\u0301 au lait  ", "ab", "x" * 5, "kept text"], ["", "", "undecodable", ""]),
+                       CLEAN, SPLIT)
+    assert out.column("text").to_pylist() == ["Café au lait", "ab", "", "kept text"]
+    assert out.column("drop").to_pylist() == ["", "too_short", "undecodable", ""]
+    assert out.column("key").to_pylist() == [0, 1, 2, 3]
+    assert out.schema.field("hash").type == pa.binary(16)
+    assert out.column("hash").to_pylist()[0] == content_hash("Café au lait")
+    assert set(out.column("split").to_pylist()) <= {"train", "validation"}
+
+
+def test_tokenize_counts_utf8_bytes_of_kept_documents_only():
+    texts = ["héllo wörld", "日本語のテキスト", "a filtered document"]
+    tok = train_tokenizer(texts * 20, TokenizerConfig(vocab_size=300))
+    batch = _clean_batch(docs(texts), CLEAN, SPLIT)
+    batch = batch.set_column(batch.schema.get_field_index("drop"), "drop", pa.array(["", "", "too_long"]))
+    out = _tokenize_batch(batch, tok.backend_tokenizer.to_str(), "blocks", 128)
+    assert out.column("n_bytes").to_pylist() == [len(texts[0].encode()), len(texts[1].encode()), 0]
+    ids = out.column("ids").to_pylist()
+    assert ids[2] == [] and out.column("n_tokens").to_pylist() == [len(i) for i in ids]
+    rust = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    assert ids[1] == rust.encode(texts[1], add_special_tokens=False).ids
+    assert out.column("key").to_pylist() == [0, 1, 2]
+
+
+def test_select_drops_filtered_duplicates_and_other_splits():
+    batch = pa.table({"key": pa.array([10, 11, 12, 13], pa.int64()), "source": ["s"] * 4,
+                      "hash": pa.array([bytes([i]) * 16 for i in range(4)], pa.binary(16)),
+                      "drop": ["", "too_short", "", ""], "split": ["train", "train", "validation", "train"]})
+    assert _select_batch(batch, set(), {"s": 1.0}).column("key").to_pylist() == [10, 12, 13]
+    assert _select_batch(batch, {13}, {"s": 1.0}, "train").column("key").to_pylist() == [10]
+    assert _select_batch(batch, {13}, {"s": 1.0}, "validation").column("key").to_pylist() == [12]
+
+
+def test_select_applies_source_weights_as_copies_in_order():
+    rng = np.random.default_rng(0)
+    n = 2000
+    hashes = [rng.bytes(16) for _ in range(n)]
+    sources = ["a" if i % 2 else "b" for i in range(n)]
+    batch = pa.table({"key": pa.array(np.arange(n), pa.int64()), "source": sources,
+                      "hash": pa.array(hashes, pa.binary(16)), "drop": [""] * n, "split": ["train"] * n})
+    weights = {"a": 2.0, "b": 0.25}
+    keys = _select_batch(batch, set(), weights).column("key").to_pylist()
+    expected = [i for i in range(n) for _ in range(_copies(hashes[i], weights[sources[i]]))]
+    assert keys == expected
+    assert keys.count(1) == 2  # weight 2: every document twice
+    assert abs(sum(1 for k in set(keys) if k % 2 == 0) / (n / 2) - 0.25) < 0.05  # weight 0.25: about a quarter
