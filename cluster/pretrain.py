@@ -212,10 +212,26 @@ def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.
     for epoch in range(plan.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(shards))
         out[f"train_{epoch}"] = ray.data.read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
-    # Validation is small and read at every evaluation: materialise it once in the object store.
-    val = ray.data.read_parquet(corpus.shard_paths("validation"), columns=corpus.manifest["columns"])
-    out["validation"] = val.materialize()
+    out["validation"] = validation_dataset(corpus)
     return out
+
+
+# Validation splits up to this many Parquet bytes are read by the driver itself.
+DRIVER_READ_MAX_BYTES = 64 * 2**20
+
+
+def validation_dataset(corpus: Corpus, driver_max_bytes: int = DRIVER_READ_MAX_BYTES) -> ray.data.Dataset:
+    """The validation split, held in the object store (every evaluation reads it again). A small
+    split is read by the driver with pyarrow, one block per shard: as a Ray Data execution it
+    started read-task worker processes on the way to the first step (4-5.5 s against 0.7-0.9 s on
+    2 cores). A large one is read and materialised by Ray Data tasks."""
+    import pyarrow.parquet as pq
+
+    paths, columns = corpus.shard_paths("validation"), corpus.manifest["columns"]
+    located = [storage.filesystem(p) for p in paths]
+    if sum(fs.get_file_info(path).size for fs, path in located) <= driver_max_bytes:
+        return ray.data.from_arrow([pq.read_table(path, columns=columns, filesystem=fs) for fs, path in located])
+    return ray.data.read_parquet(paths, columns=columns).materialize()
 
 
 def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:

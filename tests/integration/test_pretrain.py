@@ -49,6 +49,21 @@ def two_worker_run(gpt_corpus):
     return summary("t-2w")
 
 
+def test_validation_read_by_the_driver_holds_the_same_rows_as_ray_datas_read(gpt_corpus, bert_corpus):
+    import numpy as np
+
+    from cluster.pretrain import validation_dataset
+
+    for corpus in (gpt_corpus, bert_corpus):
+        small, large = validation_dataset(corpus), validation_dataset(corpus, driver_max_bytes=0)
+        assert small.num_blocks() == len(corpus.shard_paths("validation"))
+        a, b = small.take_all(), large.take_all()
+        assert len(a) == len(b) == corpus.split_info("validation")["rows"]
+        for x, y in zip(a, b, strict=True):
+            assert x.keys() == y.keys() == set(corpus.manifest["columns"])
+            assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
 def test_two_workers_lower_validation_loss(two_worker_run):
     val = metrics("t-2w", "validation")
     assert [r["step"] for r in val] == [25, 50, 75, 100]
