@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -397,26 +396,6 @@ class FirstBatchAhead:
         yield from self._it
 
 
-# How long before an epoch's estimated end the next epoch's data starts (see with_next_epoch_ahead).
-NEXT_EPOCH_LEAD_S = 30.0
-
-
-def with_next_epoch_ahead(batches: Any, total: int, start_next: Callable[[], None], lead_s: float = NEXT_EPOCH_LEAD_S,
-                          clock: Callable[[], float] = time.perf_counter) -> Iterator[Any]:
-    """Yields `batches` (an epoch of `total`) and calls `start_next` once, as soon as the rest of
-    the epoch is estimated (from its pace so far) to take `lead_s` or less. Each epoch is its own
-    Ray Data pipeline, and starting one (split coordinator, read tasks, first blocks) stalled
-    training ~5 s at every epoch boundary on the 2-core box; started ahead, it runs meanwhile."""
-    first, started = 0.0, False
-    for i, batch in enumerate(batches):
-        if i == 0:
-            first = clock()  # the pace counts from here: the first batch's wait is the pipeline's start
-        elif not started and (total - i - 1) * (clock() - first) / i <= lead_s:
-            started = True
-            start_next()
-        yield batch
-
-
 class Loop:
     """One worker's training run. Built from plain dicts (configs cross the Ray boundary as dicts);
     everything about its host (Ray Train worker or Tune trial) goes through `session`. `ahead`, when
@@ -543,20 +522,12 @@ class Loop:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def batches(self, epoch: int):
-        """This rank's micro-batches of `epoch`, skipping those consumed before a resume. The next
-        epoch's batches start coming ahead of this epoch's end when the run goes on into it."""
+        """This rank's micro-batches of `epoch`, skipping those consumed before a resume."""
         skip = self.state.batches_in_epoch if epoch == self.state.epoch else 0
         if self.ahead is not None and self.ahead.epoch == epoch:
             it, self.ahead = self.ahead, None
         else:
             it = epoch_batches(self.session, self.cfg.train, self.rank, epoch)
-        plan, nxt = self.plan, epoch + 1
-        if nxt < plan.epochs and plan.max_steps > nxt * plan.steps_per_epoch:
-
-            def start_next() -> None:
-                self.ahead = FirstBatchAhead(nxt, epoch_batches(self.session, self.cfg.train, self.rank, nxt))
-
-            it = with_next_epoch_ahead(it, plan.steps_per_epoch * self.cfg.train.grad_accum, start_next)
         for i, batch in enumerate(it):
             if i >= skip:
                 yield i, batch
