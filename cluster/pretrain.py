@@ -26,6 +26,7 @@ from cluster.corpus import Corpus
 from cluster.entry import JobError
 from cluster.models import ModelConfig
 from cluster.runs import RunDir, check_name
+from cluster.sources import read_parquet
 from cluster.train import NONFINITE_FILE, STATE_DIR, Plan
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.
     out = {}
     for epoch in range(plan.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-        out[f"train_{epoch}"] = ray.data.read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
+        out[f"train_{epoch}"] = read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
     out["validation"] = validation_dataset(corpus)
     return out
 
@@ -231,7 +232,7 @@ def validation_dataset(corpus: Corpus, driver_max_bytes: int = DRIVER_READ_MAX_B
     located = [storage.filesystem(p) for p in paths]
     if sum(fs.get_file_info(path).size for fs, path in located) <= driver_max_bytes:
         return ray.data.from_arrow([pq.read_table(path, columns=columns, filesystem=fs) for fs, path in located])
-    return ray.data.read_parquet(paths, columns=columns).materialize()
+    return read_parquet(paths, columns=columns).materialize()
 
 
 def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:

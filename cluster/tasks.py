@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from cluster import synthetic
 from cluster.config import Section
-from cluster.sources import CorpusError, expand_paths
+from cluster.sources import CorpusError, expand_paths, read_parquet
 
 Task = Literal["classification", "tagging", "completion"]
 IGNORE_INDEX = -100
@@ -130,7 +130,7 @@ def _read_files(patterns: list[str], where: str) -> ray.data.Dataset:
         elif kind in (".json", ".jsonl"):
             parts.append(ray.data.read_json(paths, lines=kind == ".jsonl"))
         else:
-            parts.append(ray.data.read_parquet(paths))
+            parts.append(read_parquet(paths))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+import ray.data
 
 from cluster.config import load_config
 from cluster.pretrain import PretrainConfig
@@ -54,8 +55,11 @@ def test_validation_read_by_the_driver_holds_the_same_rows_as_ray_datas_read(gpt
 
     from cluster.pretrain import validation_dataset
 
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
     for corpus in (gpt_corpus, bert_corpus):
         small, large = validation_dataset(corpus), validation_dataset(corpus, driver_max_bytes=0)
+        assert ctx.use_datasource_v2 == before  # the large read's switch to Parquet V1 is not left behind
         assert small.num_blocks() == len(corpus.shard_paths("validation"))
         a, b = small.take_all(), large.take_all()
         assert len(a) == len(b) == corpus.split_info("validation")["rows"]
@@ -284,4 +288,6 @@ def test_each_epoch_streams_without_an_all_to_all_stage(gpt_corpus, ray_session,
         capsys.readouterr()
         datasets[name].explain()
         physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
-        assert "ReadFiles" in physical and "AllToAll" not in physical, physical
+        assert "ReadParquet" in physical and "AllToAll" not in physical, physical
+        # Parquet V1: no listing stage (V2's FooterReader actor pool) on every epoch's execution
+        assert "ListFiles" not in physical, physical
