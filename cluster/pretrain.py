@@ -48,6 +48,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     shuffle_buffer: int = Field(256, ge=0, description="rows in the local shuffle buffer (0: off)")
+    next_epoch_ahead: bool = Field(
+        True, description="start the next epoch's data halfway through this one (no stall at the boundary)"
+    )
     trace_data: bool = Field(
         False, description="append (epoch, batch, hash of its rows) per rank to data_trace/ to audit data order"
     )

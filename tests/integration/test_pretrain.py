@@ -111,8 +111,8 @@ def test_checkpoint_loads_and_generates_with_transformers_alone(two_worker_run):
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pkl")) for f in files)
 
 
-def _trace(name: str) -> dict[tuple[int, int], str]:
-    with open(os.path.join(run_dir(name), "data_trace", "rank-0.jsonl")) as f:
+def _trace(name: str, rank: int = 0) -> dict[tuple[int, int], str]:
+    with open(os.path.join(run_dir(name), "data_trace", f"rank-{rank}.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {(r["epoch"], r["batch"]): r["hash"] for r in rows}
 
@@ -171,6 +171,23 @@ def test_killed_run_resumes_at_its_checkpoint_and_sees_the_same_blocks(gpt_corpu
     # and the resumed run ends where the uninterrupted one did
     ref_val = summary("t-ref")["final"]["metrics"]["val_loss"]
     assert abs(s["final"]["metrics"]["val_loss"] - ref_val) < 1e-3
+
+
+def test_next_epoch_started_ahead_feeds_two_workers_the_same_batches(gpt_corpus):
+    # 2,680 rows, 2 workers, batch 64: 20 steps per epoch, so 45 steps cross two epoch boundaries.
+    # Every rank starts the next epoch's data at the same micro-batch; a rank on its own schedule
+    # deadlocked against the other's DDP collective (regression: this run hung). The model is cut
+    # down: only the data order is under test.
+    sets = ["scaling.num_workers=2", "train.batch_size=64", "train.max_steps=45", "train.eval_every=45",
+            "train.checkpoint_every=45", "train.eval_batches=2", "train.trace_data=true", "model.n_layer=1",
+            "model.d_model=32", "model.n_head=2", "model.d_ff=64"]
+    pretrain_job.run(config("t-ahead", *sets))
+    pretrain_job.run(config("t-no-ahead", *sets, "train.next_epoch_ahead=false"))
+    for rank in (0, 1):
+        ahead, plain = _trace("t-ahead", rank), _trace("t-no-ahead", rank)
+        assert {epoch for epoch, _ in ahead} == {0, 1, 2}
+        assert ahead == plain  # the same batches, in the same order, with and without starting ahead
+    assert _trace("t-ahead", 0) != _trace("t-ahead", 1)
 
 
 def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_session):
