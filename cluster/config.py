@@ -133,6 +133,18 @@ def build(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def same_config(saved_yaml: str, cfg: Section) -> bool:
+    """Whether a run's saved config (YAML) is `cfg`, reading the saved one with today's defaults:
+    a field added to raylm since it was written, at its default, does not make it differ (the demo's
+    sweep refused to resume after `train.next_epoch_ahead` was added); a changed value, or a key
+    that no longer exists, does."""
+    try:
+        saved = type(cfg).model_validate(yaml.safe_load(saved_yaml) or {})
+    except (ValidationError, yaml.YAMLError):
+        return False
+    return saved.to_dict() == cfg.to_dict()
+
+
 def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | None = None) -> T:
     """YAML file (optional) + dotted overrides -> validated config of type `cls`."""
     data = read_yaml(path) if path else {}

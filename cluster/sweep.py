@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from ray import tune
 
 from cluster import registry, storage
-from cluster.config import ConfigError, Section, _set_dotted, build
+from cluster.config import ConfigError, Section, _set_dotted, build, same_config
 from cluster.entry import JobError
 from cluster.finetune import (
     METRICS,
@@ -301,7 +301,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
     run = RunDir("tune", cfg.name, root)
     previous = storage.read_text(run.file("config.yaml")) if storage.exists(run.file("config.yaml")) else None
     restoring = tune.Tuner.can_restore(run.path)
-    if restoring and previous is not None and previous != cfg.to_yaml():
+    if restoring and previous is not None and not same_config(previous, cfg):
         raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
                        "name, or delete that folder to start over")
     ts = setup(cfg.finetune, root)
