@@ -86,7 +86,7 @@ def read_parquet(paths: list[str], columns: list[str] | None = None) -> ray.data
     of `FooterReader` actors (up to 32, each a fresh worker process): each training epoch, being its
     own execution, paid that again. On 2 cores, reading the 1-shard benchmark corpus took 1.5-4.0 s
     with V2 against 0.2 s with V1, 300 small files 23 s against 1.2-2.1 s, and an epoch boundary
-    stalled training ~6 s against ~1.8 s. V1 reads the footers once, when the dataset is made.
+    stalled 2-worker training ~7 s against ~2 s. V1 reads the footers once, when the dataset is made.
     The switch is read when the read is built, so it is set only around this call."""
     ctx = ray.data.DataContext.get_current()
     if not hasattr(ctx, "use_datasource_v2"):  # a Ray without V2

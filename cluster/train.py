@@ -400,8 +400,8 @@ def next_epoch_ahead_at(plan: Plan, grad_accum: int) -> int:
     """The micro-batch index, within an epoch, at which every rank starts the next epoch's data.
 
     Each epoch is its own Ray Data pipeline, and starting one (split coordinator actor, read tasks,
-    first blocks) stalled training at every boundary: ~2.3 s with 2 workers on 2 cores. Starting it halfway
-    through the epoch before hides that. The index must be the same on every rank: Ray Train hands
+    first blocks) stalled training at every boundary: ~2 s with 2 workers on 2 cores. Starting it
+    halfway through the epoch before hides that. The index must be the same on every rank: Ray Train hands
     out a dataset's shards when rank 0 asks, and Ray Data's split coordinator starts an epoch only
     once every rank has asked for its first batch; a rank that asked on its own schedule (an earlier
     version used a time estimate) blocked while the others waited for it in a DDP collective. Every
