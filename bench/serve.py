@@ -4,7 +4,8 @@
 
 For generation (tiny GPT-2) and classification (tiny BERT), at each concurrency: p50/p99 latency
 and requests/s for (1) the engine called in-process (threads), (2) a plain FastAPI + uvicorn server
-of the same engine in its own process, (3) Ray Serve with dynamic batching and (4) without it.
+of the same engine in its own process, (3) Ray Serve with dynamic batching and (4) without it,
+(5) Ray Serve with batching and `colocate` (each model in its own app, inside the ingress replica).
 Prints a table; timings on a shared machine are indicative only.
 """
 
@@ -170,11 +171,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("generation", label, c, bench_http(f"{base}/v1/completions", gen_body, ns.requests, c)))
             rows.append(("classify", label, c, bench_http(f"{base}/v1/classify", cls_body, ns.requests, c)))
         serve.delete("raylm")
+    # 5. colocated: one app per model, so each model's replica is also its ingress
+    for model in ("gpt", "cls"):
+        serve.run(build_app({"models": [model], "colocate": True, "model": {"num_cpus": 1, **wait},
+                             "max_tokens": 256}), name=f"colo-{model}", route_prefix=f"/{model}")
+    urls = {"generation": (f"{base}/gpt/v1/completions", gen_body), "classify": (f"{base}/cls/v1/classify", cls_body)}
+    bench_http(urls["generation"][0], gen_body, 4, 1)
+    for c in ns.concurrency:
+        for task, (url, body) in urls.items():
+            rows.append((task, "serve-colocated", c, bench_http(url, body, ns.requests, c)))
     serve.shutdown()
 
-    print(f"\n{'task':<11} {'server':<14} {'conc':>4} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8}")
+    print(f"\n{'task':<11} {'server':<15} {'conc':>4} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8}")
     for task, server, c, s in sorted(rows, key=lambda r: (r[0], r[2], r[1])):
-        print(f"{task:<11} {server:<14} {c:>4} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f} {s['rps']:>8.1f}")
+        print(f"{task:<11} {server:<15} {c:>4} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f} {s['rps']:>8.1f}")
     return 0
 
 

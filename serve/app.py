@@ -1,5 +1,6 @@
 """The Ray Serve application: a FastAPI ingress (`Gateway`) in front of one deployment per
-registry model (`ModelServer`), built by `build_app(AppArgs)`.
+registry model (`ModelServer`), built by `build_app(AppArgs)`. With `colocate` the one served
+model runs inside the ingress's replicas instead, one hop less per request.
 
     serve run serve.app:app                               # every model in $RAYLM_STORAGE/registry
     serve run serve.app:build_app registry=/path/to/registry
@@ -12,6 +13,7 @@ Deployment defaults live in `DEFAULTS`; YAML/CLI args are merged over them. No
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -143,6 +145,12 @@ class AppArgs(Section):
     request_timeout_s: float = Field(60.0, gt=0, description="a model call taking longer answers 504")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies answer 413")
     max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+    # Each hop is a Ray actor call. On the 2-core box colocating took ~4 ms off a request at
+    # concurrency 1, and raised classification's throughput at concurrency 32 while lowering
+    # generation's: the ingress's parsing then shares the model's event loop (BENCHMARKS.md, Serve).
+    colocate: bool = Field(False, description="serve the one selected model inside the ingress replicas (one "
+                           "deployment, one hop less per request); `model`/`per_model` options then size those "
+                           "replicas and `ingress` is unused; needs exactly one model")
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +160,39 @@ class AppArgs(Section):
     def options_for(self, name: str) -> DeploymentOptions:
         merged = deep_merge(self.model.to_dict(), self.per_model.get(name, {}))
         return build(DeploymentOptions, merged, source=f"per_model.{name}")
+
+    def colocated_model(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The registry entry served inside the ingress with `colocate`, else None."""
+        if not self.colocate:
+            return None
+        if len(entries) != 1:
+            names = ", ".join(e["name"] for e in entries) or "none"
+            raise registry.RegistryError(f"colocate serves exactly one model, but {len(entries)} are selected "
+                                         f"({names}): choose one with models=[NAME]")
+        return entries[0]
+
+
+class InProcess:
+    """A model server in the ingress's own process, called the way the Gateway calls a
+    `DeploymentHandle`: `.complete.remote(...)` gives an awaitable with `cancel()`,
+    `.options(stream=True).stream.remote(...)` an async generator."""
+
+    def __init__(self, server: Any):
+        self.server = server
+
+    def options(self, stream: bool = False) -> "InProcess":
+        return self
+
+    def __getattr__(self, method: str) -> Any:
+        fn = getattr(self.server, method)
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                out = fn(*args)
+                return out if inspect.isasyncgen(out) else asyncio.ensure_future(out)
+
+        return _Method
 
 
 fastapi_app = FastAPI(
@@ -280,12 +321,139 @@ def _error(exc: Exception) -> dict[str, Any]:
 
 
 @serve.deployment
+class ModelServer:
+    """One registry model. Each request's inputs are validated alone, then joined with other
+    requests' into dynamic batches (`@serve.batch`); errors come back as values, never raised."""
+
+    def __init__(self, entry: dict[str, Any], options: dict[str, Any]):
+        import torch
+
+        from serve import engines
+
+        torch.set_num_threads(max(1, round(options["num_cpus"])))
+        self.engine = engines.load(entry)
+        self.max_tokens = options["max_tokens"]
+        self._generate_batch.set_max_batch_size(options["max_batch_size"])
+        self._encode_batch.set_max_batch_size(options["max_batch_size"])
+        self.batch_wait_s = options["batch_wait_timeout_s"]
+        self.compute_in_thread = options["compute_in_thread"]
+        self.slow_batch_s = options["health_check_timeout_s"]
+        self.in_flight = 0  # batched requests (complete/encode calls) in this replica now
+
+    @contextlib.contextmanager
+    def _batching(self, fn: Any) -> Iterator[Any]:
+        """One request's use of `fn` (a `@serve.batch` method), counted while it lasts, with the
+        wait set for the batch it may open. Serve's batcher holds a batch's first request for the
+        whole wait; on an idle replica that is pure latency (nothing else is coming), so only while
+        other requests are in the replica (a batch runs or just finished, and more are arriving)
+        does it wait to fill. Serve reads the wait when a batch opens."""
+        self.in_flight += 1
+        try:
+            fn.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            yield fn
+        finally:
+            self.in_flight -= 1
+
+    def _check_params(self, params: dict[str, Any]) -> None:
+        if params["max_tokens"] > self.max_tokens:
+            raise ApiError(400, f"max_tokens {params['max_tokens']} exceeds this server's cap of {self.max_tokens}",
+                           "max_tokens", "max_tokens_exceeded")
+
+    async def complete(self, prompts: list[str], params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self._check_params(params)
+            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
+            with self._batching(self._generate_batch) as batched:
+                results = await asyncio.gather(*(batched((i, params)) for i in ids))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
+            return _error(exc)
+        choices = [c for per_prompt in results for c in per_prompt]
+        return {"choices": choices, "prompt_tokens": sum(len(i) for i in ids),
+                "completion_tokens": sum(c["tokens"] for c in choices)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, items: list[tuple[list[int], dict]]) -> list[list[dict]]:
+        # Requests with the same sampling params run as one padded batch; seeded ones run alone
+        # so their output does not depend on what they were batched with.
+        groups: dict[str, list[int]] = {}
+        for k, (_, params) in enumerate(items):
+            key = f"seed-{k}" if params.get("seed") is not None else json.dumps(params, sort_keys=True)
+            groups.setdefault(key, []).append(k)
+        out: list[Any] = [None] * len(items)
+        for members in groups.values():
+            params = items[members[0]][1]
+            results = await self._compute(self.engine.generate, [items[k][0] for k in members], params)
+            for k, r in zip(members, results, strict=False):
+                out[k] = r
+        return out
+
+    async def stream(self, prompts: list[str], params: dict[str, Any]):
+        try:
+            self._check_params(params)
+            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
+        except Exception as exc:  # noqa: BLE001
+            yield _error(exc)
+            return
+        n, index = params["n"], 0
+        for prompt_ids in ids:
+            for j in range(n):
+                seed = params["seed"] + j if params.get("seed") is not None else None
+                tokens = self.engine.stream(prompt_ids, {**params, "seed": seed})
+                first = True
+                while True:
+                    item = await asyncio.to_thread(next, tokens, None)
+                    if item is None:
+                        break
+                    yield {**item, "index": index, "first": first}
+                    first = False
+                index += 1
+
+    async def encode(self, items: list[tuple[str, str | None, int]]) -> dict[str, Any]:
+        try:
+            self.engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
+            with self._batching(self._encode_batch) as batched:
+                results = await asyncio.gather(*(batched(item) for item in items))
+        except Exception as exc:  # noqa: BLE001
+            return _error(exc)
+        return {"results": list(results)}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, items: list[tuple[str, str | None, int]]) -> list[Any]:
+        texts, pairs, top_k = [t for t, _, _ in items], [p for _, p, _ in items], [k for _, _, k in items]
+        engine = self.engine
+        if engine.task == "fill-mask":
+            return await self._compute(engine.fill_mask, texts, top_k)
+        if engine.task == "classification":
+            return await self._compute(engine.classify, texts, pairs)
+        return await self._compute(engine.tag, texts)
+
+    async def _compute(self, fn: Callable, *args: Any) -> Any:
+        """One batch's model call: on the event loop, or in a worker thread with `compute_in_thread`.
+        On the loop, requests that arrive meanwhile wait in Ray's queues and join the next batch."""
+        if self.compute_in_thread:
+            return await asyncio.to_thread(fn, *args)
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            took = time.perf_counter() - start
+            if took > self.slow_batch_s:
+                log.warning("a batch computed for %.1f s on the event loop, longer than health_check_timeout_s "
+                            "(%.1f s): Serve restarts a replica after 3 unanswered health checks in a row; "
+                            "set compute_in_thread: true for this model", took, self.slow_batch_s)
+
+
+@serve.deployment
 @serve.ingress(fastapi_app)
 class Gateway:
     """Routes requests to the model named in the body; owns auth, limits and the error shape."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle], cards: dict[str, dict], limits: dict[str, Any]):
+    def __init__(self, handles: dict[str, DeploymentHandle], cards: dict[str, dict], limits: dict[str, Any],
+                 colocated: tuple[dict[str, Any], dict[str, Any]] | None = None):
         self.handles, self.cards, self.limits = handles, cards, limits
+        if colocated:  # (registry entry, model options): the model lives in this replica
+            entry, options = colocated
+            self.handles = {entry["name"]: InProcess(ModelServer.func_or_class(entry, options))}
         # Read at replica start: `build_app` forwards the key through runtime_env env_vars.
         fastapi_app.state.limits = {**limits, "api_key": os.environ.get(API_KEY_ENV) or None}
 
@@ -418,129 +586,6 @@ class Gateway:
         return {"model": req.model, "results": out["results"]}
 
 
-@serve.deployment
-class ModelServer:
-    """One registry model. Each request's inputs are validated alone, then joined with other
-    requests' into dynamic batches (`@serve.batch`); errors come back as values, never raised."""
-
-    def __init__(self, entry: dict[str, Any], options: dict[str, Any]):
-        import torch
-
-        from serve import engines
-
-        torch.set_num_threads(max(1, round(options["num_cpus"])))
-        self.engine = engines.load(entry)
-        self.max_tokens = options["max_tokens"]
-        self._generate_batch.set_max_batch_size(options["max_batch_size"])
-        self._encode_batch.set_max_batch_size(options["max_batch_size"])
-        self.batch_wait_s = options["batch_wait_timeout_s"]
-        self.compute_in_thread = options["compute_in_thread"]
-        self.slow_batch_s = options["health_check_timeout_s"]
-        self.in_flight = 0  # batched requests (complete/encode calls) in this replica now
-
-    @contextlib.contextmanager
-    def _batching(self, fn: Any) -> Iterator[Any]:
-        """One request's use of `fn` (a `@serve.batch` method), counted while it lasts, with the
-        wait set for the batch it may open. Serve's batcher holds a batch's first request for the
-        whole wait; on an idle replica that is pure latency (nothing else is coming), so only while
-        other requests are in the replica (a batch runs or just finished, and more are arriving)
-        does it wait to fill. Serve reads the wait when a batch opens."""
-        self.in_flight += 1
-        try:
-            fn.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
-            yield fn
-        finally:
-            self.in_flight -= 1
-
-    def _check_params(self, params: dict[str, Any]) -> None:
-        if params["max_tokens"] > self.max_tokens:
-            raise ApiError(400, f"max_tokens {params['max_tokens']} exceeds this server's cap of {self.max_tokens}",
-                           "max_tokens", "max_tokens_exceeded")
-
-    async def complete(self, prompts: list[str], params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            self._check_params(params)
-            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
-            with self._batching(self._generate_batch) as batched:
-                results = await asyncio.gather(*(batched((i, params)) for i in ids))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
-            return _error(exc)
-        choices = [c for per_prompt in results for c in per_prompt]
-        return {"choices": choices, "prompt_tokens": sum(len(i) for i in ids),
-                "completion_tokens": sum(c["tokens"] for c in choices)}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, items: list[tuple[list[int], dict]]) -> list[list[dict]]:
-        # Requests with the same sampling params run as one padded batch; seeded ones run alone
-        # so their output does not depend on what they were batched with.
-        groups: dict[str, list[int]] = {}
-        for k, (_, params) in enumerate(items):
-            key = f"seed-{k}" if params.get("seed") is not None else json.dumps(params, sort_keys=True)
-            groups.setdefault(key, []).append(k)
-        out: list[Any] = [None] * len(items)
-        for members in groups.values():
-            params = items[members[0]][1]
-            results = await self._compute(self.engine.generate, [items[k][0] for k in members], params)
-            for k, r in zip(members, results, strict=False):
-                out[k] = r
-        return out
-
-    async def stream(self, prompts: list[str], params: dict[str, Any]):
-        try:
-            self._check_params(params)
-            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
-        except Exception as exc:  # noqa: BLE001
-            yield _error(exc)
-            return
-        n, index = params["n"], 0
-        for prompt_ids in ids:
-            for j in range(n):
-                seed = params["seed"] + j if params.get("seed") is not None else None
-                tokens = self.engine.stream(prompt_ids, {**params, "seed": seed})
-                first = True
-                while True:
-                    item = await asyncio.to_thread(next, tokens, None)
-                    if item is None:
-                        break
-                    yield {**item, "index": index, "first": first}
-                    first = False
-                index += 1
-
-    async def encode(self, items: list[tuple[str, str | None, int]]) -> dict[str, Any]:
-        try:
-            self.engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
-            with self._batching(self._encode_batch) as batched:
-                results = await asyncio.gather(*(batched(item) for item in items))
-        except Exception as exc:  # noqa: BLE001
-            return _error(exc)
-        return {"results": list(results)}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, items: list[tuple[str, str | None, int]]) -> list[Any]:
-        texts, pairs, top_k = [t for t, _, _ in items], [p for _, p, _ in items], [k for _, _, k in items]
-        engine = self.engine
-        if engine.task == "fill-mask":
-            return await self._compute(engine.fill_mask, texts, top_k)
-        if engine.task == "classification":
-            return await self._compute(engine.classify, texts, pairs)
-        return await self._compute(engine.tag, texts)
-
-    async def _compute(self, fn: Callable, *args: Any) -> Any:
-        """One batch's model call: on the event loop, or in a worker thread with `compute_in_thread`.
-        On the loop, requests that arrive meanwhile wait in Ray's queues and join the next batch."""
-        if self.compute_in_thread:
-            return await asyncio.to_thread(fn, *args)
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            took = time.perf_counter() - start
-            if took > self.slow_batch_s:
-                log.warning("a batch computed for %.1f s on the event loop, longer than health_check_timeout_s "
-                            "(%.1f s): Serve restarts a replica after 3 unanswered health checks in a row; "
-                            "set compute_in_thread: true for this model", took, self.slow_batch_s)
-
-
 def _card(entry: dict[str, Any]) -> dict[str, Any]:
     created = entry.get("created")
     try:
@@ -585,6 +630,15 @@ def build_app(args: AppArgs) -> Application:
     if not entries:
         log.warning("no models in registry '%s'; serving only /healthz and /v1/models",
                     registry.registry_root(args.registry))
+    cards = {e["name"]: _card(e) for e in entries}
+    limits = {"request_timeout_s": args.request_timeout_s, "max_body_bytes": args.max_body_bytes}
+    env = {API_KEY_ENV: os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else None
+    colocated = args.colocated_model(entries)
+    if colocated:  # one deployment, named for the model, that is also the ingress
+        opts = args.options_for(colocated["name"])
+        runtime = {**opts.to_dict(), "max_tokens": args.max_tokens}
+        return Gateway.options(name=deployment_name(colocated["name"]), **opts.serve_options(env)).bind(
+            {}, cards, limits, colocated=(colocated, runtime))
     handles = {}
     for entry in entries:
         opts = args.options_for(entry["name"])
@@ -592,9 +646,6 @@ def build_app(args: AppArgs) -> Application:
         handles[entry["name"]] = ModelServer.options(
             name=deployment_name(entry["name"]), **opts.serve_options()
         ).bind(entry, runtime)
-    cards = {e["name"]: _card(e) for e in entries}
-    limits = {"request_timeout_s": args.request_timeout_s, "max_body_bytes": args.max_body_bytes}
-    env = {API_KEY_ENV: os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else None
     return Gateway.options(**args.ingress.serve_options(env)).bind(handles, cards, limits)
 
 

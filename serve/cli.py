@@ -34,8 +34,10 @@ def config_for(sets: list[str], host: str = "0.0.0.0", port: int = 8000) -> dict
     from serve.app import deployment_name, select_models
 
     args = _args(sets)
-    deployments = [{"name": "Gateway", **_deployment_yaml(args.ingress)}]
-    for entry in select_models(args):
+    entries = select_models(args)
+    # with `colocate` the one model's deployment is the ingress
+    deployments = [] if args.colocated_model(entries) else [{"name": "Gateway", **_deployment_yaml(args.ingress)}]
+    for entry in entries:
         deployments.append({"name": deployment_name(entry["name"]), **_deployment_yaml(args.options_for(entry["name"]))})
     return {
         "proxy_location": "EveryNode",

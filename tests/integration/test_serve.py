@@ -298,6 +298,48 @@ def test_full_queue_answers_429_with_retry_after(served):
     serve.delete("busy")
 
 
+def test_colocated_model_answers_like_the_two_hop_app(served, client):
+    """`colocate`: the one model runs inside the ingress replica, one deployment named for the
+    model. Its answers (greedy, batched or not, streamed) are the two-hop app's, other models are
+    unknown to it, and `serve.cli build` writes that single deployment."""
+    import concurrent.futures
+
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.cli import config_for
+
+    args = {"models": ["gpt-tiny"], "colocate": True, "model": {**SMALL, "max_batch_size": 4}, "max_tokens": 64}
+    serve.run(build_app(args), name="colo", route_prefix="/colo")
+    try:
+        assert set(serve.status().applications["colo"].deployments) == {"model-gpt-tiny"}
+        prompts = ["the cat", "a dog sat", "rain in", "Alice met", "the", "Paris is"]
+
+        def body(p: str, **kw) -> dict:
+            return {"model": "gpt-tiny", "prompt": p, "max_tokens": 6, "temperature": 0, **kw}
+
+        want = {p: client.post("/v1/completions", json=body(p)).json()["choices"][0]["text"] for p in prompts}
+        with httpx.Client(base_url=f"{served}/colo", timeout=120) as c:
+            with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+                got = list(pool.map(lambda p: c.post("/v1/completions", json=body(p)), prompts * 2))
+            for p, r in zip(prompts * 2, got, strict=True):
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == want[p]
+            r = c.post("/v1/completions", json=body("the cat", stream=True))
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            assert r.text.rstrip().endswith("data: [DONE]")
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == want["the cat"]
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["gpt-tiny"]
+            assert _is_error(c.post("/v1/classify", json={"model": "bert-cls", "inputs": "a"}), 404)["code"] == \
+                "model_not_found"
+            _is_error(c.post("/v1/completions", json=body("the cat", max_tokens=65)), 400)
+    finally:
+        serve.delete("colo")
+    config = config_for(["colocate=true", "models=[gpt-tiny]"])
+    assert [d["name"] for d in config["applications"][0]["deployments"]] == ["model-gpt-tiny"]
+
+
 def test_fuzzed_requests_never_get_a_5xx(served):
     """schemathesis, from the app's own OpenAPI schema, a few examples per operation (the full
     drill runs 100: `make drills`)."""

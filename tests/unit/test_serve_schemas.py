@@ -155,3 +155,17 @@ def test_batch_wait_applies_only_while_other_requests_are_in_the_replica():
         raise RuntimeError("a request that failed in its batch")
     with server._batching(batcher) as again:
         assert again.wait == 0.0
+
+
+def test_colocate_needs_exactly_one_model(tmp_path, monkeypatch):
+    from cluster.registry import RegistryError
+    from serve.app import AppArgs, build_app
+
+    one, two = {"name": "gpt"}, {"name": "cls"}
+    assert AppArgs().colocated_model([one, two]) is None
+    assert AppArgs(colocate=True).colocated_model([one]) is one
+    with pytest.raises(RegistryError, match=r"exactly one model, but 2 are selected \(gpt, cls\)"):
+        AppArgs(colocate=True).colocated_model([one, two])
+    monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "empty"))
+    with pytest.raises(RegistryError, match="but 0 are selected"):
+        build_app({"colocate": True})
