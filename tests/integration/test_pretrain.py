@@ -308,3 +308,6 @@ def test_each_epoch_streams_without_an_all_to_all_stage(gpt_corpus, ray_session,
         assert "ReadParquet" in physical and "AllToAll" not in physical, physical
         # Parquet V1: no listing stage (V2's FooterReader actor pool) on every epoch's execution
         assert "ListFiles" not in physical, physical
+        # the manifest's columns are pushed into the read: no separate projection stage
+        assert "Project" not in physical, physical
+        assert set(datasets[name].schema().names) == set(corpus.manifest["columns"])
