@@ -1,11 +1,12 @@
 """Serve latency and throughput against baselines in the same run.
 
-    python -m bench.serve [--requests 64] [--max-tokens 16] [--concurrency 1 8 32] [--batch-wait S]
+    python -m bench.serve [--requests 64] [--max-tokens 16] [--concurrency 1 8 32] [--pairs 1] [--batch-wait S]
 
 For generation (tiny GPT-2) and classification (tiny BERT), at each concurrency: p50/p99 latency
 and requests/s for (1) the engine called in-process (threads), (2) a plain FastAPI + uvicorn server
 of the same engine in its own process, (3) Ray Serve with dynamic batching and (4) without it,
-(5) Ray Serve with batching and `colocate` (each model in its own app, inside the ingress replica).
+(5) Ray Serve with batching and `colocate` (each model in its own app, inside the ingress replica);
+(3) and (5) alternate `--pairs` times and the table shows medians with each run's figures.
 Prints a table; timings on a shared machine are indicative only.
 """
 
@@ -20,6 +21,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 PROMPT, TEXT = "the cat sat on the", "a happy dog near the river"
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests per cell")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--pairs", type=int, default=1,
+                   help="times the batching and colocated Serve rows run, alternately (medians printed)")
     p.add_argument("--batch-wait", type=float, default=None,
                    help="Serve rows' batch_wait_timeout_s (default: serve.app's default)")
     ns = p.parse_args(argv)
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.join()
 
-    # 3./4. Ray Serve with and without dynamic batching
+    # 3./4./5. Ray Serve: batching, colocated (batching; one app per model, the model's replica
+    # is its ingress), batching off. The first two alternate `--pairs` times: this VM drifts.
     from ray import serve
 
     from serve.app import build_app
@@ -163,28 +168,44 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     wait = {} if ns.batch_wait is None else {"batch_wait_timeout_s": ns.batch_wait}
-    for label, batch in (("serve", 8), ("serve-nobatch", 1)):
+
+    def two_hop(batch: int) -> list[str]:
         serve.run(build_app({"model": {"num_cpus": 1, "max_batch_size": batch, **wait},
                              "ingress": {"num_cpus": 0.1}, "max_tokens": 256}), name="raylm", route_prefix="/")
-        bench_http(f"{base}/v1/completions", gen_body, 4, 1)  # warm up
+        return ["raylm"]
+
+    def colocated() -> list[str]:
+        for model in ("gpt", "cls"):
+            serve.run(build_app({"models": [model], "colocate": True, "model": {"num_cpus": 1, **wait},
+                                 "max_tokens": 256}), name=f"colo-{model}", route_prefix=f"/{model}")
+        return ["colo-gpt", "colo-cls"]
+
+    def measure(label: str, deploy: Any, prefix: dict[str, str]) -> None:
+        apps = deploy()
+        urls = {"generation": (f"{base}{prefix['gpt']}/v1/completions", gen_body),
+                "classify": (f"{base}{prefix['cls']}/v1/classify", cls_body)}
+        bench_http(urls["generation"][0], gen_body, 4, 1)  # warm up
         for c in ns.concurrency:
-            rows.append(("generation", label, c, bench_http(f"{base}/v1/completions", gen_body, ns.requests, c)))
-            rows.append(("classify", label, c, bench_http(f"{base}/v1/classify", cls_body, ns.requests, c)))
-        serve.delete("raylm")
-    # 5. colocated: one app per model, so each model's replica is also its ingress
-    for model in ("gpt", "cls"):
-        serve.run(build_app({"models": [model], "colocate": True, "model": {"num_cpus": 1, **wait},
-                             "max_tokens": 256}), name=f"colo-{model}", route_prefix=f"/{model}")
-    urls = {"generation": (f"{base}/gpt/v1/completions", gen_body), "classify": (f"{base}/cls/v1/classify", cls_body)}
-    bench_http(urls["generation"][0], gen_body, 4, 1)
-    for c in ns.concurrency:
-        for task, (url, body) in urls.items():
-            rows.append((task, "serve-colocated", c, bench_http(url, body, ns.requests, c)))
+            for task, (url, body) in urls.items():
+                rows.append((task, label, c, bench_http(url, body, ns.requests, c)))
+        for app in apps:
+            serve.delete(app)
+
+    for _ in range(ns.pairs):
+        measure("serve", lambda: two_hop(8), {"gpt": "", "cls": ""})
+        measure("serve-colocated", colocated, {"gpt": "/gpt", "cls": "/cls"})
+    measure("serve-nobatch", lambda: two_hop(1), {"gpt": "", "cls": ""})
     serve.shutdown()
 
-    print(f"\n{'task':<11} {'server':<15} {'conc':>4} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8}")
-    for task, server, c, s in sorted(rows, key=lambda r: (r[0], r[2], r[1])):
-        print(f"{task:<11} {server:<15} {c:>4} {s['p50_ms']:>9.1f} {s['p99_ms']:>9.1f} {s['rps']:>8.1f}")
+    cells: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+    for task, server, c, st in rows:
+        cells.setdefault((task, c, server), []).append(st)
+    print(f"\n{'task':<11} {'server':<15} {'conc':>4} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8}   (median of runs)")
+    for (task, c, server), runs in sorted(cells.items()):
+        med = {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms", "rps")}
+        each = "" if len(runs) == 1 else "   runs p50/req/s: " + ", ".join(
+            f"{r['p50_ms']:.1f}/{r['rps']:.0f}" for r in runs)
+        print(f"{task:<11} {server:<15} {c:>4} {med['p50_ms']:>9.1f} {med['p99_ms']:>9.1f} {med['rps']:>8.1f}{each}")
     return 0
 
 
