@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -145,9 +146,9 @@ class AppArgs(Section):
     request_timeout_s: float = Field(60.0, gt=0, description="a model call taking longer answers 504")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies answer 413")
     max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
-    # Each hop is a Ray actor call. On the 2-core box colocating took ~4 ms off a request at
-    # concurrency 1, and raised classification's throughput at concurrency 32 while lowering
-    # generation's: the ingress's parsing then shares the model's event loop (BENCHMARKS.md, Serve).
+    # Each hop is a Ray actor call. On the 2-core box colocating took 3-7 ms off a request at
+    # concurrency 1 and raised classification's throughput under load ~22%; generation's under load
+    # moved little, as the ingress's parsing then shares the model's event loop (BENCHMARKS.md, Serve).
     colocate: bool = Field(False, description="serve the one selected model inside the ingress replicas (one "
                            "deployment, one hop less per request); `model`/`per_model` options then size those "
                            "replicas and `ingress` is unused; needs exactly one model")
@@ -186,13 +187,11 @@ class InProcess:
     def __getattr__(self, method: str) -> Any:
         fn = getattr(self.server, method)
 
-        class _Method:
-            @staticmethod
-            def remote(*args: Any) -> Any:
-                out = fn(*args)
-                return out if inspect.isasyncgen(out) else asyncio.ensure_future(out)
+        def remote(*args: Any) -> Any:
+            out = fn(*args)
+            return out if inspect.isasyncgen(out) else asyncio.ensure_future(out)
 
-        return _Method
+        return types.SimpleNamespace(remote=remote)
 
 
 fastapi_app = FastAPI(
