@@ -169,32 +169,33 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     wait = {} if ns.batch_wait is None else {"batch_wait_timeout_s": ns.batch_wait}
 
-    def two_hop(batch: int) -> list[str]:
+    def two_hop(batch: int) -> dict[str, str]:
+        """Both models behind one ingress; returns each model's route prefix."""
         serve.run(build_app({"model": {"num_cpus": 1, "max_batch_size": batch, **wait},
                              "ingress": {"num_cpus": 0.1}, "max_tokens": 256}), name="raylm", route_prefix="/")
-        return ["raylm"]
+        return {"gpt": "", "cls": ""}
 
-    def colocated() -> list[str]:
+    def colocated() -> dict[str, str]:
         for model in ("gpt", "cls"):
             serve.run(build_app({"models": [model], "colocate": True, "model": {"num_cpus": 1, **wait},
                                  "max_tokens": 256}), name=f"colo-{model}", route_prefix=f"/{model}")
-        return ["colo-gpt", "colo-cls"]
+        return {"gpt": "/gpt", "cls": "/cls"}
 
-    def measure(label: str, deploy: Any, prefix: dict[str, str]) -> None:
-        apps = deploy()
+    def measure(label: str, deploy: Any) -> None:
+        prefix = deploy()
         urls = {"generation": (f"{base}{prefix['gpt']}/v1/completions", gen_body),
                 "classify": (f"{base}{prefix['cls']}/v1/classify", cls_body)}
         bench_http(urls["generation"][0], gen_body, 4, 1)  # warm up
         for c in ns.concurrency:
             for task, (url, body) in urls.items():
                 rows.append((task, label, c, bench_http(url, body, ns.requests, c)))
-        for app in apps:
+        for app in serve.status().applications:
             serve.delete(app)
 
     for _ in range(ns.pairs):
-        measure("serve", lambda: two_hop(8), {"gpt": "", "cls": ""})
-        measure("serve-colocated", colocated, {"gpt": "/gpt", "cls": "/cls"})
-    measure("serve-nobatch", lambda: two_hop(1), {"gpt": "", "cls": ""})
+        measure("serve", lambda: two_hop(8))
+        measure("serve-colocated", colocated)
+    measure("serve-nobatch", lambda: two_hop(1))
     serve.shutdown()
 
     cells: dict[tuple[str, int, str], list[dict[str, float]]] = {}

@@ -162,6 +162,10 @@ class AppArgs(Section):
         merged = deep_merge(self.model.to_dict(), self.per_model.get(name, {}))
         return build(DeploymentOptions, merged, source=f"per_model.{name}")
 
+    def model_runtime(self, name: str) -> dict[str, Any]:
+        """What a `ModelServer` for model `name` is built with: its options and the token cap."""
+        return {**self.options_for(name).to_dict(), "max_tokens": self.max_tokens}
+
     def colocated_model(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The registry entry served inside the ingress with `colocate`, else None."""
         if not self.colocate:
@@ -634,17 +638,14 @@ def build_app(args: AppArgs) -> Application:
     env = {API_KEY_ENV: os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else None
     colocated = args.colocated_model(entries)
     if colocated:  # one deployment, named for the model, that is also the ingress
-        opts = args.options_for(colocated["name"])
-        runtime = {**opts.to_dict(), "max_tokens": args.max_tokens}
-        return Gateway.options(name=deployment_name(colocated["name"]), **opts.serve_options(env)).bind(
-            {}, cards, limits, colocated=(colocated, runtime))
+        name = colocated["name"]
+        return Gateway.options(name=deployment_name(name), **args.options_for(name).serve_options(env)).bind(
+            {}, cards, limits, colocated=(colocated, args.model_runtime(name)))
     handles = {}
     for entry in entries:
-        opts = args.options_for(entry["name"])
-        runtime = {**opts.to_dict(), "max_tokens": args.max_tokens}
         handles[entry["name"]] = ModelServer.options(
-            name=deployment_name(entry["name"]), **opts.serve_options()
-        ).bind(entry, runtime)
+            name=deployment_name(entry["name"]), **args.options_for(entry["name"]).serve_options()
+        ).bind(entry, args.model_runtime(entry["name"]))
     return Gateway.options(**args.ingress.serve_options(env)).bind(handles, cards, limits)
 
 
