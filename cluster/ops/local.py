@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import psutil
 
-from cluster.runtime import SERVE_ENV
+from cluster.runtime import SERVE_ENV, free_ports
 
 STATE_ENV = "RAYLM_LOCAL_CLUSTER_STATE"
 DEFAULT_STATE = Path.home() / ".raylm" / "local-cluster.json"
@@ -166,20 +165,6 @@ def ray_cli() -> str:
     if not found:
         raise RuntimeError("the `ray` command is not installed next to this Python nor on PATH")
     return found
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports free right now; holding all sockets open until the end keeps them distinct."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))  # all interfaces, as the GCS and agents will bind
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def ensure_token() -> tuple[dict[str, str], str]:

@@ -61,6 +61,18 @@ def _ok_completion(client: httpx.Client) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_the_http_port_is_haproxy_forwarding_to_the_ingress_replica(served):
+    """The embedded Ray runs Serve behind HAProxy (cluster.runtime.SERVE_ENV): the port clients use
+    belongs to an haproxy process, not to Serve's Python proxy, and requests still reach the app."""
+    import psutil
+
+    port = int(served.rsplit(":", 1)[1])
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert owners == {"haproxy"}, owners
+    assert httpx.get(f"{served}/v1/models", timeout=30).status_code == 200
+
+
 def test_openai_client(served):
     from openai import OpenAI
 

