@@ -96,13 +96,19 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            os.environ.update(embedded_serve_env())  # the local raylet and every worker inherit them
-            ray.init(
-                num_cpus=num_cpus or embedded_cpus(),
-                dashboard_host="127.0.0.1",
-                include_dashboard=os.environ.get("RAYLM_DASHBOARD", "1") != "0",
-                **kwargs,
-            )
+            env = embedded_serve_env()
+            chosen_ports = [key for key in HAPROXY_PORT_VARS if key in env and key not in os.environ]
+            os.environ.update(env)  # the local raylet and every worker inherit them
+            try:
+                ray.init(
+                    num_cpus=num_cpus or embedded_cpus(),
+                    dashboard_host="127.0.0.1",
+                    include_dashboard=os.environ.get("RAYLM_DASHBOARD", "1") != "0",
+                    **kwargs,
+                )
+            finally:  # Ray's processes have them now; a child process that starts its own Ray picks its own
+                for key in chosen_ports:
+                    del os.environ[key]
     return ray.cluster_resources()
 
 

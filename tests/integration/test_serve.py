@@ -4,6 +4,7 @@ the session registry, deployed, and called over HTTP (the official `openai` clie
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -71,6 +72,8 @@ def test_the_http_port_is_haproxy_forwarding_to_the_ingress_replica(served):
               if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
     assert owners == {"haproxy"}, owners
     assert httpx.get(f"{served}/v1/models", timeout=30).status_code == 200
+    # the free stats/metrics ports the embedded Ray chose stay with it, not with this process's children
+    assert not {"RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"} & set(os.environ)
 
 
 def test_openai_client(served):
