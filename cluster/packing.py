@@ -21,14 +21,25 @@ _SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+")
 def pack_blocks(docs: list[np.ndarray], block_size: int, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate docs, each followed by `eod_id`, into (N, block_size) blocks; returns the
     blocks and the leftover tail so callers can count every token."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]) if docs else np.zeros(0, np.int32)
+    return pack_flat(flat, offsets, block_size, eod_id)
+
+
+def pack_flat(tokens: np.ndarray, offsets: np.ndarray, block_size: int, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pack_blocks` for documents given as one token array and offsets (document i is
+    tokens[offsets[i]:offsets[i + 1]], as in an Arrow list column): no array per document."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
-    parts: list[np.ndarray] = []
-    eod = np.array([eod_id], dtype=np.int32)
-    for ids in docs:
-        parts.append(np.asarray(ids, dtype=np.int32))
-        parts.append(eod)
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    offsets = np.asarray(offsets, dtype=np.int64) - offsets[0]
+    n_docs = len(offsets) - 1
+    stream = np.empty(len(tokens) + n_docs, dtype=np.int32)
+    is_eod = np.zeros(len(stream), dtype=bool)
+    is_eod[offsets[1:] + np.arange(n_docs)] = True  # document i's end, shifted by the i EODs before it
+    stream[is_eod] = eod_id
+    stream[~is_eod] = tokens
     n = len(stream) // block_size
     return stream[: n * block_size].reshape(n, block_size), stream[n * block_size :]
 

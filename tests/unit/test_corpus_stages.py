@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from cluster.corpus import _clean_batch, _copies, _select_batch, _tokenize_batch
+from cluster.corpus import _clean_batch, _copies, _pack_batch, _select_batch, _tokenize_batch
+from cluster.packing import pack_blocks
 from cluster.sources import DOC_SCHEMA
 from cluster.text import content_hash
 from cluster.tokenizer import TokenizerConfig, train_tokenizer
@@ -69,3 +70,15 @@ def test_select_applies_source_weights_as_copies_in_order():
     assert keys == expected
     assert keys.count(1) == 2  # weight 2: every document twice
     assert abs(sum(1 for k in set(keys) if k % 2 == 0) / (n / 2) - 0.25) < 0.05  # weight 0.25: about a quarter
+
+
+def test_pack_blocks_the_selected_documents_of_a_tokenized_batch():
+    texts = [f"document {i} says {'word ' * (i % 7)}end" for i in range(60)]
+    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
+    tokenized = _tokenize_batch(_clean_batch(docs(texts), CLEAN, SPLIT), tok.backend_tokenizer.to_str(), "blocks", 128)
+    # selection takes rows out of the middle of the list column (and repeats some): offsets no longer start at 0
+    part = _select_batch(tokenized.slice(5), {7, 8}, {"s": 1.5}, "train")
+    selected = [np.asarray(ids, dtype=np.int32) for ids in part.column("ids").to_pylist()]
+    blocks = _pack_batch(part, 16, eod_id=1)["input_ids"]
+    np.testing.assert_array_equal(blocks, pack_blocks(selected, 16, eod_id=1)[0])
+    assert blocks.dtype == np.int32 and blocks.shape[1] == 16 and len(blocks) > 3

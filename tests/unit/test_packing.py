@@ -1,6 +1,6 @@
 import numpy as np
 
-from cluster.packing import chunk_sentences, pack_blocks, split_of, split_sentences
+from cluster.packing import chunk_sentences, pack_blocks, pack_flat, split_of, split_sentences
 from cluster.text import content_hash
 
 
@@ -18,6 +18,23 @@ def test_document_boundaries_marked_by_eod():
     blocks, tail = pack_blocks([np.array([5, 6, 7]), np.array([8, 9])], 3, eod_id=1)
     assert blocks.tolist() == [[5, 6, 7], [1, 8, 9]]
     assert tail.tolist() == [1]
+
+
+def test_flat_tokens_and_offsets_pack_like_the_documents():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(5, 1000, size=rng.integers(0, 90)).astype(np.int32) for _ in range(120)]
+    flat = np.concatenate(docs)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    want_blocks, want_tail = pack_blocks(docs, 32, eod_id=2)
+    blocks, tail = pack_flat(flat, offsets, 32, eod_id=2)
+    np.testing.assert_array_equal(blocks, want_blocks)
+    np.testing.assert_array_equal(tail, want_tail)
+    # offsets of a slice of a larger list column start past 0; its tokens are only the slice's
+    part, part_offsets = flat[offsets[40]:offsets[80]], offsets[40:81]
+    blocks, tail = pack_flat(part, part_offsets, 32, eod_id=2)
+    want_blocks, want_tail = pack_blocks(docs[40:80], 32, eod_id=2)
+    np.testing.assert_array_equal(blocks, want_blocks)
+    np.testing.assert_array_equal(tail, want_tail)
 
 
 def test_split_is_deterministic_and_near_fraction():
