@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -24,12 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 PROMPT, TEXT = "the cat sat on the", "a happy dog near the river"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stats(lat: list[float], wall: float) -> dict[str, float]:
@@ -145,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("classify", "in-process", c, bench_inprocess(lambda: cls.classify([TEXT], [None]), ns.requests, c)))
 
     # 2. plain FastAPI + uvicorn
-    port = _port()
+    (port,) = runtime.free_ports(1)
     proc = mp.get_context("spawn").Process(target=plain_server, args=(entries, port, ns.max_tokens), daemon=True)
     proc.start()
     try:
@@ -164,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.app import build_app
 
     runtime.connect()
-    port = _port()
+    (port,) = runtime.free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     wait = {} if ns.batch_wait is None else {"batch_wait_timeout_s": ns.batch_wait}

@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,12 +24,6 @@ class Finding:
 
     def row(self) -> str:
         return f"| {self.drill} | {self.figure} | {self.goal} | {'pass' if self.passed else '**FAIL**'} |"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_report(findings: list[Finding], path: str, command: str, seconds: dict[str, float]) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 
-from bench.drills.common import Finding, free_port
+from bench.drills.common import Finding
+from cluster.runtime import free_ports
 
 BODIES = {
     "generation": ("/v1/completions", {"model": "gpt-tiny", "prompt": "the cat sat", "max_tokens": 8,
@@ -27,7 +28,7 @@ def deploy(registry: str, name: str, args: dict[str, Any], port: int | None = No
 
     from serve.app import build_app
 
-    port = port or free_port()
+    port = port or free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"registry": registry, **args}), name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{serve.context._global_client.http_config.port}/{name}"

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from cluster.runtime import free_ports
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SMALL = {"num_cpus": 0.25}  # the shared 2-core machine fits every replica
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def served(ray_session, storage_root, tmp_path_factory):
     from serve.app import build_app
 
     tiny.publish_all(str(tmp_path_factory.mktemp("ckpts")))
-    port = _free_port()
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": {**SMALL, "max_batch_size": 4}, "ingress": {"num_cpus": 0.05}, "max_tokens": 64,
             "max_body_bytes": 4096,
