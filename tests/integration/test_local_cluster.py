@@ -197,6 +197,45 @@ def test_pretrain_spreads_its_workers_over_two_nodes(cluster: LocalCluster):
     assert len({w["node_id"] for w in workers}) == 2, f"STRICT_SPREAD put both workers on one node: {workers}"
 
 
+def test_serve_with_the_proxy_on_the_head_only_answers_and_every_proxy_is_healthy(cluster: LocalCluster):
+    """Several nodes on one host cannot each bind the HTTP port: with Serve's default (a proxy on
+    every node with replicas) the worker nodes' HAProxies exited with "Address already in use" and
+    were restarted in a loop. `--proxy-location HeadOnly` leaves one proxy, forwarding to replicas
+    on the worker nodes."""
+    import httpx
+    import yaml
+
+    from cluster.runtime import free_ports
+    from serve import tiny
+
+    tiny.publish_all(str(cluster.storage / "tiny-models"), root=str(cluster.storage / "registry"))
+    (port,) = free_ports(1)
+    env = {**cluster.env, "RAYLM_STORAGE": str(cluster.storage)}
+    cmd = [sys.executable, "-m", "serve.cli", "run", "--port", str(port), "--proxy-location", "HeadOnly",
+           "--set", 'models=["bert-cls"]']
+    server = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = cluster.env["RAY_API_SERVER_ADDRESS"]
+    try:
+        lines = []
+        for line in server.stdout:  # blocks until the app is up (or the command exits)
+            lines.append(line)
+            if line.startswith("raylm serving at"):
+                break
+        assert server.poll() is None, "".join(lines[-40:])
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "bert-cls", "inputs": "a good day"},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["label"] in tiny.CLASS_LABELS
+        status = run([str(Path(sys.executable).parent / "serve"), "status", "-a", address], env, 60)
+        assert status.returncode == 0, status.stderr
+        proxies = yaml.safe_load(status.stdout)["proxies"]
+        assert list(proxies.values()) == ["HEALTHY"], status.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        run([str(Path(sys.executable).parent / "serve"), "shutdown", "-a", address, "-y"], env, 120)
+
+
 def test_down_stops_every_process_it_started(cluster: LocalCluster):
     recorded = [pid for node in cluster.state["nodes"] for pid in node["pids"]]
     assert recorded, "the state file records no pids"
