@@ -26,7 +26,7 @@ from cluster.corpus import Corpus
 from cluster.entry import JobError
 from cluster.models import ModelConfig
 from cluster.runs import RunDir, check_name
-from cluster.sources import read_parquet
+from cluster.sources import RankSlice, read_parquet
 from cluster.train import NONFINITE_FILE, STATE_DIR, Plan
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ def plan_run(cfg: PretrainConfig, corpus: Corpus, run_dir: str) -> Plan:
         epochs=math.ceil(max_steps / steps_per_epoch),
         tokens_per_step=tokens_per_step,
         seq_len=block or cfg.model.max_len,
+        validation=local_validation(corpus),
     )
 
 
@@ -216,26 +217,26 @@ def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.
     for epoch in range(plan.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(shards))
         out[f"train_{epoch}"] = read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
-    out["validation"] = validation_dataset(corpus)
+    if not plan.validation:
+        out["validation"] = read_parquet(corpus.shard_paths("validation"), columns=corpus.manifest["columns"]).materialize()
     return out
 
 
-# Validation splits up to this many Parquet bytes are read by the driver itself.
-DRIVER_READ_MAX_BYTES = 64 * 2**20
+# Validation splits of up to this many tokens are read by each worker itself.
+LOCAL_VALIDATION_MAX_TOKENS = 16 * 2**20
 
 
-def validation_dataset(corpus: Corpus, driver_max_bytes: int = DRIVER_READ_MAX_BYTES) -> ray.data.Dataset:
-    """The validation split, held in the object store (every evaluation reads it again). A small
-    split is read by the driver with pyarrow, one block per shard: as a Ray Data execution it
-    started read-task worker processes on the way to the first step (4-5.5 s against 0.7-0.9 s on
-    2 cores). A large one is read and materialised by Ray Data tasks."""
-    import pyarrow.parquet as pq
-
-    paths, columns = corpus.shard_paths("validation"), corpus.manifest["columns"]
-    located = [storage.filesystem(p) for p in paths]
-    if sum(fs.get_file_info(path).size for fs, path in located) <= driver_max_bytes:
-        return ray.data.from_arrow([pq.read_table(path, columns=columns, filesystem=fs) for fs, path in located])
-    return read_parquet(paths, columns=columns).materialize()
+def local_validation(corpus: Corpus, max_tokens: int = LOCAL_VALIDATION_MAX_TOKENS) -> dict:
+    """The validation split for workers to read themselves (`cluster.sources.RankSlice`), or {} for a
+    split of over `max_tokens`, which Ray Data tasks read and the driver materialises in the object
+    store before training starts (every evaluation reads it again). A rank holds at most its share
+    of `max_tokens` (64 MiB as int32), read at its first evaluation: nothing of it is on the way to
+    the first step, and no Ray Data execution runs per evaluation."""
+    if corpus.split_info("validation")["tokens"] > max_tokens:
+        return {}
+    shards = [{"path": storage.join(corpus.path, s["file"]), "rows": s["rows"]}
+              for s in corpus.manifest["shards"] if s["split"] == "validation"]
+    return {"shards": shards, "columns": corpus.manifest["columns"]}
 
 
 def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
@@ -340,6 +341,9 @@ def worker_main(config: dict) -> None:
     plan = Plan(**config["plan"])
     ctx = ray.train.get_context()
     session = TrainSession()
+    if plan.validation:
+        session.local["validation"] = RankSlice(plan.validation["shards"], plan.validation["columns"],
+                                                session.rank, session.world)
     # The first epoch's data starts flowing now, while transformers is imported and the model built.
     epoch = resume_epoch(session)
     ahead = FirstBatchAhead(epoch, epoch_batches(session, cfg.train, ctx.get_world_rank(), epoch))

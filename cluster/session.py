@@ -42,6 +42,9 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        # Datasets this worker reads itself (a small validation split: `cluster.sources.RankSlice`),
+        # by name; every other name is the TorchTrainer dataset's shard.
+        self.local: dict[str, Any] = {}
 
     def checkpoint(self) -> Any | None:
         import ray.train
@@ -51,7 +54,7 @@ class TrainSession:
     def dataset(self, name: str) -> Any:
         import ray.train
 
-        return ray.train.get_dataset_shard(name)
+        return self.local[name] if name in self.local else ray.train.get_dataset_shard(name)
 
     def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
         import ray.train.torch

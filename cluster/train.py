@@ -53,6 +53,9 @@ class Plan:
     epochs: int
     tokens_per_step: int
     seq_len: int = 0  # tokens per row (block size or max length), for FLOPs per token
+    # A validation split each worker reads itself ({"shards": [{"path", "rows"}], "columns"}:
+    # `cluster.sources.RankSlice`); empty: it is the TorchTrainer dataset "validation".
+    validation: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import subprocess
 import textwrap
 import time
 
+import pyarrow as pa
 import pytest
 import ray.data
 
@@ -50,22 +51,37 @@ def two_worker_run(gpt_corpus):
     return summary("t-2w")
 
 
-def test_validation_read_by_the_driver_holds_the_same_rows_as_ray_datas_read(gpt_corpus, bert_corpus):
+def test_validation_read_by_the_workers_matches_ray_datas_read_row_for_row(gpt_corpus, bert_corpus):
+    """A small validation split is read by each worker (`RankSlice`), a large one by Ray Data: the same
+    rows in batches of the same format, and equal, disjoint, in-order shares over the ranks."""
     import numpy as np
 
-    from cluster.pretrain import validation_dataset
+    from cluster.pretrain import local_validation
+    from cluster.sources import RankSlice, read_parquet
 
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2
-    for corpus in (gpt_corpus, bert_corpus):
-        small, large = validation_dataset(corpus), validation_dataset(corpus, driver_max_bytes=0)
-        assert ctx.use_datasource_v2 == before  # the large read's switch to Parquet V1 is not left behind
-        assert small.num_blocks() == len(corpus.shard_paths("validation"))
-        a, b = small.take_all(), large.take_all()
-        assert len(a) == len(b) == corpus.split_info("validation")["rows"]
-        for x, y in zip(a, b, strict=True):
-            assert x.keys() == y.keys() == set(corpus.manifest["columns"])
-            assert all(np.array_equal(x[k], y[k]) for k in x)
+    before, order = ctx.use_datasource_v2, ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        for corpus in (gpt_corpus, bert_corpus):
+            local, rows = local_validation(corpus), corpus.split_info("validation")["rows"]
+            assert local["columns"] == corpus.manifest["columns"] and not local_validation(corpus, max_tokens=0)
+            ray_read = read_parquet(corpus.shard_paths("validation"), columns=corpus.manifest["columns"])
+            assert ctx.use_datasource_v2 == before  # the switch to Parquet V1 is not left behind
+            theirs = list(ray_read.iter_batches(batch_size=64, batch_format="numpy"))
+            ours = list(RankSlice(local["shards"], local["columns"], 0, 1).iter_batches(batch_size=64))
+            assert len(ours) == len(theirs) == -(-rows // 64)
+            for a, b in zip(ours, theirs, strict=True):
+                assert a.keys() == b.keys() == set(corpus.manifest["columns"])
+                for key in a:
+                    assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape)
+                    assert all(np.array_equal(x, y) for x, y in zip(a[key], b[key], strict=True))
+            whole = RankSlice(local["shards"], local["columns"], 0, 1).table()
+            halves = [RankSlice(local["shards"], local["columns"], rank, 2).table() for rank in (0, 1)]
+            assert [h.num_rows for h in halves] == [rows // 2] * 2
+            assert pa.concat_tables(halves).equals(whole.slice(0, 2 * (rows // 2)))
+    finally:
+        ctx.execution_options.preserve_order = order
 
 
 def test_two_workers_lower_validation_loss(two_worker_run):
@@ -173,21 +189,27 @@ def test_killed_run_resumes_at_its_checkpoint_and_sees_the_same_blocks(gpt_corpu
     assert abs(s["final"]["metrics"]["val_loss"] - ref_val) < 1e-3
 
 
-def test_next_epoch_started_ahead_feeds_two_workers_the_same_batches(gpt_corpus):
+def test_next_epoch_started_ahead_feeds_two_workers_the_same_batches(gpt_corpus, monkeypatch):
     # 2,680 rows, 2 workers, batch 64: 20 steps per epoch, so 45 steps cross two epoch boundaries.
     # Every rank starts the next epoch's data at the same micro-batch; a rank on its own schedule
     # deadlocked against the other's DDP collective (regression: this run hung). The model is cut
     # down: only the data order is under test.
     sets = ["scaling.num_workers=2", "train.batch_size=64", "train.max_steps=45", "train.eval_every=45",
-            "train.checkpoint_every=45", "train.eval_batches=2", "train.trace_data=true", "model.n_layer=1",
+            "train.checkpoint_every=45", "train.eval_batches=null", "train.trace_data=true", "model.n_layer=1",
             "model.d_model=32", "model.n_head=2", "model.d_ff=64"]
     pretrain_job.run(config("t-ahead", *sets))
+    # The second run also evaluates the way a large validation split is read: a Ray Dataset split
+    # over the ranks by Ray Train, instead of each worker reading its share itself.
+    monkeypatch.setattr("cluster.pretrain.local_validation", lambda corpus: {})
     pretrain_job.run(config("t-no-ahead", *sets, "train.next_epoch_ahead=false"))
     for rank in (0, 1):
         ahead, plain = _trace("t-ahead", rank), _trace("t-no-ahead", rank)
         assert {epoch for epoch, _ in ahead} == {0, 1, 2}
         assert ahead == plain  # the same batches, in the same order, with and without starting ahead
     assert _trace("t-ahead", 0) != _trace("t-ahead", 1)
+    # The same model, so both ways of reading the validation split give the same loss over all of it.
+    own, ray_data = (metrics(name, "validation")[-1]["val_loss"] for name in ("t-ahead", "t-no-ahead"))
+    assert abs(own - ray_data) < 1e-4
 
 
 def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_session):
@@ -300,7 +322,7 @@ def test_each_epoch_streams_without_an_all_to_all_stage(gpt_corpus, ray_session,
     from cluster.pretrain import train_datasets
 
     corpus = Corpus.open("t-gpt")
-    datasets = train_datasets(corpus, SimpleNamespace(epochs=2), seed=0)
+    datasets = train_datasets(corpus, SimpleNamespace(epochs=2, validation={}), seed=0)
     for name in ("train_0", "train_1"):
         capsys.readouterr()
         datasets[name].explain()
