@@ -38,6 +38,11 @@ HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_
 # Ray the only balancer is HAProxy on the same machine, updated within ~0.1 s; at 30 s every
 # `serve.delete`, redeploy or downscale of an ingress waited 30 s.
 EMBEDDED_INGRESS_DRAIN_S = "2"
+# Ray Train's preemption watcher is an actor per worker group that polls the GCS for draining
+# nodes (spot preemption, autoscaler scale-down). The embedded Ray is one node that nothing drains,
+# so there it is one more process: ~2 CPU-seconds to start on the way to the first step and ~1% of
+# a core while training on 2 cores. A cluster keeps it.
+EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def haproxy_available(env: dict[str, str] | None = None) -> bool:
@@ -97,7 +102,10 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
             ray.init(address=address, **kwargs)
         else:
             env = embedded_serve_env()
-            chosen_ports = [key for key in HAPROXY_PORT_VARS if key in env and key not in os.environ]
+            # set only while Ray starts: HAProxy's ports picked here, the train settings not set by the user
+            chosen = [key for key in HAPROXY_PORT_VARS if key in env and key not in os.environ]
+            chosen += [key for key in EMBEDDED_TRAIN_ENV if key not in os.environ]
+            env.update({key: os.environ.get(key, value) for key, value in EMBEDDED_TRAIN_ENV.items()})
             os.environ.update(env)  # the local raylet and every worker inherit them
             try:
                 ray.init(
@@ -107,7 +115,7 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
                     **kwargs,
                 )
             finally:  # Ray's processes have them now; a child process that starts its own Ray picks its own
-                for key in chosen_ports:
+                for key in chosen:  # (and one that starts a cluster does not pass them on)
                     del os.environ[key]
     return ray.cluster_resources()
 

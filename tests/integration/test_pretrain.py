@@ -333,3 +333,17 @@ def test_each_epoch_streams_without_an_all_to_all_stage(gpt_corpus, ray_session,
         # the manifest's columns are pushed into the read: no separate projection stage
         assert "Project" not in physical, physical
         assert set(datasets[name].schema().names) == set(corpus.manifest["columns"])
+
+
+def test_the_embedded_ray_trains_without_the_preemption_watcher(ray_session):
+    """The embedded Ray is one node that nothing drains: Ray Train's preemption watcher (an actor that
+    polls for draining nodes) would only be one more process. Ray's processes inherit the setting
+    from the raylet; the driver does not keep it, so a cluster it starts keeps the watcher."""
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR
+
+    @ray.remote(num_cpus=0)
+    def setting() -> str | None:
+        return os.environ.get(ENABLE_PREEMPTION_WATCHER_ENV_VAR)
+
+    assert ray.get(setting.remote()) == "0"
+    assert ENABLE_PREEMPTION_WATCHER_ENV_VAR not in os.environ
