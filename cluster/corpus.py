@@ -583,8 +583,13 @@ class Corpus:
     def tokenizer_path(self) -> str:
         return storage.join(self.path, self.manifest["tokenizer"]["path"])
 
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        """The split's shards in manifest order: {"path", "rows"} each."""
+        return [{"path": storage.join(self.path, s["file"]), "rows": s["rows"]}
+                for s in self.manifest["shards"] if s["split"] == split]
+
     def shard_paths(self, split: str) -> list[str]:
-        return [storage.join(self.path, s["file"]) for s in self.manifest["shards"] if s["split"] == split]
+        return [s["path"] for s in self.shards(split)]
 
     def split_info(self, split: str) -> dict[str, Any]:
         return self.manifest["splits"][split]

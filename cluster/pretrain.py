@@ -234,9 +234,7 @@ def local_validation(corpus: Corpus, max_tokens: int = LOCAL_VALIDATION_MAX_TOKE
     the first step, and no Ray Data execution runs per evaluation."""
     if corpus.split_info("validation")["tokens"] > max_tokens:
         return {}
-    shards = [{"path": storage.join(corpus.path, s["file"]), "rows": s["rows"]}
-              for s in corpus.manifest["shards"] if s["split"] == "validation"]
-    return {"shards": shards, "columns": corpus.manifest["columns"]}
+    return {"shards": corpus.shards("validation"), "columns": corpus.manifest["columns"]}
 
 
 def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
