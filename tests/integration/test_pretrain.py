@@ -193,7 +193,7 @@ def test_next_epoch_started_ahead_feeds_two_workers_the_same_batches(gpt_corpus,
     # 2,680 rows, 2 workers, batch 64: 20 steps per epoch, so 45 steps cross two epoch boundaries.
     # Every rank starts the next epoch's data at the same micro-batch; a rank on its own schedule
     # deadlocked against the other's DDP collective (regression: this run hung). The model is cut
-    # down: only the data order is under test.
+    # down: the data order is under test, and the validation loss read two ways (below).
     sets = ["scaling.num_workers=2", "train.batch_size=64", "train.max_steps=45", "train.eval_every=45",
             "train.checkpoint_every=45", "train.eval_batches=null", "train.trace_data=true", "model.n_layer=1",
             "model.d_model=32", "model.n_head=2", "model.d_ff=64"]
