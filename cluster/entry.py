@@ -24,7 +24,8 @@ class JobError(RuntimeError):
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    # The description is the job's docstring, usage lines included: keep its line breaks.
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="YAML config file (see configs/)")
     p.add_argument(
         "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
@@ -83,7 +84,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_job(
-    name: str,
+    module: str,
     config_cls: type[T],
     argv: list[str] | None,
     run: Callable[[T], str],
@@ -91,8 +92,10 @@ def run_job(
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
     config_from_args: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
 ) -> int:
-    """Parse, build the config, call `run(config) -> summary path`, print it last."""
-    p = parser(f"python -m jobs.{name}", description)
+    """Parse, build the config, call `run(config) -> summary path`, print it last. `module` is the
+    job's module (`jobs.pretrain`, `tune.sweep`), as the user runs it with `python -m`."""
+    name = module.rsplit(".", 1)[-1]
+    p = parser(f"python -m {module}", description)
     if extra_args:
         extra_args(p)
     args = p.parse_args(argv)

@@ -98,7 +98,8 @@ def serve_and_query(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the gpt-tiny config's)")
     p.add_argument("--docs", type=int, default=None, help="synthetic documents (default: the config's)")
     p.add_argument("--port", type=int, default=0, help="HTTP port for the serve stage (default: a free one)")

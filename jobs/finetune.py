@@ -22,7 +22,7 @@ def run(cfg: FinetuneConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("finetune", FinetuneConfig, argv, run, __doc__)
+    return run_job("jobs.finetune", FinetuneConfig, argv, run, __doc__)
 
 
 if __name__ == "__main__":

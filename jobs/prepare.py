@@ -41,7 +41,7 @@ def _from_args(args: argparse.Namespace) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("prepare", PrepareConfig, argv, run, __doc__, _extra, _from_args)
+    return run_job("jobs.prepare", PrepareConfig, argv, run, __doc__, _extra, _from_args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def run(cfg: SweepConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("sweep", SweepConfig, argv, run, __doc__)
+    return run_job("tune.sweep", SweepConfig, argv, run, __doc__)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,14 @@ def test_a_job_follows_its_working_directory_when_ray_replaces_it(tmp_path):
     os.getcwd() work again) instead of staying in the deleted one."""
     assert _run(tmp_path, "follow", wait_s=20) == f"True {tmp_path / 'pkg'}"
     assert _run(tmp_path / "again", "stay", wait_s=1) == "False -"  # what a driver without it is left with
+
+
+def test_each_job_s_help_names_the_module_it_runs_as_and_keeps_its_usage_lines():
+    # Regression: `python -m tune.sweep --help` said `usage: python -m jobs.sweep`, and the usage
+    # lines of the job's docstring ran together into one paragraph.
+    for module in ("jobs.prepare", "jobs.pretrain", "jobs.finetune", "tune.sweep"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"usage: python -m {module} "), out.stdout[:200]
+        assert f"\n    python -m {module} --config configs/" in out.stdout, out.stdout
