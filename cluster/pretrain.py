@@ -20,7 +20,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster import storage
+from cluster import runtime, storage
 from cluster.config import Section
 from cluster.corpus import Corpus
 from cluster.entry import JobError
@@ -154,7 +154,9 @@ def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
     problems = []
     if corpus.layout == "blocks" and cfg.model.max_len < corpus.manifest["block_size"]:
         problems.append(
-            f"model.max_len ({cfg.model.max_len}) is shorter than the corpus block_size ({corpus.manifest['block_size']})"
+            f"model.max_len ({cfg.model.max_len}) is shorter than the corpus block_size ({corpus.manifest['block_size']}): "
+            f"--set model.max_len={corpus.manifest['block_size']}, or prepare the corpus with "
+            f"--set pack.block_size={cfg.model.max_len}"
         )
     if cfg.model.is_causal and corpus.layout != "blocks":
         problems.append(f"model.family '{cfg.model.family}' needs a corpus with layout 'blocks', not '{corpus.layout}'")
@@ -249,6 +251,8 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
             f"run '{cfg.name}' has checkpoints trained with tokenizer {previous.get('tokenizer_hash')}, but corpus "
             f"'{cfg.corpus}' uses {tok_hash}: pick another run name or the original corpus"
         )
+    # Ray starts (or is joined) only now: the checks above need none, and bad input fails in seconds.
+    runtime.connect()
     check_resources(cfg)
     try:
         run.create()

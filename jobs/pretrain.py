@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import sys
 
-from cluster import runtime
 from cluster.entry import run_job
 from cluster.pretrain import PretrainConfig, pretrain
 from cluster.runs import RunDir
 
 
 def run(cfg: PretrainConfig) -> str:
-    runtime.connect()
-    summary = pretrain(cfg)
+    summary = pretrain(cfg)  # connects to Ray once its inputs are checked
     return RunDir("pretrain", cfg.name).write_summary(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("pretrain", PretrainConfig, argv, run, __doc__)
+    return run_job("jobs.pretrain", PretrainConfig, argv, run, __doc__)
 
 
 if __name__ == "__main__":
