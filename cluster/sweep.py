@@ -16,7 +16,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import ray
@@ -220,7 +220,7 @@ def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any
     ray.data.DataContext.get_current().enable_progress_bars = False
     if trial["workers"] == 1:
         cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = 1, trial["cpus"]
-        plan = plan_run(cfg, meta, run_dir, 1)
+        plan = replace(plan_run(cfg, meta, run_dir, 1), progress=False)
         session = TuneSession(epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
                               use_gpu=trial["gpus"] > 0)
         run_worker(cfg, plan, meta, session)
@@ -242,7 +242,7 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
     metric, mode = trial["metric"], trial["mode"]
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = trial["workers"], trial["cpus"]
     cfg.scaling.use_gpu, cfg.scaling.gpus_per_worker = trial["gpus"] > 0, trial["gpus"] or 1
-    plan = plan_run(cfg, meta, run_dir, trial["workers"])
+    plan = replace(plan_run(cfg, meta, run_dir, trial["workers"]), progress=False)
     TorchTrainer(
         worker_main,
         train_loop_config={"cfg": cfg.to_dict(), "plan": asdict(plan), "meta": meta},

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # annotations only: the job driver imports this module and ne
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
+
 STATE_DIR = "train_state"
 ADAPTER_FILE = "adapter.safetensors"
 NONFINITE_FILE = "nonfinite_loss.json"
@@ -56,6 +57,9 @@ class Plan:
     # A validation split each worker reads itself ({"shards": [{"path", "rows"}], "columns"}:
     # `cluster.sources.RankSlice`); empty: it is the TorchTrainer dataset "validation".
     validation: dict = field(default_factory=dict)
+    # Rank 0 prints a line per log interval and validation (the job's console, `ray job logs`).
+    # Sweeps turn it off: Tune prints its own trial table, and a dozen trials' lines would bury it.
+    progress: bool = True
 
 
 @dataclass
@@ -294,11 +298,39 @@ def restore(ckpt_dir: str, model: torch.nn.Module, optimizer, scheduler, device:
 # ---------------------------------------------------------------- metrics sinks (rank 0)
 
 
-class MetricsSink:
-    """metrics.jsonl always; TensorBoard for local run dirs; MLflow when MLFLOW_TRACKING_URI is set."""
+def progress_line(row: dict[str, Any], max_steps: int) -> str | None:
+    """One console line for a metrics row (train, validation or resume), or None for other rows."""
+    split, step = row.get("split"), row.get("step")
+    if split == "train":
+        loss = f"loss {row['train_loss']:.4f}" if "train_loss" in row else "loss -"
+        mfu = f" | mfu {row['mfu'] * 100:.1f}%" if "mfu" in row else ""
+        return (f"step {step}/{max_steps} epoch {row['epoch']} | {loss} | lr {row['lr']:.2e} | "
+                f"grad norm {row['grad_norm']:.3g} | {row['tokens_per_s']:,.0f} tokens/s{mfu} | "
+                f"data wait {row['data_wait_fraction'] * 100:.1f}% | {_duration(row['elapsed_s'])} elapsed, "
+                f"eta {_duration(row['eta_s'])}")
+    if split == "validation":
+        shown = [(k[4:], v) for k, v in row.items() if k.startswith("val_") and isinstance(v, int | float)]
+        return f"step {step}/{max_steps} validation | " + " | ".join(f"{k} {v:.4g}" for k, v in shown)
+    if split == "resume":
+        return f"resumed at step {step} (epoch {row['epoch']}, micro-batch {row['batches_in_epoch']} of that epoch)"
+    return None
 
-    def __init__(self, run_dir: str, run_name: str, enabled: bool):
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsSink:
+    """metrics.jsonl always; TensorBoard for local run dirs; MLflow when MLFLOW_TRACKING_URI is set;
+    a progress line per train/validation row when `max_steps` is given, logged at INFO: in a Ray
+    Train worker the root logger goes to the console (which Ray forwards to the driver and to
+    `ray job logs`) and to Train's worker log file. Not `print`: Ray Train patches it into the same
+    logger and, as Ray's worker wraps sys.stdout, also prints it, so every line came out twice."""
+
+    def __init__(self, run_dir: str, run_name: str, enabled: bool, max_steps: int | None = None):
         self.enabled = enabled
+        self.max_steps = max_steps
         self.run_dir = run_dir
         self.tb = None
         self.mlflow = None
@@ -335,6 +367,9 @@ class MetricsSink:
             self.tb.flush()
         if self.mlflow:
             self.mlflow.log_metrics(numeric, step=step)
+        line = progress_line(row, self.max_steps) if self.max_steps else None
+        if line:
+            log.info(line)
 
     def close(self) -> None:
         if self.tb:
@@ -436,7 +471,8 @@ class Loop:
             self.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, plan.max_steps, opt.min_lr_ratio)
         )
         self.state = TrainState(tokenizer_hash=plan.tokenizer_hash)
-        self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0)
+        self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0,
+                                max_steps=plan.max_steps if plan.progress else None)
         self.last_checkpoint_step = -1
         self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.flops_per_token = flops_per_token(model, plan.seq_len)
@@ -460,9 +496,6 @@ class Loop:
         # the metrics log shows where a restarted or re-submitted run picked up
         self.sink.log({"step": self.state.step, "epoch": self.state.epoch, "split": "resume",
                        "batches_in_epoch": self.state.batches_in_epoch, "time": time.time()})
-        if self.rank == 0:
-            log.info("resumed at step %d (epoch %d, batch %d)", self.state.step, self.state.epoch,
-                     self.state.batches_in_epoch)
 
     def place(self) -> None:
         self.model = self.session.prepare_model(self.model, self.cfg.scaling.strategy)

@@ -143,13 +143,20 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def _submit(cfg: PretrainConfig, ray_address: str) -> subprocess.Popen:
-    """The job as `ray job submit` runs it: a driver process joining the cluster via RAY_ADDRESS."""
+    """The job as `ray job submit` runs it: a driver process joining the cluster via RAY_ADDRESS.
+    Its console (stdout and stderr, where Ray forwards the workers' logs) goes to `_console(name)`."""
     path = os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.yaml")
     with open(path, "w") as f:
         f.write(cfg.to_yaml())
-    return subprocess.Popen([PYTHON, "-m", "jobs.pretrain", "--config", path], cwd=REPO,
-                            env=subprocess_env(ray_address), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    with open(os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.out"), "w") as out:
+        return subprocess.Popen([PYTHON, "-m", "jobs.pretrain", "--config", path], cwd=REPO,
+                                env=subprocess_env(ray_address), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _console(name: str) -> str:
+    with open(os.path.join(os.environ["RAYLM_STORAGE"], f"{name}.out")) as f:
+        return f.read()
 
 
 def test_killed_run_resumes_at_its_checkpoint_and_sees_the_same_blocks(gpt_corpus, ray_session):
@@ -229,13 +236,19 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_sess
         with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
             victim_pid = json.load(f)["pid"]
         os.kill(victim_pid, signal.SIGKILL)
-        assert driver.wait(timeout=300) == 0, driver.stderr.read().decode()[-3000:]
+        assert driver.wait(timeout=300) == 0, _console("t-fail")[-3000:]
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert [r["step"] for r in steps() if r.get("split") == "resume"] == [10]
     s = summary("t-fail")
     assert s["final"]["metrics"]["step"] == 30
+    # The job's console (what `ray job logs` shows) follows the run: progress, the restart, validation.
+    console = _console("t-fail")
+    # (Lines from the run's last second may still be on their way when the driver exits.)
+    for line in ("step 1/30 epoch 0 | loss ", "step 25/30 epoch ", "resumed at step 10 (epoch 0",
+                 "step 20/30 validation | loss "):
+        assert console.count(line) == 1, console[-3000:]  # once: not twice, as print() came out
     with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
         assert json.load(f)["pid"] != victim_pid  # a new worker finished the run
 
