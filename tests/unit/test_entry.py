@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -51,3 +52,16 @@ def test_each_job_s_help_names_the_module_it_runs_as_and_keeps_its_usage_lines()
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"usage: python -m {module} "), out.stdout[:200]
         assert f"\n    python -m {module} --config configs/" in out.stdout, out.stdout
+
+
+def test_pretrain_reports_a_missing_corpus_before_it_connects_to_ray(tmp_path):
+    # RAY_ADDRESS names a port nothing listens on: a job that connected first would fail (or wait)
+    # on that; it must fail on the corpus, and start no Ray of its own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS="127.0.0.1:9", RAYLM_STORAGE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--config", "configs/gpt-tiny.yaml",
+                          "--set", "corpus=no-such-corpus"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: corpus 'no-such-corpus' not found"), out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "pretrain").exists()
