@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # annotations only: the job driver imports this module and ne
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
-
 STATE_DIR = "train_state"
 ADAPTER_FILE = "adapter.safetensors"
 NONFINITE_FILE = "nonfinite_loss.json"
@@ -57,7 +56,7 @@ class Plan:
     # A validation split each worker reads itself ({"shards": [{"path", "rows"}], "columns"}:
     # `cluster.sources.RankSlice`); empty: it is the TorchTrainer dataset "validation".
     validation: dict = field(default_factory=dict)
-    # Rank 0 prints a line per log interval and validation (the job's console, `ray job logs`).
+    # Rank 0 logs a line per log interval and validation (the job's console, `ray job logs`).
     # Sweeps turn it off: Tune prints its own trial table, and a dozen trials' lines would bury it.
     progress: bool = True
 
