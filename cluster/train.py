@@ -458,6 +458,11 @@ class Loop:
         self.cfg, self.plan, self.objective, self.tokenizer = cfg, plan, objective, tokenizer
         self.session = session
         self.ahead = ahead
+        # transformers draws a tqdm bar per checkpoint write ("Writing model shards") into a job log
+        # that already has a line per log interval.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         self.rank, self.world, self.device = session.rank, session.world, session.device
         self.amp = autocast_dtype(cfg.train.precision, self.device)
         self.model = model

@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
 )
+from transformers.utils import logging as hf_logging
 
 from cluster import registry, storage
 from serve.schemas import ApiError
@@ -54,6 +55,7 @@ class Engine:
         # The whole file against the digest recorded at publish: a corrupted model is never served.
         registry.check_weights(path, entry.get("weights_sha256"), what=f"registry model '{entry['name']}'")
         self.name, self.task, self.path = entry["name"], entry["task"], path
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in every replica's log
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self.model = _AUTO[self.task].from_pretrained(path, use_safetensors=True, trust_remote_code=False)
         self.model.eval()

@@ -249,6 +249,7 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_sess
     for line in ("step 1/30 epoch 0 | loss ", "step 25/30 epoch ", "resumed at step 10 (epoch 0",
                  "step 20/30 validation | loss "):
         assert console.count(line) == 1, console[-3000:]  # once: not twice, as print() came out
+    assert "Writing model shards" not in console  # no tqdm bar per checkpoint write
     with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
         assert json.load(f)["pid"] != victim_pid  # a new worker finished the run
 
