@@ -54,7 +54,7 @@ class SequenceClassification:
         out = {
             "input_ids": torch.from_numpy(pad_rows(batch["input_ids"], self.pad_id)),  # (B, T)
             "attention_mask": torch.from_numpy(attention_mask(batch["input_ids"])),  # (B, T)
-            "labels": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)),  # (B,)
+            "labels": torch.from_numpy(np.array(batch["label"], dtype=np.int64)),  # (B,)
         }
         if self.token_types:
             out["token_type_ids"] = torch.from_numpy(pad_rows(batch["token_type_ids"], 0))

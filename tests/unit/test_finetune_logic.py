@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -375,3 +376,19 @@ def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
     assert resolve_checkpoint(final) == final  # a checkpoint folder is itself
     (run / "summary.json").write_text(json.dumps({"final": {"checkpoint": final}}))
     assert resolve_checkpoint(str(run)) == final
+
+
+def test_classification_collate_takes_read_only_label_arrays_without_a_warning():
+    # Ray Data hands Arrow columns over zero-copy, so they are read-only; torch.from_numpy on one
+    # warned once per worker (regression). The labels are now a copy.
+    from cluster.task_losses import SequenceClassification
+
+    labels = np.array([1, 0], dtype=np.int64)
+    labels.flags.writeable = False
+    ids = np.empty(2, dtype=object)
+    ids[0], ids[1] = np.array([5, 6, 7]), np.array([5, 6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = SequenceClassification(["a", "b"], pad_id=0, token_types=False).collate(
+            {"input_ids": ids, "label": labels}, (0,))
+    assert out["labels"].tolist() == [1, 0] and out["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
