@@ -31,6 +31,7 @@ from cluster.config import Section
 from cluster.entry import JobError
 from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources
 from cluster.runs import RunDir, check_name
+from cluster.sources import quiet_data_logs
 from cluster.train import Plan
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class TaskSetup:
 
 def setup(cfg: FinetuneConfig, root: str | None = None) -> TaskSetup:
     t0 = time.time()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per block is noise in job logs
+    quiet_data_logs()
     base = resolve_checkpoint(cfg.model.checkpoint, root)
     config = base_config(local_copy(base) if storage.is_uri(base) else base)
     check_family(cfg.task, config, base)

@@ -26,7 +26,7 @@ from cluster.corpus import Corpus
 from cluster.entry import JobError
 from cluster.models import ModelConfig
 from cluster.runs import RunDir, check_name
-from cluster.sources import RankSlice, read_parquet
+from cluster.sources import RankSlice, quiet_data_logs, read_parquet
 from cluster.train import NONFINITE_FILE, STATE_DIR, Plan
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.
     import numpy as np
 
     shards = corpus.shard_paths("train")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per step is noise in job logs
+    quiet_data_logs()
     out = {}
     for epoch in range(plan.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(shards))

@@ -80,6 +80,17 @@ class SourceConfig(Section):
         return self.name or self.kind
 
 
+def quiet_data_logs() -> None:
+    """For training jobs, whose console has a progress line per log interval: no Ray Data progress
+    bars (a line per step in a job log) and no "Starting execution ... / Execution plan ..." pair
+    per epoch and per evaluation; each execution still logs its "execution finished in" line, and
+    ray-data.log in the session's logs has everything. Datasets made after this call carry it to
+    the actors that run them (Ray Train's split coordinators)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def read_parquet(paths: list[str], columns: list[str] | None = None) -> ray.data.Dataset:
     """`ray.data.read_parquet` through Ray Data's first Parquet datasource (V1). Ray 2.60 routes
     Parquet through DataSourceV2 by default, which lists the files on every execution with a pool

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
-import ray
 from pydantic import Field, model_validator
 from ray import tune
 
@@ -37,6 +36,7 @@ from cluster.finetune import (
     setup,
 )
 from cluster.runs import RunDir, check_name
+from cluster.sources import quiet_data_logs
 
 log = logging.getLogger(__name__)
 DEFAULT_METRIC = {"classification": "val_accuracy", "tagging": "val_entity_f1", "completion": "val_rouge_l"}
@@ -217,7 +217,7 @@ def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any
     cfg_dict["name"] = f"trial-{ctx.get_trial_id()}"
     cfg = FinetuneConfig.model_validate(cfg_dict)
     run_dir = storage.join(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_logs()
     if trial["workers"] == 1:
         cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = 1, trial["cpus"]
         plan = replace(plan_run(cfg, meta, run_dir, 1), progress=False)
