@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from ray import tune
+from ray.tune.search import BasicVariantGenerator
 
 from cluster import registry, storage
 from cluster.config import ConfigError, Section, _set_dotted, build, same_config
@@ -288,9 +289,9 @@ def build_search(cfg: SweepConfig) -> tuple[dict[str, Any], Any]:
         metric, mode = cfg.objective
         return space, OptunaSearch(metric=metric, mode=mode, sampler=TPESampler(seed=cfg.search_alg.seed))
     if cfg.search_alg.kind == "random" and cfg.search_alg.seed is not None:
-        from ray.tune.search import BasicVariantGenerator
-
-        return space, BasicVariantGenerator(random_state=cfg.search_alg.seed)
+        # Tune applies TuneConfig(max_concurrent_trials) only to the generator it builds itself
+        # (or by wrapping a Searcher); a generator handed in must carry the limit, or it is ignored.
+        return space, BasicVariantGenerator(random_state=cfg.search_alg.seed, max_concurrent=cfg.max_concurrent_trials)
     return space, None
 
 
@@ -330,7 +331,9 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
+                metric=metric, mode=mode, num_samples=cfg.num_samples,
+                # a generator of our own carries the limit (build_search); Tune applies it to the rest
+                max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator) else cfg.max_concurrent_trials,
                 scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.finetune.train.eval_every),
                 search_alg=search_alg,
             ),
@@ -454,6 +457,10 @@ def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cf
         return {"published": False, "reason": "publish.enabled is false"}
     if not best.get("checkpoint"):
         return {"published": False, "reason": "no trial left a checkpoint"}
+    if best.get("best_step") == 0:  # the evaluation before any step: the base model with an untrained head
+        return {"published": False, "name": name,
+                "reason": f"no trial improved on the untuned model ({metric} {best[metric]:.4g} before any step); "
+                          "train longer (finetune.train.max_steps) or search other learning rates"}
     try:
         path = registry.publish(
             best["checkpoint"], name, TASKS[cfg.finetune.task][1],
@@ -483,6 +490,8 @@ def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, results: Any, max_steps
     searched = [*cfg.search, *cfg.scheduler.mutations]
     trial_cfg = trial_config(cfg.finetune.to_dict(), {k: best[k] for k in searched if best.get(k) is not None})
     published = publish_best(cfg, ts, best, trial_cfg)
+    print(f"published '{published['name']}': {published['path']}" if published["published"]
+          else f"not published: {published['reason']}", flush=True)
     return {
         "task": cfg.finetune.task, "metric": metric, "mode": mode, "restored": restored,
         "trials": len(rows), "errored": errors, "stopped_early": sum(r["status"] == "STOPPED" for r in rows),

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(majority-class baseline {sweep['baseline']['accuracy']:.3f}) with {best['config']}; "
               f"{sweep['stopped_early']} of {sweep['trials']} trials stopped early", flush=True)
         reg = sweep["registry"]
-        print(f"   registry: {reg['path'] if reg['published'] else 'kept the published model: ' + reg['reason']}")
+        print(f"   registry: {reg['path'] if reg['published'] else 'not published: ' + reg['reason']}")
         print(f"   registry: {publish_gpt(summary)} (generation)", flush=True)
 
         print("== 5. serve: the registry on Ray Serve, queried over HTTP", flush=True)

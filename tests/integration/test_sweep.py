@@ -121,7 +121,10 @@ def test_a_worse_sweep_does_not_replace_the_published_model(asha_sweep, gpt_base
                        "search={optim.lr: {grid: [1.0e-7]}}", "search_alg.kind=grid", "num_samples=1",
                        "scheduler.kind=fifo")
     s = run_sweep(cfg)
-    assert not s["registry"]["published"] and "is not better" in s["registry"]["reason"]
+    # 10 steps at lr 1e-7 end below the published model, or (ties go to the earliest evaluation)
+    # no better than the untuned model: refused either way
+    reason = s["registry"]["reason"]
+    assert not s["registry"]["published"] and ("is not better" in reason or "no trial improved" in reason), reason
     entry = json.load(open(os.path.join(asha_sweep["registry"]["path"], "model.json")))
     assert entry["sweep_id"].startswith("t-sw-asha/")
 

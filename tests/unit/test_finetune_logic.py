@@ -360,6 +360,47 @@ def test_trial_config_sets_dotted_values_and_checkpoints_every_evaluation():
     assert out["train"]["checkpoint_every"] == 7 and base["optim"]["lr"] == 5e-4  # base untouched
 
 
+@pytest.mark.parametrize("search_alg", ["random", "grid"])
+def test_a_seeded_search_holds_trials_to_max_concurrent_trials(tmp_path, search_alg):
+    # Regression: the seeded random search (the demo's) was a generator Tune took as it was, and
+    # Tune ignored max_concurrent_trials for it ("You have passed a `SearchGenerator`..."): every
+    # trial that fitted the CPUs ran at once.
+    from ray.tune.experiment import Experiment
+
+    from cluster.sweep import SweepConfig, build_search
+
+    cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
+                              "search": {"optim.lr": {"grid" if search_alg == "grid" else "loguniform": [1e-4, 1e-2]}},
+                              "search_alg": {"kind": search_alg, "seed": 0}, "num_samples": 6,
+                              "max_concurrent_trials": 2})
+    space, generator = build_search(cfg)
+    if search_alg == "grid":  # Tune builds the generator itself, with the limit
+        assert generator is None
+        return
+    generator.add_configurations([Experiment(name="s", run=lambda config: None, config=space, num_samples=6,
+                                             storage_path=str(tmp_path))])
+    assert [generator.next_trial() is not None for _ in range(3)] == [True, True, False]
+
+
+def test_a_sweep_whose_best_is_the_untuned_model_publishes_nothing(tmp_path, monkeypatch):
+    # Found running a tagging sweep on a barely pretrained ALBERT: every trial's best evaluation was
+    # the one before any step, and the sweep published that checkpoint, the base model with a
+    # randomly initialised head, as its best.
+    from cluster.sweep import SweepConfig, publish_best
+
+    monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path))
+    cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "tagging", "model": {"checkpoint": "x"}},
+                              "search": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}})
+    best = {"trial_id": "t0", "val_entity_f1": 0.0407, "best_step": 0, "checkpoint": str(tmp_path / "ckpt")}
+    out = publish_best(cfg, None, best, {})
+    assert out["published"] is False and not (tmp_path / "registry").exists()
+    assert out["reason"].startswith("no trial improved on the untuned model (val_entity_f1 0.0407 before any step)")
+    # a later step goes on to the registry, which checks the checkpoint
+    ts = type("TaskSetup", (), {"meta": {"labels": ["O", "B-X", "I-X"]}})()
+    out = publish_best(cfg, ts, {**best, "best_step": 30}, {})
+    assert out["published"] is False and "does not exist" in out["reason"]
+
+
 def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
     # Regression (found by the sweep drill): a run folder's path was taken as a checkpoint and refused
     # with "has no config.json"; its name already resolved to its best checkpoint, its path now does too.
