@@ -34,11 +34,11 @@ from pydantic import Field, field_validator
 from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
-from cluster import storage
+from cluster import runtime, storage
 from cluster.config import Section
 from cluster.packing import chunk_sentences, pack_flat, split_of, split_sentences
 from cluster.runs import RunDir, check_name
-from cluster.sources import CorpusError, SourceConfig, source_dataset
+from cluster.sources import CorpusError, SourceConfig, check_file, expand_paths, source_dataset
 from cluster.text import CHARSETS, DROP_DUPLICATE, clean, content_hash, hash_unit
 from cluster.tokenizer import (
     TokenizerConfig,
@@ -395,9 +395,25 @@ def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str):
     return tok, local
 
 
+def check_sources(cfg: PrepareConfig) -> None:
+    """What the driver can check alone, before Ray starts: every file source's paths match files
+    of a known kind (parquet files have the text column), and a reused tokenizer is there."""
+    for source in cfg.sources:
+        if source.kind == "files":
+            for path in expand_paths(source.paths, f"source '{source.label}'"):
+                check_file(path, source.text_column)
+    if cfg.tokenizer.path and not os.path.isfile(os.path.join(cfg.tokenizer.path, "tokenizer.json")):
+        raise CorpusError(f"config key 'tokenizer.path': '{cfg.tokenizer.path}' is not a tokenizer "
+                          "directory (no tokenizer.json in it)")
+
+
 def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (also written as summary.json)."""
     t0 = time.time()
+    check_sources(cfg)
+    # Ray starts (or is joined) only now: a missing or unreadable input fails in seconds, and
+    # leaves no run folder behind.
+    runtime.connect()
     run = RunDir("prepare", cfg.name, root).create()
     # A re-run replaces the corpus: remove the completion marker first so that nothing
     # half-written ever looks complete.

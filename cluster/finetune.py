@@ -26,11 +26,11 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster import registry, storage, tasks
+from cluster import registry, runtime, storage, tasks
 from cluster.config import Section
 from cluster.entry import JobError
 from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources
-from cluster.runs import RunDir, check_name
+from cluster.runs import RunDir, check_name, is_run_dir, run_checkpoint
 from cluster.sources import quiet_data_logs
 from cluster.train import Plan
 
@@ -129,10 +129,9 @@ def resolve_checkpoint(name: str, root: str | None = None) -> str:
     """A checkpoint directory (or URI, or hub id) for `model.checkpoint`: a pretraining run, by name
     or by its folder, stands for its best checkpoint (else its final one)."""
     if storage.exists(name) or storage.is_uri(name):
-        is_run = storage.exists(storage.join(name, "summary.json")) and not storage.exists(storage.join(name, "config.json"))
-        return _run_checkpoint(storage.join(name, "summary.json")) or name if is_run else name
+        return (run_checkpoint(name) or name) if is_run_dir(name) else name
     base = root or storage.storage_root()
-    picked = _run_checkpoint(storage.join(base, "pretrain", name, "summary.json"))
+    picked = run_checkpoint(storage.join(base, "pretrain", name))
     if picked:
         return picked
     entry = storage.join(base, "registry", name)
@@ -141,13 +140,6 @@ def resolve_checkpoint(name: str, root: str | None = None) -> str:
     if name.startswith((".", "/")):
         raise JobError(f"model.checkpoint '{name}' does not exist")
     return name  # a hub id such as "bert-base-uncased": transformers fetches it (base_config says if it cannot)
-
-
-def _run_checkpoint(summary: str) -> str | None:
-    if not storage.exists(summary):
-        return None
-    s = storage.read_json(summary)
-    return (s.get("best") or {}).get("checkpoint") or (s.get("final") or {}).get("checkpoint")
 
 
 def local_copy(path: str) -> str:
@@ -372,6 +364,8 @@ def setup(cfg: FinetuneConfig, root: str | None = None) -> TaskSetup:
     config = base_config(local_copy(base) if storage.is_uri(base) else base)
     check_family(cfg.task, config, base)
     check_strategy(cfg, config)
+    # Ray starts (or is joined) only now: a wrong checkpoint or strategy fails in seconds.
+    runtime.connect()
     data_cfg = cfg.data.resolved(cfg.task)
     token_types = cfg.task == "classification" and config.get("type_vocab_size", 0) >= 2
     tokenizer = prepare_tokenizer(local_copy(base) if storage.is_uri(base) else base, cfg.task,

@@ -61,3 +61,17 @@ class RunDir:
 def storage_root() -> str:
     return storage.storage_root()
 
+
+def run_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint a finished run stands for: its best (else its final) one, from summary.json;
+    None when `run_dir` holds no summary (not a run, or one that did not finish)."""
+    summary = storage.join(run_dir, "summary.json")
+    if not storage.exists(summary):
+        return None
+    s = storage.read_json(summary)
+    return (s.get("best") or {}).get("checkpoint") or (s.get("final") or {}).get("checkpoint")
+
+
+def is_run_dir(path: str) -> bool:
+    """A run directory (summary.json) rather than a checkpoint (config.json) or anything else."""
+    return storage.exists(storage.join(path, "summary.json")) and not storage.exists(storage.join(path, "config.json"))

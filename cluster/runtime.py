@@ -1,7 +1,9 @@
 """Where Ray runs: join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start
 an embedded local Ray sized to this machine with its dashboard on 127.0.0.1 only.
 
-This is the one place raylm calls `ray.init`; entry points call `connect()`, the core never does.
+This is the one place raylm calls `ray.init`. Each stage (prepare, pretrain, fine-tuning, sweeps)
+calls `connect()` once the inputs it can check alone are checked, so bad input fails before Ray
+starts; `connect()` does nothing in a process already connected (tests, the demo, Serve).
 """
 
 from __future__ import annotations

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from cluster import runtime
 from cluster.entry import run_job
 from cluster.finetune import FinetuneConfig, finetune
 from cluster.runs import RunDir
 
 
 def run(cfg: FinetuneConfig) -> str:
-    runtime.connect()
     summary = finetune(cfg)
     return RunDir("finetune", cfg.name).write_summary(summary)
 

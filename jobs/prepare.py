@@ -10,14 +10,12 @@ import argparse
 import json
 import sys
 
-from cluster import runtime
 from cluster.corpus import PrepareConfig, prepare
 from cluster.entry import run_job
 from cluster.runs import RunDir
 
 
 def run(cfg: PrepareConfig) -> str:
-    runtime.connect()
     summary = prepare(cfg)
     return RunDir("prepare", cfg.name).write_summary(summary)
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from cluster import runtime
 from cluster.entry import run_job
 from cluster.runs import RunDir
 from cluster.sweep import SweepConfig, sweep
 
 
 def run(cfg: SweepConfig) -> str:
-    runtime.connect()
     summary = sweep(cfg)
     return RunDir("tune", cfg.name).write_summary(summary)
 

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _REPLACE = textwrap.dedent("""
@@ -54,14 +56,23 @@ def test_each_job_s_help_names_the_module_it_runs_as_and_keeps_its_usage_lines()
         assert f"\n    python -m {module} --config configs/" in out.stdout, out.stdout
 
 
-def test_pretrain_reports_a_missing_corpus_before_it_connects_to_ray(tmp_path):
+@pytest.mark.parametrize("module, args, error, run_folder", [
+    ("jobs.pretrain", ["--config", "configs/gpt-tiny.yaml", "--set", "corpus=no-such-corpus"],
+     "error: corpus 'no-such-corpus' not found", "pretrain"),
+    ("jobs.prepare", ["/no/such/notes.txt", "--name", "notes"],
+     "error: source 'files': '/no/such/notes.txt' does not exist", "prepare"),
+    ("jobs.finetune", ["--config", "configs/finetune-topic-tiny.yaml", "--set", "model.checkpoint=./no-such-ckpt"],
+     "error: model.checkpoint './no-such-ckpt' does not exist", "finetune"),
+    ("tune.sweep", ["--config", "configs/tune-topic-tiny.yaml", "--set", "metric=val_f1"],
+     "  - metric 'val_f1' is never reported by a classification trial", "tune"),
+])
+def test_bad_input_is_reported_before_the_job_connects_to_ray(tmp_path, module, args, error, run_folder):
     # RAY_ADDRESS names a port nothing listens on: a job that connected first would fail (or wait)
-    # on that; it must fail on the corpus, and start no Ray of its own.
+    # on that; it must fail on its input, start no Ray of its own and leave no run folder.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_ADDRESS="127.0.0.1:9", RAYLM_STORAGE=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--config", "configs/gpt-tiny.yaml",
-                          "--set", "corpus=no-such-corpus"], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith("error: corpus 'no-such-corpus' not found"), out.stderr
-    assert "Traceback" not in out.stderr and not (tmp_path / "pretrain").exists()
+    assert out.returncode in (1, 2), out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(error), out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / run_folder).exists()
