@@ -74,9 +74,15 @@ def _check_metric(metric: dict | None) -> dict | None:
     return {"name": str(metric["name"]), "value": float(metric["value"]), "mode": mode}
 
 
-def validate_checkpoint(checkpoint: str, task: str) -> dict[str, Any]:
-    """Check the checkpoint can be published for `task`; returns its config.json."""
-    if task not in TASKS:
+def tasks_for(architectures: list[str]) -> list[str]:
+    """The tasks a checkpoint with these config.json `architectures` can serve, in TASKS order."""
+    return [t for t in TASKS if any(a.endswith(w) for a in architectures for w in ARCHITECTURES[t])]
+
+
+def validate_checkpoint(checkpoint: str, task: str | None) -> tuple[str, dict[str, Any]]:
+    """Check the checkpoint can be published for `task` (None: the one task its architecture
+    serves); returns the task and the checkpoint's config.json."""
+    if task is not None and task not in TASKS:
         raise RegistryError(f"task '{task}' is not one of {', '.join(TASKS)}")
     if not storage.exists(checkpoint):
         raise RegistryError(f"checkpoint '{checkpoint}' does not exist")
@@ -89,6 +95,14 @@ def validate_checkpoint(checkpoint: str, task: str) -> dict[str, Any]:
         raise RegistryError(f"checkpoint '{checkpoint}' has no config.json")
     config = storage.read_json(config_path)
     archs = config.get("architectures") or []
+    if task is None:
+        served = tasks_for(archs)
+        if len(served) != 1:
+            raise RegistryError(
+                f"cannot tell which task checkpoint '{checkpoint}' serves from its architecture "
+                f"{archs or 'unknown'}; name it (--task {'|'.join(TASKS)})"
+            )
+        task = served[0]
     wanted = ARCHITECTURES[task]
     if not any(a.endswith(w) for a in archs for w in wanted):
         raise RegistryError(
@@ -99,7 +113,7 @@ def validate_checkpoint(checkpoint: str, task: str) -> dict[str, Any]:
         storage.join(checkpoint, "tokenizer_config.json")
     ):
         raise RegistryError(f"checkpoint '{checkpoint}' has no tokenizer files beside the model")
-    return config
+    return task, config
 
 
 WEIGHTS = "model.safetensors"
@@ -164,7 +178,7 @@ def copy_tree(src: str, dst: str) -> None:
 def publish(
     checkpoint: str,
     name: str,
-    task: str,
+    task: str | None,
     metric: dict | None = None,
     labels: list[str] | None = None,
     config: dict | None = None,
@@ -172,9 +186,10 @@ def publish(
     force: bool = False,
     root: str | None = None,
 ) -> str:
-    """Publish `checkpoint` as registry model `name`; returns the entry's path."""
+    """Publish `checkpoint` as registry model `name` for `task` (None: the one task the checkpoint's
+    architecture serves); returns the entry's path."""
     check_name(name, key="name")
-    model_config = validate_checkpoint(checkpoint, task)
+    task, model_config = validate_checkpoint(checkpoint, task)
     check_weights(checkpoint, what=f"checkpoint '{checkpoint}'")
     metric = _check_metric(metric)
     dest = entry_path(name, root)

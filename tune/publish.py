@@ -1,7 +1,9 @@
-"""`raylm publish <checkpoint> --name gpt-tiny --task generation [--metric accuracy=0.91 --mode max]`
+"""`raylm publish <checkpoint or run> --name gpt-tiny [--task generation] [--metric accuracy=0.91 --mode max]`
 
 Copies a Hugging Face checkpoint (safetensors only) into `<RAYLM_STORAGE>/registry/<name>/` with
-its model.json, and prints the registry path last.
+its model.json, and prints the registry path last. A finished fine-tuning or pretraining run, by
+name or by its folder, stands for its best checkpoint (else its final one). The task defaults to
+the one the checkpoint's architecture serves (a *ForCausalLM generates, a *ForMaskedLM fills masks).
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ import argparse
 import json
 import sys
 
-from cluster import registry
+from cluster import registry, storage
+from cluster.runs import is_run_dir, run_checkpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raylm publish", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="checkpoint directory or URI (model.safetensors + config + tokenizer)")
+    p.add_argument("checkpoint", help="checkpoint directory or URI (model.safetensors + config + tokenizer), "
+                   "or a finished run: its folder, or its name under $RAYLM_STORAGE/finetune or /pretrain")
     p.add_argument("--name", required=True, help="registry name, e.g. gpt-tiny")
-    p.add_argument("--task", required=True, choices=registry.TASKS)
+    p.add_argument("--task", choices=registry.TASKS,
+                   help="default: the one task the checkpoint's architecture serves")
     p.add_argument("--metric", help="NAME=VALUE, e.g. accuracy=0.91; a better metric replaces an older model")
     p.add_argument("--mode", choices=("max", "min"), default="max", help="whether a larger metric is better")
     p.add_argument("--labels", help="comma-separated labels (default: the checkpoint's id2label)")
@@ -25,6 +30,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", help="registry root (default: $RAYLM_STORAGE/registry)")
     p.add_argument("--force", action="store_true", help="replace the published model even if not better")
     return p.parse_args(argv)
+
+
+def resolve_source(arg: str) -> str:
+    """The checkpoint `arg` names: itself, or a finished run's best (else final) checkpoint when
+    `arg` is a run folder or the name of a run under the storage root (fine-tuning runs first)."""
+    if storage.exists(arg) or storage.is_uri(arg):
+        if not is_run_dir(arg):
+            return arg
+        picked = run_checkpoint(arg)
+        if not picked:
+            raise registry.RegistryError(f"run '{arg}' finished without a checkpoint")
+        return picked
+    if "/" in arg or arg.startswith("."):
+        return arg  # a path that does not exist: validate_checkpoint says so
+    root = storage.storage_root()
+    runs = [storage.join(root, job, arg) for job in ("finetune", "pretrain")]
+    found = [r for r in runs if storage.exists(storage.join(r, "summary.json"))]
+    if len(found) > 1:
+        raise registry.RegistryError(f"'{arg}' names two runs ({' and '.join(found)}); give the run's folder")
+    if not found:
+        unfinished = [r for r in runs if storage.exists(r)]
+        if unfinished:
+            raise registry.RegistryError(f"run '{unfinished[0]}' has no summary.json: it has not finished")
+        raise registry.RegistryError(
+            f"checkpoint '{arg}' does not exist, and no run of that name is under {' or '.join(runs)}"
+        )
+    picked = run_checkpoint(found[0])
+    if not picked:
+        raise registry.RegistryError(f"run '{found[0]}' finished without a checkpoint")
+    return picked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
     try:
+        checkpoint = resolve_source(args.checkpoint)
+        if checkpoint != args.checkpoint:
+            print(f"publishing {checkpoint}", file=sys.stderr)
         path = registry.publish(
-            args.checkpoint, args.name, args.task, metric=metric, labels=labels,
+            checkpoint, args.name, args.task, metric=metric, labels=labels,
             sweep_id=args.sweep_id, force=args.force, root=args.root,
         )
     except (registry.RegistryError, ValueError, FileNotFoundError) as exc:

@@ -143,3 +143,52 @@ def test_corrupted_weights_are_refused_at_publish_and_at_load(ckpts, tmp_path):
     registry.check_weights(path)  # the header alone cannot tell ...
     with pytest.raises(registry.RegistryError, match="does not match the sha256 recorded when it was published"):
         engines.load(entry)  # ... the digest recorded at publish can: never served
+
+
+def test_the_task_is_the_one_the_architecture_serves_unless_named(ckpts, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "reg")
+    for key, task in (("gpt", "generation"), ("mlm", "fill-mask"), ("cls", "classification")):
+        registry.publish(ckpts[key], key, None, root=root)
+        assert registry.load_entry(key, root)["task"] == task
+    odd = tmp_path / "odd"
+    shutil.copytree(ckpts["gpt"], odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2Model"]}))
+    with pytest.raises(registry.RegistryError, match=r"cannot tell which task checkpoint .* from its architecture "
+                       r"\['GPT2Model'\]; name it \(--task generation\|fill-mask"):
+        registry.publish(str(odd), "odd", None, root=root)
+
+
+def _finished_run(storage_root, job, name, checkpoint):
+    run = storage_root / job / name
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"job": job, "name": name, "final": {"checkpoint": checkpoint},
+                                                  "best": {"checkpoint": checkpoint}}))
+    return run
+
+
+def test_publish_cli_takes_a_run_by_name_or_folder(ckpts, tmp_path, monkeypatch, capsys):
+    from tune.publish import main
+
+    monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "store"))
+    reg = str(tmp_path / "store" / "registry")
+    run = _finished_run(tmp_path / "store", "finetune", "topic", ckpts["cls"])
+    assert main(["topic", "--name", "topic-cls"]) == 0
+    entry = registry.load_entry("topic-cls", reg)
+    assert entry["task"] == "classification" and entry["source_checkpoint"] == ckpts["cls"]
+    assert f"publishing {ckpts['cls']}" in capsys.readouterr().err
+    assert main([str(run), "--name", "by-folder"]) == 0
+    assert registry.load_entry("by-folder", reg)["source_checkpoint"] == ckpts["cls"]
+
+    _finished_run(tmp_path / "store", "pretrain", "topic", ckpts["gpt"])
+    assert main(["topic", "--name", "x"]) == 1
+    assert "'topic' names two runs" in capsys.readouterr().err
+    (tmp_path / "store" / "pretrain" / "half").mkdir()
+    assert main(["half", "--name", "x"]) == 1
+    assert "has no summary.json: it has not finished" in capsys.readouterr().err
+    assert main(["nothing", "--name", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint 'nothing' does not exist, and no run of that name is under" in err
+    assert not os.path.exists(os.path.join(reg, "x"))
