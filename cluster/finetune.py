@@ -221,6 +221,12 @@ def prepare_tokenizer(path: str, task: str, pair: bool, token_types: bool = Fals
     return tok
 
 
+def linear_layer_names(model: Any) -> list[str]:
+    """The names LoRA usually targets: the last part of every linear layer's name (GPT-2's Conv1D too)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if n and type(m).__name__ in ("Linear", "Conv1D")})
+
+
 def check_strategy(cfg: FinetuneConfig, config: dict[str, Any]) -> None:
     """Problems a strategy would hit on the worker, found on the driver with a weightless model."""
     import torch
@@ -246,7 +252,7 @@ def check_strategy(cfg: FinetuneConfig, config: dict[str, Any]) -> None:
         missing = sorted(set(s.lora.target_modules) - names)
         if missing:
             raise JobError(f"strategy.lora.target_modules {missing} are not modules of {config.get('model_type')} "
-                           f"(some of its modules: {', '.join(sorted(names)[:12])})")
+                           f"(its linear layers: {', '.join(linear_layer_names(model))})")
 
 
 # ---------------------------------------------------------------- model and strategy (worker side)
@@ -263,6 +269,13 @@ def find_blocks(model: Any) -> Any | None:
     return None
 
 
+def module_names(keys: Any) -> list[str]:
+    """State-dict keys -> the outermost modules holding them: `classifier.weight`, `classifier.bias`,
+    `predictions.bias` and `predictions.dense.bias` give `classifier`, `predictions`."""
+    modules = sorted({k.rsplit(".", 1)[0] for k in keys})
+    return [m for m in modules if not any(m.startswith(o + ".") for o in modules)]
+
+
 def build_task_model(cfg: FinetuneConfig, meta: dict[str, Any], base: str) -> Any:
     """The base checkpoint with the task's head (seeded init), safetensors only, no remote code."""
     import torch
@@ -274,8 +287,22 @@ def build_task_model(cfg: FinetuneConfig, meta: dict[str, Any], base: str) -> An
     if labels:
         kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                   "label2id": {label: i for i, label in enumerate(labels)}}
+    from transformers.utils import logging as hf_logging
+
     model_cls = getattr(transformers, TASKS[cfg.task][0])
-    model = model_cls.from_pretrained(base, use_safetensors=True, trust_remote_code=False, **kwargs)
+    # transformers reports a new head and the dropped pretraining heads as a table of every tensor
+    # (~20 lines per worker and trial) plus a progress bar; one line of module names says the same.
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = model_cls.from_pretrained(base, use_safetensors=True, trust_remote_code=False,
+                                                output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    log.info("%s from %s: new %s; not used %s", type(model).__name__, base,
+             ", ".join(module_names(info["missing_keys"])) or "nothing",
+             ", ".join(module_names(info["unexpected_keys"])) or "nothing")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = meta["pad_id"]
     return model

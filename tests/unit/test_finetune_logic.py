@@ -299,6 +299,23 @@ def test_tagging_objective_scores_entities_in_eval_mode_only(bert_base):
 # ---------------------------------------------------------------- refused before training
 
 
+def test_a_new_head_is_reported_in_one_line_not_as_a_table(bert_base, capfd, caplog):
+    # transformers printed a LOAD REPORT table of every new and unused tensor (~20 lines per worker
+    # and per sweep trial) and a progress bar; one line of module names says the same.
+    from cluster.finetune import build_task_model, module_names
+
+    assert module_names(["classifier.weight", "classifier.bias", "predictions.bias", "predictions.dense.bias",
+                         "albert.pooler.weight"]) == ["albert.pooler", "classifier", "predictions"]
+    cfg = build(FinetuneConfig, {"task": "tagging", "model": {"checkpoint": bert_base}})
+    with caplog.at_level("INFO", logger="cluster.finetune"):
+        model = build_task_model(cfg, {"labels": ["O", "B-X", "I-X"], "pad_id": 0}, bert_base)
+    assert model.config.num_labels == 3
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "Loading weights" not in err, err
+    line = [r.getMessage() for r in caplog.records if "BertForTokenClassification from" in r.getMessage()]
+    assert line and line[0].endswith(": new classifier; not used bert.pooler.dense, cls.predictions, cls.seq_relationship"), line
+
+
 def test_completion_needs_a_causal_checkpoint_and_heads_must_exist():
     with pytest.raises(JobError, match="causal language model"):
         check_family("completion", {"model_type": "bert", "architectures": ["BertForPreTraining"]}, "ckpt")
@@ -313,7 +330,8 @@ def test_strategy_problems_are_found_on_the_driver(gpt_base, bert_base):
         check_strategy(finetune_cfg("completion", gpt_base, kind="frozen"), gpt_config)
     with pytest.raises(JobError, match="exceeds the model's 2 blocks"):
         check_strategy(finetune_cfg("classification", gpt_base, kind="frozen", unfreeze_top_k=3), gpt_config)
-    with pytest.raises(JobError, match=r"\['query'\] are not modules of gpt2"):
+    with pytest.raises(JobError, match=r"\['query'\] are not modules of gpt2 \(its linear layers: c_attn, c_fc, "
+                       r"c_proj, score\)"):
         check_strategy(finetune_cfg("classification", gpt_base, kind="lora", lora={"target_modules": ["query"]}),
                        gpt_config)
     check_strategy(finetune_cfg("classification", bert_base, kind="lora", lora={"target_modules": ["query"]}),
