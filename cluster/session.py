@@ -32,6 +32,20 @@ class Session(Protocol):
         """Report metrics, with a checkpoint directory to persist when given."""
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every `ray.train.report` to the console with its whole metrics dict ("Reporting
+    training result 3: TrainingReport(checkpoint=..., metrics={...})", ~500 characters), beside the
+    loop's own progress and validation lines; its checkpoint lines stay. That logger is named
+    after its module's file, so it is looked up by the module (private: a no-op if Ray moves it)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class TrainSession:
     """A Ray Train worker started by TorchTrainer: every rank calls `report` (it is a barrier)."""
 
@@ -42,6 +56,7 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        quiet_report_log()
         # Datasets this worker reads itself (a small validation split: `cluster.sources.RankSlice`),
         # by name; every other name is the TorchTrainer dataset's shard.
         self.local: dict[str, Any] = {}

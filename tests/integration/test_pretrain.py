@@ -251,6 +251,8 @@ def test_worker_killed_mid_run_is_restarted_from_checkpoint(gpt_corpus, ray_sess
         assert console.count(line) == 1, console[-3000:]  # once: not twice, as print() came out
     assert "Writing model shards" not in console  # no tqdm bar per checkpoint write
     assert "Execution plan of Dataset" not in console  # nor Ray Data's plan per epoch
+    assert "Reporting training result" not in console  # nor Ray Train's copy of every report's metrics
+    assert "Checkpoint successfully created at" in console
     with open(os.path.join(run_dir("t-fail"), "workers", "rank-1.json")) as f:
         assert json.load(f)["pid"] != victim_pid  # a new worker finished the run
 
