@@ -625,11 +625,41 @@ def deployment_name(model: str) -> str:
     return f"model-{model}"
 
 
-def build_app(args: AppArgs) -> Application:
-    """The application for `args` (a dict is validated into AppArgs, as `serve run k=v` passes)."""
+def start_reservations(args: AppArgs, entries: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(deployment, CPUs, GPUs) that each deployment's replicas reserve when the app starts: a
+    fixed count, or an autoscaled deployment's min_replicas (Serve's initial count)."""
+    def reserve(name: str, opts: DeploymentOptions) -> tuple[str, float, float]:
+        n = opts.autoscaling.min_replicas if opts.autoscaling else (opts.num_replicas or 1)
+        return name, n * opts.num_cpus, n * opts.num_gpus
+
+    colocated = args.colocated_model(entries)
+    if colocated:
+        return [reserve(deployment_name(colocated["name"]), args.options_for(colocated["name"]))]
+    return [reserve("Gateway", args.ingress)] + [
+        reserve(deployment_name(e["name"]), args.options_for(e["name"])) for e in entries]
+
+
+def resource_shortfall(args: AppArgs, entries: list[dict[str, Any]], cluster: dict[str, float]) -> str | None:
+    """Why the app's replicas cannot all start on a cluster with `cluster` resources (Serve would
+    wait for them without a word), or None when they fit."""
+    parts = start_reservations(args, entries)
+    for key, column in (("CPU", 1), ("GPU", 2)):
+        need, have = sum(p[column] for p in parts), cluster.get(key, 0.0)
+        if need > have + 1e-9:
+            each = ", ".join(f"{p[0]} {p[column]:g}" for p in parts if p[column])
+            fixes = ("serve fewer models (--set models=[NAME,...]), give each replica less (--set "
+                     f"model.num_{key.lower()}s=...)")
+            return (f"the app needs {need:g} {key}s to start its replicas ({each}), but Ray has {have:g}: "
+                    f"{fixes}, or give Ray more")
+    return None
+
+
+def build_app(args: AppArgs, entries: list[dict[str, Any]] | None = None) -> Application:
+    """The application for `args` (a dict is validated into AppArgs, as `serve run k=v` passes);
+    `entries`: the registry models select_models(args) gives, when already known."""
     if not isinstance(args, AppArgs):
         args = build(AppArgs, dict(args or {}), source="serve args")
-    entries = select_models(args)
+    entries = select_models(args) if entries is None else entries
     if not entries:
         log.warning("no models in registry '%s'; serving only /healthz and /v1/models",
                     registry.registry_root(args.registry))

@@ -67,10 +67,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster import runtime
-    from serve.app import build_app
+    from serve.app import build_app, resource_shortfall, select_models
 
-    app = build_app(_args(ns.set))
-    runtime.connect()
+    args = _args(ns.set)
+    entries = select_models(args)
+    app = build_app(args, entries)
+    short = resource_shortfall(args, entries, runtime.connect())
+    if short and not os.environ.get("RAY_ADDRESS"):  # the embedded Ray will not grow: say so, do not hang
+        raise ValueError(f"{short} (the embedded Ray has RAYLM_NUM_CPUS logical CPUs, default: cores + 1)")
+    if short:  # a cluster may add nodes (autoscaler); until then Serve waits for them
+        print(f"warning: {short}; Serve waits until the cluster has them", file=sys.stderr, flush=True)
     serve.start(proxy_location=ns.proxy_location, http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name="raylm", route_prefix="/")
     print(f"raylm serving at http://{ns.host}:{ns.port}/  (OpenAPI: /docs; Ctrl-C stops)", flush=True)

@@ -169,3 +169,27 @@ def test_colocate_needs_exactly_one_model(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "empty"))
     with pytest.raises(RegistryError, match="but 0 are selected"):
         build_app({"colocate": True})
+
+
+def test_replicas_that_cannot_all_start_are_named_before_serve_waits_for_them():
+    # Found serving a registry of three models on the 2-core machine: their replicas took the
+    # embedded Ray's 3 CPUs, the ingress never started, and `raylm serve run` waited without a word.
+    from cluster.config import build
+    from serve.app import AppArgs, resource_shortfall, start_reservations
+
+    three = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    assert start_reservations(AppArgs(), three) == [("Gateway", 0.1, 0.0), ("model-a", 1.0, 0.0),
+                                                    ("model-b", 1.0, 0.0), ("model-c", 1.0, 0.0)]
+    short = resource_shortfall(AppArgs(), three, {"CPU": 3.0})
+    assert short.startswith("the app needs 3.1 CPUs to start its replicas (Gateway 0.1, model-a 1, model-b 1, "
+                            "model-c 1), but Ray has 3: "), short
+    assert "--set model.num_cpus=" in short and "--set models=[NAME,...]" in short
+    assert resource_shortfall(build(AppArgs, {"model": {"num_cpus": 0.5}}), three, {"CPU": 3.0}) is None
+    # an autoscaled deployment starts with min_replicas; a colocated model is the only deployment
+    scaled = build(AppArgs, {"per_model": {"a": {"autoscaling": {"min_replicas": 0, "max_replicas": 4}}}})
+    assert ("model-a", 0.0, 0.0) in start_reservations(scaled, three)
+    assert start_reservations(build(AppArgs, {"colocate": True}), three[:1]) == [("model-a", 1.0, 0.0)]
+    gpu = build(AppArgs, {"model": {"num_gpus": 0.5, "num_cpus": 0.5}})
+    assert resource_shortfall(gpu, three, {"CPU": 4.0}).startswith(
+        "the app needs 1.5 GPUs to start its replicas (model-a 0.5, model-b 0.5, model-c 0.5), but Ray has 0")
+    assert resource_shortfall(gpu, three, {"CPU": 4.0, "GPU": 2.0}) is None
