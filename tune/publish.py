@@ -2,7 +2,7 @@
 
 Copies a Hugging Face checkpoint (safetensors only) into `<RAYLM_STORAGE>/registry/<name>/` with
 its model.json, and prints the registry path last. A finished fine-tuning or pretraining run, by
-name or by its folder, stands for its best checkpoint (else its final one). The task defaults to
+name or by its folder (a sweep too), stands for its best checkpoint (else its final one). The task defaults to
 the one the checkpoint's architecture serves (a *ForCausalLM generates, a *ForMaskedLM fills masks).
 """
 
@@ -19,7 +19,7 @@ from cluster.runs import is_run_dir, run_checkpoint
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raylm publish", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory or URI (model.safetensors + config + tokenizer), "
-                   "or a finished run: its folder, or its name under $RAYLM_STORAGE/finetune or /pretrain")
+                   "or a finished run: its folder, or its name under $RAYLM_STORAGE/finetune, /tune or /pretrain")
     p.add_argument("--name", required=True, help="registry name, e.g. gpt-tiny")
     p.add_argument("--task", choices=registry.TASKS,
                    help="default: the one task the checkpoint's architecture serves")
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_source(arg: str) -> str:
     """The checkpoint `arg` names: itself, or a finished run's best (else final) checkpoint when
-    `arg` is a run folder or the name of a run under the storage root (fine-tuning runs first)."""
+    `arg` is a run folder or the name of a fine-tuning run, sweep or pretraining run under the
+    storage root."""
     if storage.exists(arg) or storage.is_uri(arg):
         if not is_run_dir(arg):
             return arg
@@ -45,16 +46,16 @@ def resolve_source(arg: str) -> str:
     if "/" in arg or arg.startswith("."):
         return arg  # a path that does not exist: validate_checkpoint says so
     root = storage.storage_root()
-    runs = [storage.join(root, job, arg) for job in ("finetune", "pretrain")]
+    runs = [storage.join(root, job, arg) for job in ("finetune", "tune", "pretrain")]
     found = [r for r in runs if storage.exists(storage.join(r, "summary.json"))]
     if len(found) > 1:
-        raise registry.RegistryError(f"'{arg}' names two runs ({' and '.join(found)}); give the run's folder")
+        raise registry.RegistryError(f"'{arg}' names {len(found)} runs ({' and '.join(found)}); give the run's folder")
     if not found:
         unfinished = [r for r in runs if storage.exists(r)]
         if unfinished:
             raise registry.RegistryError(f"run '{unfinished[0]}' has no summary.json: it has not finished")
         raise registry.RegistryError(
-            f"checkpoint '{arg}' does not exist, and no run of that name is under {' or '.join(runs)}"
+            f"checkpoint '{arg}' does not exist, and no run of that name is under {', '.join(runs)}"
         )
     picked = run_checkpoint(found[0])
     if not picked:

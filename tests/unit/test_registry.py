@@ -182,9 +182,12 @@ def test_publish_cli_takes_a_run_by_name_or_folder(ckpts, tmp_path, monkeypatch,
     assert main([str(run), "--name", "by-folder"]) == 0
     assert registry.load_entry("by-folder", reg)["source_checkpoint"] == ckpts["cls"]
 
+    _finished_run(tmp_path / "store", "tune", "sweep", ckpts["cls"])  # a sweep: its best trial's
+    assert main(["sweep", "--name", "from-sweep"]) == 0
+    assert registry.load_entry("from-sweep", reg)["source_checkpoint"] == ckpts["cls"]
     _finished_run(tmp_path / "store", "pretrain", "topic", ckpts["gpt"])
     assert main(["topic", "--name", "x"]) == 1
-    assert "'topic' names two runs" in capsys.readouterr().err
+    assert "'topic' names 2 runs" in capsys.readouterr().err
     (tmp_path / "store" / "pretrain" / "half").mkdir()
     assert main(["half", "--name", "x"]) == 1
     assert "has no summary.json: it has not finished" in capsys.readouterr().err
