@@ -1,9 +1,10 @@
 """`raylm publish <checkpoint or run> --name gpt-tiny [--task generation] [--metric accuracy=0.91 --mode max]`
 
 Copies a Hugging Face checkpoint (safetensors only) into `<RAYLM_STORAGE>/registry/<name>/` with
-its model.json, and prints the registry path last. A finished fine-tuning or pretraining run, by
-name or by its folder (a sweep too), stands for its best checkpoint (else its final one). The task defaults to
-the one the checkpoint's architecture serves (a *ForCausalLM generates, a *ForMaskedLM fills masks).
+its model.json, and prints the registry path last. A finished fine-tuning run, sweep or
+pretraining run, by name or by its folder, stands for its best checkpoint (else its final one).
+The task defaults to the one the checkpoint's architecture serves (a *ForCausalLM generates, a
+*ForMaskedLM fills masks).
 """
 
 from __future__ import annotations
