@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -102,18 +103,28 @@ def cmd_build(ns: argparse.Namespace) -> int:
     return 0
 
 
+def token_client_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` for a Ray CLI client of a cluster with token authentication. Ray's clients send
+    the token (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token)
+    only when RAY_AUTH_MODE=token is set in their own environment, which `ray start` does not do
+    for the shell: without it every dashboard call answers 401. Set it when a token is there,
+    unless the user chose a mode; Ray's loader then picks the token in its own order."""
+    env = dict(environ)
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if "RAY_AUTH_MODE" not in env and (env.get("RAY_AUTH_TOKEN") or os.path.exists(path)):
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
 def cmd_deploy(ns: argparse.Namespace) -> int:
-    """`serve deploy` with the API key forwarded to the ingress and Ray's auth token in the env."""
+    """`serve deploy` with the API key forwarded to the ingress and Ray's token auth on for the client."""
     config = yaml.safe_load(open(ns.config, encoding="utf-8")) if ns.config else config_for(ns.set)
     key = os.environ.get("RAYLM_API_KEY")
     if key:
         for app in config.get("applications", []):
             env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
             env["RAYLM_API_KEY"] = key
-    env = dict(os.environ)
-    token_file = os.path.expanduser("~/.ray/auth_token")
-    if "RAY_AUTH_TOKEN" not in env and os.path.exists(token_file):
-        env["RAY_AUTH_TOKEN"] = open(token_file, encoding="utf-8").read().strip()
+    env = token_client_env(os.environ)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)
     try:

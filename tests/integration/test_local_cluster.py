@@ -236,6 +236,21 @@ def test_serve_with_the_proxy_on_the_head_only_answers_and_every_proxy_is_health
         run([str(Path(sys.executable).parent / "serve"), "shutdown", "-a", address, "-y"], env, 120)
 
 
+def test_serve_deploy_turns_token_auth_on_for_its_client(cluster: LocalCluster, tmp_path: Path):
+    # Regression: `raylm serve deploy` handed `serve deploy` the token but not RAY_AUTH_MODE=token,
+    # without which Ray's clients send no token (401), and it read ~/.ray/auth_token even when
+    # RAY_AUTH_TOKEN_PATH named the cluster's. A shell after `ray start` has neither setting.
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    env["RAYLM_STORAGE"] = str(tmp_path / "empty")  # no models: the ingress alone
+    address = cluster.env["RAY_API_SERVER_ADDRESS"]
+    out = run([sys.executable, "-m", "serve.cli", "deploy", "--address", address], env, 120)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Sent deploy request successfully" in out.stdout + out.stderr
+    finally:
+        run([str(Path(sys.executable).parent / "serve"), "shutdown", "-a", address, "-y"], cluster.env, 120)
+
+
 def test_down_stops_every_process_it_started(cluster: LocalCluster):
     recorded = [pid for node in cluster.state["nodes"] for pid in node["pids"]]
     assert recorded, "the state file records no pids"
