@@ -16,6 +16,8 @@ import socket
 
 import ray
 
+from cluster.entry import JobError
+
 log = logging.getLogger(__name__)
 
 # Ray Serve's high-throughput mode (Ray docs: "Enable High Throughput on Ray Serve", 2.56+). The
@@ -101,7 +103,10 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
         kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING if quiet else logging.INFO}
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as exc:
+                raise JobError(join_failure(str(exc), address, os.environ)) from None
         else:
             env = embedded_serve_env()
             # set only while Ray starts: HAProxy's ports picked here, the train settings not set by the user
@@ -120,6 +125,17 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
                 for key in chosen:  # (and one that starts a cluster does not pass them on)
                     del os.environ[key]
     return ray.cluster_resources()
+
+
+def join_failure(message: str, address: str, environ: dict[str, str] | os._Environ) -> str:
+    """What to say when joining the cluster at `address` failed. Ray reads RAY_AUTH_MODE when it is
+    imported; without `token` there, a driver joining a token-authenticated cluster (Ray's default
+    for `ray start`) gets only "Failed to connect", as if the cluster were down."""
+    hint = ""
+    if environ.get("RAY_AUTH_MODE") != "token":
+        hint = ("; if the cluster is up, it likely uses token authentication (Ray's default): run with "
+                "RAY_AUTH_MODE=token set, and its token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+    return f"cannot join the Ray cluster at RAY_ADDRESS={address}: {message}{hint}"
 
 
 def embedded_cpus() -> int:

@@ -251,6 +251,19 @@ def test_serve_deploy_turns_token_auth_on_for_its_client(cluster: LocalCluster, 
         run([str(Path(sys.executable).parent / "serve"), "shutdown", "-a", address, "-y"], cluster.env, 120)
 
 
+def test_a_driver_without_token_mode_is_told_how_to_join(cluster: LocalCluster, tmp_path: Path):
+    # Ray reads RAY_AUTH_MODE at import; without it, joining a token cluster failed with a bare
+    # "Failed to connect to Ray cluster", as if the cluster were down, and a traceback.
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    env["RAYLM_STORAGE"] = str(tmp_path)
+    out = run([sys.executable, "-m", "jobs.prepare", "--config", "configs/prepare-synthetic.yaml",
+               "--set", "sources.0.num_docs=100"], env, 180)
+    assert out.returncode == 1, out.stdout + out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot join the Ray cluster at RAY_ADDRESS={cluster.env['RAY_ADDRESS']}: "), last
+    assert "run with RAY_AUTH_MODE=token set" in last and "Traceback" not in out.stderr
+
+
 def test_down_stops_every_process_it_started(cluster: LocalCluster):
     recorded = [pid for node in cluster.state["nodes"] for pid in node["pids"]]
     assert recorded, "the state file records no pids"
