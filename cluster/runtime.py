@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Mapping
 
 import ray
 
@@ -127,7 +128,7 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
     return ray.cluster_resources()
 
 
-def join_failure(message: str, address: str, environ: dict[str, str] | os._Environ) -> str:
+def join_failure(message: str, address: str, environ: Mapping[str, str]) -> str:
     """What to say when joining the cluster at `address` failed. Ray reads RAY_AUTH_MODE when it is
     imported; without `token` there, a driver joining a token-authenticated cluster (Ray's default
     for `ray start`) gets only "Failed to connect", as if the cluster were down."""

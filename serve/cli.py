@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from cluster.config import ConfigError, build, parse_overrides
+from cluster.entry import JobError
 
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly")
 
@@ -155,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     try:
         return {"run": cmd_run, "build": cmd_build, "deploy": cmd_deploy}[ns.command](ns)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, JobError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, JobError) else 2
 
 
 if __name__ == "__main__":
