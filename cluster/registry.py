@@ -95,16 +95,16 @@ def validate_checkpoint(checkpoint: str, task: str | None) -> tuple[str, dict[st
         raise RegistryError(f"checkpoint '{checkpoint}' has no config.json")
     config = storage.read_json(config_path)
     archs = config.get("architectures") or []
+    served = tasks_for(archs)
     if task is None:
-        served = tasks_for(archs)
         if len(served) != 1:
             raise RegistryError(
                 f"cannot tell which task checkpoint '{checkpoint}' serves from its architecture "
                 f"{archs or 'unknown'}; name it (--task {'|'.join(TASKS)})"
             )
         task = served[0]
-    wanted = ARCHITECTURES[task]
-    if not any(a.endswith(w) for a in archs for w in wanted):
+    if task not in served:
+        wanted = ARCHITECTURES[task]
         raise RegistryError(
             f"checkpoint '{checkpoint}' has architecture {archs or 'unknown'}, which cannot serve task "
             f"'{task}' (needs *{' or *'.join(wanted)})"

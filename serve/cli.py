@@ -110,9 +110,10 @@ def token_client_env(environ: Mapping[str, str]) -> dict[str, str]:
     only when RAY_AUTH_MODE=token is set in their own environment, which `ray start` does not do
     for the shell: without it every dashboard call answers 401. Set it when a token is there,
     unless the user chose a mode; Ray's loader then picks the token in its own order."""
+    from cluster.ops.local import token_file
+
     env = dict(environ)
-    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if "RAY_AUTH_MODE" not in env and (env.get("RAY_AUTH_TOKEN") or os.path.exists(path)):
+    if "RAY_AUTH_MODE" not in env and (env.get("RAY_AUTH_TOKEN") or token_file(env).exists()):
         env["RAY_AUTH_MODE"] = "token"
     return env
 

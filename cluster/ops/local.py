@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,6 +167,12 @@ def ray_cli() -> str:
     return found
 
 
+def token_file(environ: Mapping[str, str] = os.environ) -> Path:
+    """The token file Ray's loader reads when RAY_AUTH_TOKEN is unset: RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token."""
+    return Path(environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN).expanduser()
+
+
 def ensure_token() -> tuple[dict[str, str], str]:
     """Token auth env for the nodes and a description of where the token lives (never the token).
 
@@ -178,7 +184,7 @@ def ensure_token() -> tuple[dict[str, str], str]:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return env, "RAY_AUTH_TOKEN (from the environment)"
     explicit = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    path = Path(explicit or DEFAULT_TOKEN).expanduser()
+    path = token_file()
     if not path.exists() or not path.read_text().strip():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
