@@ -23,7 +23,7 @@ import ray
 from pydantic import Field, model_validator
 
 from cluster.config import Section
-from cluster.text import DROP_UNDECODABLE
+from cluster.text import DROP_EMPTY, DROP_UNDECODABLE
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md")
 # key = source << 55 | file << 35 | position: 255 sources, 1M files each; position is a byte
@@ -210,16 +210,19 @@ def check_file(path: str, text_column: str) -> None:
                 "set the source's text_column"
             )
     elif suffix != ".parquet":
-        _check_not_binary(path)
+        head = _check_not_binary(path)
+        if suffix in (".jsonl", ".json"):
+            _check_first_json_object(path, head, text_column)
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
-def _check_not_binary(path: str) -> None:
+def _check_not_binary(path: str) -> bytes:
     """NUL bytes in the first 8 KiB (decompressed for .gz): refuse the file by name. Checked on the
-    driver, before a task reads any part of the file, so a split file fails with this reason."""
+    driver, before a task reads any part of the file, so a split file fails with this reason.
+    Returns those bytes."""
     try:
         with _open_binary(path) as f:
             head = f.read(8192)
@@ -227,12 +230,54 @@ def _check_not_binary(path: str) -> None:
         raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
     if b"\x00" in head:
         raise CorpusError(f"{path}: looks like a binary file (NUL bytes in its first 8 KiB)")
+    return head
+
+
+def _missing_key(where: str, obj: Any, column: str) -> CorpusError:
+    keys = f" (its keys: {', '.join(map(str, obj))})" if isinstance(obj, dict) else f" (a JSON {type(obj).__name__})"
+    return CorpusError(f"{where}: JSON object has no key '{column}'{keys}; set the source's text_column "
+                       "(raylm prepare --text-column)")
+
+
+def is_json_array(path: str, head: bytes | None = None) -> bool:
+    """A .json file holding one JSON array of documents (`[{"text": ...}, ...]`), not JSON lines."""
+    if _base_suffix(path) != ".json":
+        return False
+    if head is None:
+        with _open_binary(path) as f:
+            head = f.read(4096)
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _check_first_json_object(path: str, head: bytes, column: str) -> None:
+    """The file's first document lacks the text key: refuse it on the driver, with the keys it has,
+    instead of failing the first read task inside Ray. A first document that the 8 KiB head does
+    not hold whole, or that is not valid JSON, is left to the read (which names its line)."""
+    body = head.removeprefix(b"\xef\xbb\xbf")
+    blank = body[: len(body) - len(body.lstrip(b" \t\r\n"))]
+    text = body[len(blank):].decode("utf-8", errors="ignore")
+    try:
+        if is_json_array(path, head):
+            obj, _ = json.JSONDecoder().raw_decode(text[1:].lstrip())
+            if isinstance(obj, str):  # an array of strings: each string is a document
+                return
+            where = f"{path}: item 0"
+        else:
+            obj = json.loads(text.split("\n", 1)[0])
+            lineno = 1 + blank.count(b"\n")
+            where = f"{path}:{lineno}"
+    except ValueError:
+        return
+    if not isinstance(obj, dict) or column not in obj:
+        raise _missing_key(where, obj, column)
 
 
 def is_line_based(path: str, txt_mode: str) -> bool:
     """One document per line (JSON lines, or .txt in line mode): a file that can be read in parts."""
     suffix = _base_suffix(path)
-    return suffix in (".jsonl", ".json") or (suffix in (".txt", ".md") and txt_mode == "line")
+    if suffix == ".json":
+        return not is_json_array(path)
+    return suffix == ".jsonl" or (suffix in (".txt", ".md") and txt_mode == "line")
 
 
 class _LineNumbers:
@@ -319,8 +364,44 @@ def _txt_docs(path: str, mode: str, max_line_bytes: int, start: int, end: int | 
         yield (index, *_decode(b"".join(buf), lambda: lines.where(first)))
 
 
+def _json_doc(position: int, value: Any) -> tuple[int, str, str, str]:
+    """A JSON value as a document: null is an empty one (counted, as a parquet null is), numbers
+    and other values their JSON text."""
+    if value is None:
+        return position, "", DROP_EMPTY, ""
+    return position, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), "", ""
+
+
+def _json_array_docs(path: str, column: str) -> Iterator[tuple[int, str, str, str]]:
+    """A .json file holding one array: read whole by one task (it has no line boundaries to split
+    at); items are objects with the text key, or strings."""
+    try:
+        with _open_binary(path) as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
+    text, drop, note = _decode(raw.removeprefix(b"\xef\xbb\xbf"), lambda: path)
+    if drop:
+        yield 0, "", drop, note
+        return
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    for i, obj in enumerate(items):
+        if isinstance(obj, str):
+            yield i, obj, "", ""
+            continue
+        if not isinstance(obj, dict) or column not in obj:
+            raise _missing_key(f"{path}: item {i}", obj, column)
+        yield _json_doc(i, obj[column])
+
+
 def _json_docs(path: str, column: str, max_line_bytes: int, start: int, end: int | None
                ) -> Iterator[tuple[int, str, str, str]]:
+    if start == 0 and is_json_array(path):
+        yield from _json_array_docs(path, column)
+        return
     lines = _LineNumbers(path, start)
     for lineno, offset, line in _lines(path, max_line_bytes, start, end, lines):
         if not line.strip():
@@ -334,11 +415,8 @@ def _json_docs(path: str, column: str, max_line_bytes: int, start: int, end: int
         except json.JSONDecodeError as exc:
             raise CorpusError(f"{lines.where(lineno)}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict) or column not in obj:
-            raise CorpusError(
-                f"{lines.where(lineno)}: JSON object has no key '{column}'; set the source's text_column"
-            )
-        value = obj[column]
-        yield offset, value if isinstance(value, str) else str(value), "", ""
+            raise _missing_key(lines.where(lineno), obj, column)
+        yield _json_doc(offset, obj[column])
 
 
 def _file_docs(part: dict[str, Any], text_column: str, txt_mode: str, max_line_bytes: int

@@ -160,3 +160,42 @@ def test_a_huge_line_in_a_later_part_is_refused_with_its_line(tmp_path):
     parts = _parts(path, 64)
     with pytest.raises(CorpusError, match=r"h.txt:11: line longer than"):
         read_parts(parts, txt_mode="line", max_line_bytes=2048)
+
+
+def test_first_json_document_without_the_key_is_refused_on_the_driver_with_its_keys(tmp_path):
+    # Refused by check_file (before Ray starts), not by the first read task; the message lists the
+    # keys the object has and how to name one from the command line.
+    path = tmp_path / "books.jsonl.gz"
+    path.write_bytes(gzip.compress(b'\n{"body": "a book", "id": 1}\n'))
+    with pytest.raises(CorpusError, match=r"books.jsonl.gz:2: JSON object has no key 'text' "
+                                          r"\(its keys: body, id\).*--text-column"):
+        check_file(str(path), "text")
+    check_file(str(path), "body")
+    arr = tmp_path / "a.json"
+    arr.write_text('[{"body": "x"}]')
+    with pytest.raises(CorpusError, match=r"a.json: item 0: JSON object has no key 'text' \(its keys: body\)"):
+        check_file(str(arr), "text")
+    # A first document the head does not hold whole is left to the read, which names its line.
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"body": "x" * 10000}) + "\n")
+    check_file(str(big), "text")
+    with pytest.raises(CorpusError, match=r"big.jsonl:1: JSON object has no key 'text' \(its keys: body\)"):
+        read(big)
+
+
+def test_json_file_holding_one_array_is_read_whole(tmp_path):
+    path = tmp_path / "docs.json"
+    docs = [{"text": f"document number {i}", "id": i} for i in range(50)] + [{"text": None}, "a bare string"]
+    path.write_text("\ufeff  " + json.dumps(docs, indent=2))
+    parts = file_parts([str(path)], SourceConfig(kind="files", paths=[str(path)]), 0, part_bytes=100)
+    assert len(parts) == 1  # no line boundaries to split an array at, however small the parts
+    got = read(path)
+    assert [d["text"] for d in got[:50]] == [f"document number {i}" for i in range(50)]
+    assert [(d["text"], d["drop"]) for d in got[50:]] == [("", "empty"), ("a bare string", "")]
+    assert len({d["key"] for d in got}) == 52
+    (tmp_path / "bad.json").write_text('[{"text": "x"},\n {"text": ]')
+    with pytest.raises(CorpusError, match=r"bad.json:2: not valid JSON"):
+        read(tmp_path / "bad.json")
+    (tmp_path / "nums.json").write_text('[{"text": "x"}, 3]')
+    with pytest.raises(CorpusError, match=r"nums.json: item 1: JSON object has no key 'text' \(a JSON int\)"):
+        read(tmp_path / "nums.json")
