@@ -9,13 +9,22 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 T = TypeVar("T", bound="Section")
 _NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# A list of strings where one string stands for a list of one (`train: data/qa.jsonl`, `--set
+# models=bert-cls`): the natural way to write one path or name in YAML and on the command line.
+StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
 
 
 class ConfigError(ValueError):

@@ -35,7 +35,7 @@ from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
 from cluster import runtime, storage
-from cluster.config import Section
+from cluster.config import Section, StrList
 from cluster.packing import chunk_sentences, pack_flat, split_of, split_sentences
 from cluster.runs import RunDir, check_name
 from cluster.sources import CorpusError, SourceConfig, check_file, expand_paths, source_dataset
@@ -58,7 +58,7 @@ class CleanConfig(Section):
     min_chars: int = Field(20, ge=0, description="drop documents shorter than this after normalising")
     max_chars: int = Field(1_000_000, ge=1, description="drop documents longer than this")
     dedup: bool = Field(True, description="exact de-duplication by content hash across all sources")
-    charsets: list[str] | None = Field(None, description=f"keep only text mostly in these: {sorted(CHARSETS)}")
+    charsets: StrList | None = Field(None, description=f"keep only text mostly in these: {sorted(CHARSETS)}")
     min_charset_fraction: float = Field(0.9, gt=0, le=1, description="fraction of letters in `charsets`")
     max_line_mb: float = Field(16, gt=0, description="a longer line in a source file is an error")
 

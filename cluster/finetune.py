@@ -27,7 +27,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cluster import registry, runtime, storage, tasks
-from cluster.config import Section
+from cluster.config import Section, StrList
 from cluster.entry import JobError
 from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources
 from cluster.runs import RunDir, check_name, is_run_dir, run_checkpoint
@@ -64,7 +64,7 @@ class LoraOptions(Section):
     rank: int = Field(8, ge=1, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (update scaled by alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
-    target_modules: list[str] | None = Field(
+    target_modules: StrList | None = Field(
         None, description="module names to adapt (default: peft's choice for the architecture, e.g. c_attn, query/value)"
     )
 

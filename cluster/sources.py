@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import Field, model_validator
 
-from cluster.config import Section
+from cluster.config import Section, StrList
 from cluster.text import DROP_EMPTY, DROP_UNDECODABLE
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md")
@@ -52,7 +52,7 @@ class SourceConfig(Section):
     num_docs: int = Field(20000, ge=1, description="synthetic: number of documents")
     seed: int = Field(0, description="synthetic: generator seed")
     # files
-    paths: list[str] = Field(default_factory=list, description="files: paths, folders or globs")
+    paths: StrList = Field(default_factory=list, description="files: paths, folders or globs")
     text_column: str = Field("text", description="files/hf: column or JSON key holding the text")
     txt_mode: Literal["file", "paragraph", "line"] = Field(
         "file", description="files: what one document is in a .txt file"
@@ -63,7 +63,7 @@ class SourceConfig(Section):
     )
     # hf
     dataset: str | None = Field(None, description="hf: dataset name or local builder (json, parquet, text)")
-    data_files: list[str] | None = Field(None, description="hf: local data files for a builder")
+    data_files: StrList | None = Field(None, description="hf: local data files for a builder")
     subset: str | None = Field(None, description="hf: dataset configuration name")
     split: str = Field("train", description="hf: split to read")
 

@@ -27,7 +27,7 @@ import ray.data
 from pydantic import Field, model_validator
 
 from cluster import synthetic
-from cluster.config import Section
+from cluster.config import Section, StrList
 from cluster.sources import CorpusError, expand_paths, read_parquet
 
 Task = Literal["classification", "tagging", "completion"]
@@ -58,12 +58,12 @@ class TaskData(Section):
     train_examples: int = Field(2000, ge=1, description="synthetic: training rows")
     validation_examples: int = Field(400, ge=1, description="synthetic: validation rows")
     seed: int = Field(0, description="synthetic rows, and the split when validation is carved from train")
-    train: list[str] = Field(default_factory=list, description="files: CSV/JSONL/Parquet paths or globs")
-    validation: list[str] = Field(default_factory=list, description="files: validation paths (else a split)")
+    train: StrList = Field(default_factory=list, description="files: CSV/JSONL/Parquet paths or globs")
+    validation: StrList = Field(default_factory=list, description="files: validation paths (else a split)")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out when no validation")
     dataset: str | None = Field(None, description="hf: dataset name, or a builder (json, csv, parquet) for files")
     subset: str | None = Field(None, description="hf: configuration name")
-    data_files: dict[str, list[str]] | None = Field(None, description="hf: split name -> local files")
+    data_files: dict[str, StrList] | None = Field(None, description="hf: split name -> local files")
     train_split: str = Field("train", description="hf: training split")
     validation_split: str | None = Field("validation", description="hf: validation split (null: carve from train)")
     text_column: str = Field("text", description="classification: the text")

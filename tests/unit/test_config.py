@@ -98,3 +98,22 @@ def test_saved_config_compares_with_todays_defaults():
     gone["finetune"]["train"]["removed_since"] = 1
     assert not same_config(yaml.safe_dump(gone), cfg)
     assert not same_config("finetune: [unclosed", cfg)
+
+
+def test_one_string_stands_for_a_list_of_one(tmp_path):
+    # `train: data/qa.jsonl` in YAML, or a single name on the command line, was refused as
+    # "Input should be a valid list"; a list still works, and a non-string still fails by key.
+    path = tmp_path / "ft.yaml"
+    path.write_text("task: completion\nmodel: {checkpoint: m}\ndata: {kind: files, train: data/qa.jsonl}\n")
+    cfg = load_config(FinetuneConfig, path, ["data.validation=data/v.jsonl",
+                                             "strategy.lora.target_modules=c_attn"])
+    assert cfg.data.train == ["data/qa.jsonl"] and cfg.data.validation == ["data/v.jsonl"]
+    assert cfg.strategy.lora.target_modules == ["c_attn"]
+    assert load_config(FinetuneConfig, path, ["data.train=[a.csv, b.csv]"]).data.train == ["a.csv", "b.csv"]
+    with pytest.raises(ConfigError, match="'data.train'"):
+        load_config(FinetuneConfig, path, ["data.train=3"])
+    prep = load_config(PrepareConfig, None, ["sources=[{kind: files, paths: notes.txt}]", "clean.charsets=latin"])
+    assert prep.sources[0].paths == ["notes.txt"] and prep.clean.charsets == ["latin"]
+    from serve.app import AppArgs
+
+    assert AppArgs.model_validate({"models": "bert-cls"}).models == ["bert-cls"]
