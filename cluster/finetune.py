@@ -391,9 +391,10 @@ def setup(cfg: FinetuneConfig, root: str | None = None) -> TaskSetup:
     config = base_config(local_copy(base) if storage.is_uri(base) else base)
     check_family(cfg.task, config, base)
     check_strategy(cfg, config)
-    # Ray starts (or is joined) only now: a wrong checkpoint or strategy fails in seconds.
-    runtime.connect()
     data_cfg = cfg.data.resolved(cfg.task)
+    tasks.check_file_columns(data_cfg, cfg.task)
+    # Ray starts (or is joined) only now: a wrong checkpoint, strategy or column fails in seconds.
+    runtime.connect()
     token_types = cfg.task == "classification" and config.get("type_vocab_size", 0) >= 2
     tokenizer = prepare_tokenizer(local_copy(base) if storage.is_uri(base) else base, cfg.task,
                                   pair=bool(data_cfg.text_pair_column), token_types=token_types)

@@ -249,25 +249,29 @@ def is_json_array(path: str, head: bytes | None = None) -> bool:
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
-def _check_first_json_object(path: str, head: bytes, column: str) -> None:
-    """The file's first document lacks the text key: refuse it on the driver, with the keys it has,
-    instead of failing the first read task inside Ray. A first document that the 8 KiB head does
-    not hold whole, or that is not valid JSON, is left to the read (which names its line)."""
+def first_json_record(path: str, head: bytes) -> tuple[str, Any] | None:
+    """(where, value) of the first document of a JSON lines file or JSON array, from the file's
+    first bytes; None when they do not hold it whole or it is not valid JSON (the read reports
+    that, naming its line)."""
     body = head.removeprefix(b"\xef\xbb\xbf")
     blank = body[: len(body) - len(body.lstrip(b" \t\r\n"))]
     text = body[len(blank):].decode("utf-8", errors="ignore")
     try:
         if is_json_array(path, head):
-            obj, _ = json.JSONDecoder().raw_decode(text[1:].lstrip())
-            if isinstance(obj, str):  # an array of strings: each string is a document
-                return
-            where = f"{path}: item 0"
-        else:
-            obj = json.loads(text.split("\n", 1)[0])
-            lineno = 1 + blank.count(b"\n")
-            where = f"{path}:{lineno}"
+            return f"{path}: item 0", json.JSONDecoder().raw_decode(text[1:].lstrip())[0]
+        lineno = 1 + blank.count(b"\n")
+        return f"{path}:{lineno}", json.loads(text.split("\n", 1)[0])
     except ValueError:
-        return
+        return None
+
+
+def _check_first_json_object(path: str, head: bytes, column: str) -> None:
+    """The file's first document lacks the text key: refuse it on the driver, with the keys it has,
+    instead of failing the first read task inside Ray."""
+    first = first_json_record(path, head)
+    if first is None or (isinstance(first[1], str) and first[0].endswith("item 0")):
+        return  # not whole in the head, or an array of strings (each string is a document)
+    where, obj = first
     if not isinstance(obj, dict) or column not in obj:
         raise _missing_key(where, obj, column)
 

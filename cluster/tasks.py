@@ -11,7 +11,9 @@ shows) is a TaskDataError naming the split, the column and what was found, raise
 from __future__ import annotations
 
 import collections
+import csv
 import functools
+import gzip
 import json
 import math
 import os
@@ -22,13 +24,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from pydantic import Field, model_validator
 
 from cluster import synthetic
 from cluster.config import Section, StrList
-from cluster.sources import CorpusError, expand_paths, read_parquet
+from cluster.sources import CorpusError, expand_paths, first_json_record, read_parquet
 
 Task = Literal["classification", "tagging", "completion"]
 IGNORE_INDEX = -100
@@ -196,12 +199,53 @@ def required_columns(cfg: TaskData, task: str) -> list[tuple[str, str]]:
 
 
 def check_columns(cfg: TaskData, task: str, splits: dict[str, ray.data.Dataset]) -> None:
-    problems = []
+    """Each missing column once, naming the splits that lack it (both, when validation is carved
+    from train)."""
+    missing: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
     for split, ds in splits.items():
-        names = columns_of(ds, split)
+        names = tuple(columns_of(ds, split))
         for key, col in required_columns(cfg, task):
             if col not in names:
-                problems.append(f"data.{key}: the {split} split has no column '{col}' (columns: {', '.join(names)})")
+                missing.setdefault((key, col, names), []).append(split)
+    if missing:
+        raise TaskDataError("; ".join(
+            f"data.{key}: the {' and '.join(where)} split{'s have' if len(where) > 1 else ' has'} no column "
+            f"'{col}' (columns: {', '.join(names)})" for (key, col, names), where in missing.items()))
+
+
+def file_columns(path: str) -> list[str] | None:
+    """A data file's column names from its first bytes (parquet schema, CSV header, first JSON
+    object); None when they do not say (the read will)."""
+    kind = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
+    try:
+        if kind == ".parquet" and not path.endswith(".gz"):
+            return list(pq.read_schema(path).names)
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:  # noqa: SIM115
+            head = f.read(65536)
+    except Exception:  # unreadable here: the Ray Data read names the file and the reason
+        return None
+    if kind == ".csv":
+        lines = head.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()
+        return next(csv.reader(lines[:1]), None) if len(lines) > 1 or head.endswith(b"\n") else None
+    first = first_json_record(path, head)
+    return list(first[1]) if first and isinstance(first[1], dict) else None
+
+
+def check_file_columns(cfg: TaskData, task: str) -> None:
+    """Before Ray starts: every data file has the columns the task reads (checked again on the
+    datasets Ray reads), so a wrong column name fails in seconds, once per file."""
+    if cfg.kind != "files":
+        return
+    problems = []
+    for key, patterns in (("data.train", cfg.train), ("data.validation", cfg.validation)):
+        try:
+            files = expand_paths(patterns, key) if patterns else []
+        except CorpusError as exc:
+            raise TaskDataError(str(exc)) from None
+        for path in files:
+            names = file_columns(path)
+            problems += [f"data.{k}: {path} has no column '{col}' (columns: {', '.join(names)})"
+                         for k, col in required_columns(cfg, task) if names is not None and col not in names]
     if problems:
         raise TaskDataError("; ".join(problems))
 

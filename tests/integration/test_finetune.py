@@ -137,6 +137,19 @@ def test_validation_carved_from_train_when_none_is_given(gpt_base, labelled_file
     assert "25% of train" in p.stats["validation_from"]
 
 
+def test_a_column_missing_from_both_splits_is_named_once(ray_session):
+    import ray
+
+    from cluster.tasks import check_columns
+
+    rows = ray.data.from_items([{"question": "q", "answer": "a"}])
+    with pytest.raises(TaskDataError) as err:
+        check_columns(TaskData(kind="files", train=["x"]), "completion", {"train": rows, "validation": rows})
+    assert str(err.value) == (
+        "data.prompt_column: the train and validation splits have no column 'prompt' (columns: question, answer); "
+        "data.completion_column: the train and validation splits have no column 'completion' (columns: question, answer)")
+
+
 # ---------------------------------------------------------------- bad input, refused before training
 
 
@@ -150,7 +163,8 @@ def test_unknown_label_column_names_the_key_and_columns(gpt_base, labelled_files
                    "--set", f"model.checkpoint={gpt_base}", "--set", "name=t-bad-col", "--set", "data.kind=files",
                    "--set", f"data.train=[{labelled_files / 'train.csv'}]", "--set", "data.label_column=topic")
     assert rc == 1
-    assert "data.label_column: the train split has no column 'topic' (columns: text, label)" in err
+    # Refused on the driver from the CSV header, before Ray reads the data.
+    assert f"data.label_column: {labelled_files / 'train.csv'} has no column 'topic' (columns: text, label)" in err
     assert not os.path.exists(os.path.join(os.environ["RAYLM_STORAGE"], "finetune", "t-bad-col"))
 
 
