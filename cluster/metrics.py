@@ -91,11 +91,13 @@ def entity_scores(sums: dict[str, float], types: Sequence[str]) -> dict[str, flo
 def generation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-L F-measure (rouge-score, stemmed) and corpus BLEU (sacrebleu), both 0..100."""
     import sacrebleu
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
     if not references:
         return {"rouge_l": 0.0, "bleu": 0.0}
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # The default tokenizer, handed in: built by RougeScorer itself it logs "Using default
+    # tokenizer." at INFO, a line in the job's console at every evaluation.
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
     bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
     return {"rouge_l": 100.0 * sum(rouge) / len(rouge), "bleu": float(bleu.score)}

@@ -478,3 +478,11 @@ def test_data_files_missing_a_column_are_refused_from_their_first_bytes(tmp_path
                                                     "train": [str(tmp_path / "qa.jsonl")]}), "completion")
     with pytest.raises(tasks.TaskDataError, match="data.validation: .*nope.csv' does not exist"):
         tasks.check_file_columns(cfg.model_copy(update={"validation": [str(tmp_path / "nope.csv")]}), "completion")
+
+
+def test_generation_scores_stem_and_log_nothing(caplog):
+    # rouge-score logged "Using default tokenizer." (INFO) at every evaluation, into the job's console.
+    with caplog.at_level("INFO"):
+        stemmed = M.generation_scores(["the markets rallied"], ["the market rally"])
+    assert stemmed["rouge_l"] == pytest.approx(100.0)
+    assert not [r for r in caplog.records if "tokenizer" in r.getMessage()]
