@@ -6,6 +6,7 @@ Models load from safetensors only and never run remote code. Every method takes 
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -79,6 +80,9 @@ class GenerationEngine(Engine):
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         tok.padding_side = "left"  # decoder-only batches pad on the left so generation continues the text
+        # The KV cache argument is `cache` from transformers 5.x (`past_key_values`, deprecated there
+        # and removed in 5.40, before): streaming steps pass whichever this install takes.
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def encode(self, prompt: str, max_tokens: int) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -131,13 +135,12 @@ class GenerationEngine(Engine):
     def stream(self, prompt: list[int], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Yield {text, finish_reason, tokens} deltas token by token (KV cache, one sequence)."""
         stops = params.get("stop") or []
-        hold = max((len(s) for s in stops), default=1) - 1
         gen = torch.Generator().manual_seed(params["seed"]) if params.get("seed") is not None else None
         new: list[int] = []
         sent, past, step_ids, reason = "", None, torch.tensor([prompt]), "length"
         for _ in range(params["max_tokens"]):
-            out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(input_ids=step_ids, use_cache=True, **{self.cache_arg: past})
+            past = out[self.cache_arg]
             token = _sample(out.logits[0, -1], params["temperature"], params["top_p"], gen)
             if token == self.eos_id:
                 reason = "stop"
@@ -150,8 +153,8 @@ class GenerationEngine(Engine):
             if _cut_at_stop(text, stops)[1]:
                 reason = "stop"
                 break
-            # hold back a tail that could be the start of a stop string
-            ready = text[: len(text) - hold] if hold else text
+            # hold back only a tail that is the start of a stop string (it may complete it)
+            ready = text[: len(text) - _stop_prefix_len(text, stops)]
             if len(ready) > len(sent):
                 yield {"text": ready[len(sent):], "finish_reason": None, "tokens": len(new)}
                 sent = ready
@@ -170,6 +173,12 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (0: nothing to hold)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 def _cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
