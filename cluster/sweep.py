@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
+from pyarrow.fs import FileType
 from pydantic import Field, model_validator
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
@@ -130,7 +131,8 @@ class SweepConfig(Section):
     max_concurrent_trials: int = Field(2, ge=1, description="trials running at once")
     trial: TrialConfig = Field(default_factory=TrialConfig)
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its last checkpoint)")
-    keep_checkpoints: int = Field(1, ge=1, description="best checkpoints kept per trial")
+    keep_checkpoints: int = Field(1, ge=1, description="best checkpoints kept per trial (pbt also keeps the "
+                                  "latest few, which another trial may clone)")
     publish: PublishConfig = Field(default_factory=PublishConfig)
 
     @model_validator(mode="after")
@@ -258,6 +260,62 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
     ).fit()
 
 
+# ---------------------------------------------------------------- checkpoints under PBT
+
+
+class PBTCheckpointPruner(tune.Callback):
+    """Deletes a PBT trial's checkpoints that no trial can need any more.
+
+    PBT restarts a bottom trial from the checkpoint a top trial had at its last perturbation, possibly
+    much later (the paused trial may wait for a free slot). Tune's CheckpointConfig keeps the best N
+    or the latest N, so the top trial may delete that checkpoint meanwhile, and the clone fails with
+    "Could not recover from checkpoint as it does not exist on storage anymore". Under PBT Tune keeps
+    every checkpoint (num_to_keep=None) and this callback prunes, after each save of a trial, all of
+    its checkpoints except: the best `keep_best` by the metric, the latest `keep_recent` (PBT's
+    recorded clone source is among them), and any checkpoint that a trial will restore from (each
+    trial's latest, which is the cloned one for a trial waiting to restart).
+    """
+
+    def __init__(self, metric: str, mode: str, keep_best: int, keep_recent: int):
+        self.metric, self.mode, self.keep_best, self.keep_recent = metric, mode, keep_best, keep_recent
+        self._saved: dict[str, list[tuple[str, float | None]]] = {}  # trial id -> [(path, score)], oldest first
+
+    def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        latest = trial.latest_checkpoint_result
+        if latest is None or latest.checkpoint is None:
+            return
+        saved = self._saved.setdefault(trial.trial_id, [])
+        path = latest.checkpoint.path
+        if not saved or saved[-1][0] != path:  # the same save seen again (on_trial_save per pause) is not new
+            score = latest.metrics.get(self.metric)
+            saved[:] = [s for s in saved if s[0] != path]  # a folder written again holds the newer checkpoint
+            saved.append((path, float(score) if isinstance(score, int | float) and score == score else None))
+        fs = latest.checkpoint.filesystem
+        for stale in prunable(saved, self.mode, self.keep_best, self.keep_recent,
+                              in_use={t.checkpoint.path for t in trials if t.checkpoint is not None}):
+            saved.remove(next(s for s in saved if s[0] == stale))
+            try:
+                fs.delete_dir(stale)
+            except FileNotFoundError:
+                pass
+
+    def get_state(self) -> dict[str, Any]:  # saved with the experiment state: a restored sweep goes on pruning
+        return {"saved": self._saved}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._saved = {k: [tuple(s) for s in v] for k, v in state.get("saved", {}).items()}
+
+
+def prunable(saved: list[tuple[str, float | None]], mode: str, keep_best: int, keep_recent: int,
+             in_use: set[str]) -> list[str]:
+    """Paths of `saved` (oldest first, (path, score)) outside the best keep_best, the latest keep_recent
+    and in_use. A checkpoint without a score never counts among the best."""
+    scored = [s for s in saved if s[1] is not None]
+    best = sorted(scored, key=lambda s: s[1], reverse=mode == "max")[:keep_best]  # stable: ties keep the earlier
+    keep = {p for p, _ in best} | {p for p, _ in saved[-keep_recent:]} | in_use
+    return [p for p, _ in saved if p not in keep]
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -322,6 +380,10 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
     # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
     # last save would run again after an interrupted driver is restored. Save more often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    pbt = cfg.scheduler.kind == "pbt"
+    # PBT clones the checkpoint a top trial had at its last perturbation; it saves one per evaluation
+    interval = cfg.scheduler.perturbation_interval or cfg.finetune.train.eval_every
+    keep_recent = -(-interval // cfg.finetune.train.eval_every) + 1
     if restoring:
         log.info("restoring sweep '%s' from %s", cfg.name, run.path)
         tuner = tune.Tuner.restore(run.path, trainable, resume_unfinished=True, resume_errored=True)
@@ -340,9 +402,12 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=storage.join(root or storage.storage_root(), "tune"),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                # under PBT every checkpoint stays with Tune and PBTCheckpointPruner deletes the ones no
+                # clone can need; Tune's own num_to_keep would delete a checkpoint PBT is about to clone
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else cfg.keep_checkpoints,
                                                         checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode),
+                callbacks=[PBTCheckpointPruner(metric, mode, cfg.keep_checkpoints, keep_recent)] if pbt else None,
                 verbose=1,
             ),
         )
@@ -381,7 +446,9 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
 def best_checkpoint(result: Any, metric: str, pick: Any) -> str | None:
     """The trial's best checkpointed path: Tune checkpoints (function trials) or the checkpoint_path
     that TuneReportCallback put in the metrics (N-worker trials)."""
-    kept = [(c.path, m[metric]) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+    # under PBT Tune lists every checkpoint a trial saved, and PBTCheckpointPruner deleted some
+    kept = [(c.path, m[metric]) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None
+            and c.filesystem.get_file_info(c.path).type != FileType.NotFound]
     df = result.metrics_dataframe
     if df is not None and "checkpoint_path" in df and metric in df:
         kept += [(p, v) for p, v in zip(df["checkpoint_path"], df[metric], strict=True) if isinstance(p, str)

@@ -129,6 +129,28 @@ def test_a_worse_sweep_does_not_replace_the_published_model(asha_sweep, gpt_base
     assert entry["sweep_id"].startswith("t-sw-asha/")
 
 
+def test_pbt_trials_clone_each_others_checkpoints_without_losing_any(gpt_base):
+    # 4 trials, 2 at a time, an exploit/explore step at every evaluation: bottom trials restart from a
+    # top trial's checkpoint while that trial goes on checkpointing. No retries: a clone of a checkpoint
+    # deleted meanwhile would end its trial in ERROR.
+    cfg = sweep_config("t-sw-pbt", f"finetune.model.checkpoint={gpt_base}", "finetune.train.max_steps=60",
+                       "finetune.train.eval_every=10", "search={}", "scheduler.kind=pbt",
+                       "scheduler.mutations={optim.lr: {loguniform: [1.0e-4, 3.0e-3]}}",
+                       "scheduler.perturbation_interval=10", "scheduler.quantile_fraction=0.5", "num_samples=4",
+                       "max_failures=0", "publish.enabled=false")
+    s = run_sweep(cfg)
+    rows = table(s)
+    assert not s["errored"] and all(r["status"] == "DONE" for r in rows), rows
+    sweep_dir = os.path.dirname(s["results"])
+    with open(os.path.join(sweep_dir, "pbt_global.txt")) as f:
+        assert any(line.strip() for line in f)  # a trial was cloned
+    # checkpoints a clone could still need were kept; the rest down to the best (keep_checkpoints 1),
+    # the latest and the few PBT may clone next, not one per evaluation
+    for trial_dir in glob.glob(os.path.join(sweep_dir, "trial_main_*")):
+        assert len(glob.glob(os.path.join(trial_dir, "checkpoint_*"))) <= 4, trial_dir
+    assert os.path.isdir(s["best"]["checkpoint"])
+
+
 def _finished_trials(sweep_dir: str) -> dict[str, int]:
     """trial dir -> result.json lines, for trials the saved experiment state marks TERMINATED."""
     out = {}

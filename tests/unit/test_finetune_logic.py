@@ -400,6 +400,50 @@ def test_a_seeded_search_holds_trials_to_max_concurrent_trials(tmp_path, search_
     assert [generator.next_trial() is not None for _ in range(3)] == [True, True, False]
 
 
+def test_pbt_pruning_keeps_the_best_the_latest_and_what_a_clone_will_restore(tmp_path):
+    # Regression: under PBT, Tune kept 1 checkpoint per trial (the best); a bottom trial cloned the
+    # checkpoint a top trial had at its last perturbation after that trial had saved a better one and
+    # deleted it: "Could not recover from checkpoint as it does not exist on storage anymore".
+    from types import SimpleNamespace
+
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    from cluster.sweep import PBTCheckpointPruner, prunable
+
+    # oldest first; keep the best 1 (max), the latest 2 and what is in use
+    saved = [("c0", 0.5), ("c1", 0.9), ("c2", 0.6), ("c3", None), ("c4", 0.7), ("c5", 0.8)]
+    assert prunable(saved, "max", 1, 2, in_use=set()) == ["c0", "c2", "c3"]
+    assert prunable(saved, "min", 1, 2, in_use={"c2"}) == ["c1", "c3"]
+    assert prunable(saved[:2], "max", 1, 2, in_use=set()) == []
+
+    def trial(trial_id, path, score):
+        ckpt = Checkpoint(str(path)) if path else None
+        return SimpleNamespace(trial_id=trial_id, checkpoint=ckpt, latest_checkpoint_result=_TrainingResult(
+            checkpoint=ckpt, metrics={"val_accuracy": score}) if ckpt else None)
+
+    pruner = PBTCheckpointPruner("val_accuracy", "max", keep_best=1, keep_recent=2)
+    top, clone = tmp_path / "top", tmp_path / "clone"
+    dirs = [top / f"checkpoint_{i}" for i in range(5)]
+    for d in dirs:
+        d.mkdir(parents=True)
+    a, b = trial("a", None, None), trial("b", None, None)
+    for i, score in enumerate([0.9, 0.4, 0.5, 0.6, 0.7]):  # the best came first, then a decline
+        a = trial("a", dirs[i], score)
+        if i == 1:  # b, waiting for a free slot, will restart from a's checkpoint_1
+            b = trial("b", dirs[1], 0.4)
+        pruner.on_trial_save(iteration=i, trials=[a, b], trial=a)
+    assert sorted(p.name for p in top.iterdir()) == ["checkpoint_0", "checkpoint_1", "checkpoint_3", "checkpoint_4"]
+    b = trial("b", clone / "checkpoint_0", 0.8)  # b restarted and saved its own: a's checkpoint_1 goes next
+    (clone / "checkpoint_0").mkdir(parents=True)
+    pruner.on_trial_save(iteration=6, trials=[a, b], trial=b)
+    pruner.on_trial_save(iteration=7, trials=[a, b], trial=a)
+    assert sorted(p.name for p in top.iterdir()) == ["checkpoint_0", "checkpoint_3", "checkpoint_4"]
+    restored = PBTCheckpointPruner("val_accuracy", "max", 1, 2)
+    restored.set_state(pruner.get_state())  # a restored sweep goes on from what was saved
+    assert restored._saved == pruner._saved
+
+
 def test_a_sweep_whose_best_is_the_untuned_model_publishes_nothing(tmp_path, monkeypatch):
     # Found running a tagging sweep on a barely pretrained ALBERT: every trial's best evaluation was
     # the one before any step, and the sweep published that checkpoint, the base model with a
