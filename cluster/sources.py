@@ -189,14 +189,15 @@ def expand_paths(patterns: list[str], where: str) -> list[str]:
     return sorted(dict.fromkeys(os.path.abspath(f) for f in files))
 
 
-def _base_suffix(path: str) -> str:
+def base_suffix(path: str) -> str:
+    """The suffix that says the format: '.jsonl' for both data.jsonl and data.jsonl.gz."""
     stem = path[:-3] if path.endswith(".gz") else path
     return os.path.splitext(stem)[1].lower()
 
 
 def check_file(path: str, text_column: str) -> None:
     """Cheap checks on the driver before any task starts (parquet schema, unknown suffix)."""
-    suffix = _base_suffix(path)
+    suffix = base_suffix(path)
     if suffix not in TEXT_SUFFIXES:
         raise CorpusError(f"{path}: unsupported file type '{suffix}' (use .txt, .jsonl, .json, .parquet, .gz)")
     if suffix == ".parquet" and not path.endswith(".gz"):
@@ -215,7 +216,8 @@ def check_file(path: str, text_column: str) -> None:
             _check_first_json_object(path, head, text_column)
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
+def open_binary(path: str) -> io.BufferedIOBase:
+    """The file's bytes, decompressed for .gz."""
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
@@ -224,7 +226,7 @@ def _check_not_binary(path: str) -> bytes:
     driver, before a task reads any part of the file, so a split file fails with this reason.
     Returns those bytes."""
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             head = f.read(8192)
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
@@ -241,10 +243,10 @@ def _missing_key(where: str, obj: Any, column: str) -> CorpusError:
 
 def is_json_array(path: str, head: bytes | None = None) -> bool:
     """A .json file holding one JSON array of documents (`[{"text": ...}, ...]`), not JSON lines."""
-    if _base_suffix(path) != ".json":
+    if base_suffix(path) != ".json":
         return False
     if head is None:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             head = f.read(4096)
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
@@ -278,7 +280,7 @@ def _check_first_json_object(path: str, head: bytes, column: str) -> None:
 
 def is_line_based(path: str, txt_mode: str) -> bool:
     """One document per line (JSON lines, or .txt in line mode): a file that can be read in parts."""
-    suffix = _base_suffix(path)
+    suffix = base_suffix(path)
     if suffix == ".json":
         return not is_json_array(path)
     return suffix == ".jsonl" or (suffix in (".txt", ".md") and txt_mode == "line")
@@ -310,7 +312,7 @@ def _lines(path: str, max_line_bytes: int, start: int = 0, end: int | None = Non
     decompressed bytes for .gz (which is always read whole)."""
     lines = lines or _LineNumbers(path, start)
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             offset = start
             if start:  # the line running over `start` belongs to the part before: skip to its end
                 f.seek(offset := start - 1)
@@ -380,7 +382,7 @@ def _json_array_docs(path: str, column: str) -> Iterator[tuple[int, str, str, st
     """A .json file holding one array: read whole by one task (it has no line boundaries to split
     at); items are objects with the text key, or strings."""
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             raw = f.read()
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
@@ -427,9 +429,9 @@ def _file_docs(part: dict[str, Any], text_column: str, txt_mode: str, max_line_b
                ) -> Iterator[tuple[int, str, str, str]]:
     path, start, end = part["path"], int(part["start"]), part["end"]
     end = None if end is None or int(end) < 0 else int(end)
-    suffix = _base_suffix(path)
+    suffix = base_suffix(path)
     if suffix == ".parquet":
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             table = pq.read_table(f, columns=[text_column])
         for i, value in enumerate(table.column(text_column).to_pylist()):
             yield (i, value, "", "") if isinstance(value, str) else (i, "", "empty", "")

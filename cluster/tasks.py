@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import csv
 import functools
-import gzip
 import json
 import math
 import os
@@ -31,7 +30,14 @@ from pydantic import Field, model_validator
 
 from cluster import synthetic
 from cluster.config import Section, StrList
-from cluster.sources import CorpusError, expand_paths, first_json_record, read_parquet
+from cluster.sources import (
+    CorpusError,
+    base_suffix,
+    expand_paths,
+    first_json_record,
+    open_binary,
+    read_parquet,
+)
 
 Task = Literal["classification", "tagging", "completion"]
 IGNORE_INDEX = -100
@@ -121,8 +127,7 @@ def _read_files(patterns: list[str], where: str) -> ray.data.Dataset:
         raise TaskDataError(str(exc)) from None
     by_kind: dict[str, list[str]] = collections.defaultdict(list)
     for f in files:
-        name = f[:-3] if f.endswith(".gz") else f
-        kind = os.path.splitext(name)[1].lower()
+        kind = base_suffix(f)
         if kind not in (".csv", ".jsonl", ".json", ".parquet"):
             raise TaskDataError(f"{where}: '{f}' is not CSV, JSONL/JSON or Parquet")
         by_kind[kind].append(f)
@@ -216,11 +221,11 @@ def check_columns(cfg: TaskData, task: str, splits: dict[str, ray.data.Dataset])
 def file_columns(path: str) -> list[str] | None:
     """A data file's column names from its first bytes (parquet schema, CSV header, first JSON
     object); None when they do not say (the read will)."""
-    kind = os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower()
+    kind = base_suffix(path)
     try:
         if kind == ".parquet" and not path.endswith(".gz"):
             return list(pq.read_schema(path).names)
-        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:  # noqa: SIM115
+        with open_binary(path) as f:
             head = f.read(65536)
     except Exception:  # unreadable here: the Ray Data read names the file and the reason
         return None
