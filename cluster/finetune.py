@@ -42,13 +42,6 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "tagging": ("AutoModelForTokenClassification", "tagging", "TOKEN_CLS"),
     "completion": ("AutoModelForCausalLM", "generation", "CAUSAL_LM"),
 }
-# validation metric -> "max"/"min", per task (what a sweep may optimise)
-METRICS: dict[str, dict[str, str]] = {
-    "classification": {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"},
-    "tagging": {"val_loss": "min", "val_token_accuracy": "max", "val_entity_precision": "max",
-                "val_entity_recall": "max", "val_entity_f1": "max"},
-    "completion": {"val_loss": "min", "val_perplexity": "min", "val_rouge_l": "max", "val_bleu": "max"},
-}
 CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 

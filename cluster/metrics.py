@@ -11,6 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# validation metric -> "max"/"min", per task (what a sweep may optimise)
+METRICS: dict[str, dict[str, str]] = {
+    "classification": {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"},
+    "tagging": {"val_loss": "min", "val_token_accuracy": "max", "val_entity_precision": "max",
+                "val_entity_recall": "max", "val_entity_f1": "max"},
+    "completion": {"val_loss": "min", "val_perplexity": "min", "val_rouge_l": "max", "val_bleu": "max"},
+}
+# what a sweep optimises unless told, and what a published fine-tuning run records
+DEFAULT_METRIC = {"classification": "val_accuracy", "tagging": "val_entity_f1", "completion": "val_rouge_l"}
+
 IGNORE_INDEX = -100
 
 

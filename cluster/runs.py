@@ -8,6 +8,7 @@ from typing import Any
 
 from cluster import storage
 from cluster.config import Section
+from cluster.metrics import DEFAULT_METRIC, METRICS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -70,6 +71,30 @@ def run_checkpoint(run_dir: str) -> str | None:
         return None
     s = storage.read_json(summary)
     return (s.get("best") or {}).get("checkpoint") or (s.get("final") or {}).get("checkpoint")
+
+
+def run_metric(run_dir: str) -> dict[str, Any] | None:
+    """The metric of the checkpoint run_checkpoint picks, as the registry records it ({name, value,
+    mode}): a sweep's objective; a fine-tuning run's task metric (the one a sweep optimises by
+    default), else its val_loss; a pretraining run's val_loss. None when the summary has no value."""
+    summary = storage.join(run_dir, "summary.json")
+    if not storage.exists(summary):
+        return None
+    s = storage.read_json(summary)
+    best = s.get("best") or {}
+    if s.get("metric") and s.get("mode") in ("max", "min"):  # a sweep: best holds its objective
+        value = best.get(s["metric"])
+        return {"name": s["metric"], "value": float(value), "mode": s["mode"]} if _number(value) else None
+    metrics = (best if best.get("checkpoint") else s.get("final") or {}).get("metrics") or {}
+    task = s.get("task")
+    name = DEFAULT_METRIC[task] if _number(metrics.get(DEFAULT_METRIC.get(task, ""))) else "val_loss"
+    if not _number(metrics.get(name)):
+        return None
+    return {"name": name, "value": float(metrics[name]), "mode": METRICS.get(task, {}).get(name, "min")}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def is_run_dir(path: str) -> bool:

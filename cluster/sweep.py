@@ -28,7 +28,6 @@ from cluster import registry, storage
 from cluster.config import ConfigError, Section, _set_dotted, build, same_config
 from cluster.entry import JobError
 from cluster.finetune import (
-    METRICS,
     TASKS,
     FinetuneConfig,
     TaskSetup,
@@ -37,11 +36,11 @@ from cluster.finetune import (
     run_worker,
     setup,
 )
+from cluster.metrics import DEFAULT_METRIC, METRICS
 from cluster.runs import RunDir, check_name
 from cluster.sources import quiet_data_logs
 
 log = logging.getLogger(__name__)
-DEFAULT_METRIC = {"classification": "val_accuracy", "tagging": "val_entity_f1", "completion": "val_rouge_l"}
 
 
 class Domain(Section):

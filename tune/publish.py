@@ -2,7 +2,9 @@
 
 Copies a Hugging Face checkpoint (safetensors only) into `<RAYLM_STORAGE>/registry/<name>/` with
 its model.json, and prints the registry path last. A finished fine-tuning run, sweep or
-pretraining run, by name or by its folder, stands for its best checkpoint (else its final one).
+pretraining run, by name or by its folder, stands for its best checkpoint (else its final one),
+and unless --metric is given the registry records that checkpoint's metric from the run's summary
+(a sweep's objective, a fine-tuning run's task metric, else val_loss).
 The task defaults to the one the checkpoint's architecture serves (a *ForCausalLM generates, a
 *ForMaskedLM fills masks).
 """
@@ -14,7 +16,7 @@ import json
 import sys
 
 from cluster import registry, storage
-from cluster.runs import is_run_dir, run_checkpoint
+from cluster.runs import is_run_dir, run_checkpoint, run_metric
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,7 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", required=True, help="registry name, e.g. gpt-tiny")
     p.add_argument("--task", choices=registry.TASKS,
                    help="default: the one task the checkpoint's architecture serves")
-    p.add_argument("--metric", help="NAME=VALUE, e.g. accuracy=0.91; a better metric replaces an older model")
+    p.add_argument("--metric", help="NAME=VALUE, e.g. accuracy=0.91; a better metric replaces an older model "
+                   "(default for a run: its metric from summary.json)")
     p.add_argument("--mode", choices=("max", "min"), default="max", help="whether a larger metric is better")
     p.add_argument("--labels", help="comma-separated labels (default: the checkpoint's id2label)")
     p.add_argument("--sweep-id", help="the sweep that produced the checkpoint")
@@ -33,19 +36,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_source(arg: str) -> str:
-    """The checkpoint `arg` names: itself, or a finished run's best (else final) checkpoint when
-    `arg` is a run folder or the name of a fine-tuning run, sweep or pretraining run under the
-    storage root."""
+def resolve_source(arg: str) -> tuple[str, dict | None]:
+    """(checkpoint, metric) that `arg` names: itself and no metric, or a finished run's best (else
+    final) checkpoint and its metric from the run's summary when `arg` is a run folder or the name
+    of a fine-tuning run, sweep or pretraining run under the storage root."""
     if storage.exists(arg) or storage.is_uri(arg):
         if not is_run_dir(arg):
-            return arg
-        picked = run_checkpoint(arg)
-        if not picked:
-            raise registry.RegistryError(f"run '{arg}' finished without a checkpoint")
-        return picked
+            return arg, None
+        return _run_source(arg)
     if "/" in arg or arg.startswith("."):
-        return arg  # a path that does not exist: validate_checkpoint says so
+        return arg, None  # a path that does not exist: validate_checkpoint says so
     root = storage.storage_root()
     runs = [storage.join(root, job, arg) for job in ("finetune", "tune", "pretrain")]
     found = [r for r in runs if storage.exists(storage.join(r, "summary.json"))]
@@ -58,10 +58,14 @@ def resolve_source(arg: str) -> str:
         raise registry.RegistryError(
             f"checkpoint '{arg}' does not exist, and no run of that name is under {', '.join(runs)}"
         )
-    picked = run_checkpoint(found[0])
+    return _run_source(found[0])
+
+
+def _run_source(run_dir: str) -> tuple[str, dict | None]:
+    picked = run_checkpoint(run_dir)
     if not picked:
-        raise registry.RegistryError(f"run '{found[0]}' finished without a checkpoint")
-    return picked
+        raise registry.RegistryError(f"run '{run_dir}' finished without a checkpoint")
+    return picked, run_metric(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
     try:
-        checkpoint = resolve_source(args.checkpoint)
+        checkpoint, summary_metric = resolve_source(args.checkpoint)
         if checkpoint != args.checkpoint:
             print(f"publishing {checkpoint}", file=sys.stderr)
+        if metric is None and summary_metric is not None:  # --metric wins over the run's own
+            metric = summary_metric
+            print(f"metric from the run's summary: {metric['name']}={metric['value']:.6g} ({metric['mode']})",
+                  file=sys.stderr)
         path = registry.publish(
             checkpoint, args.name, args.task, metric=metric, labels=labels,
             sweep_id=args.sweep_id, force=args.force, root=args.root,

@@ -161,11 +161,11 @@ def test_the_task_is_the_one_the_architecture_serves_unless_named(ckpts, tmp_pat
         registry.publish(str(odd), "odd", None, root=root)
 
 
-def _finished_run(storage_root, job, name, checkpoint):
+def _finished_run(storage_root, job, name, checkpoint, **summary):
     run = storage_root / job / name
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"job": job, "name": name, "final": {"checkpoint": checkpoint},
-                                                  "best": {"checkpoint": checkpoint}}))
+                                                  "best": {"checkpoint": checkpoint}, **summary}))
     return run
 
 
@@ -195,3 +195,35 @@ def test_publish_cli_takes_a_run_by_name_or_folder(ckpts, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "checkpoint 'nothing' does not exist, and no run of that name is under" in err
     assert not os.path.exists(os.path.join(reg, "x"))
+
+
+def test_a_published_run_records_its_metric(ckpts, tmp_path, monkeypatch, capsys):
+    # Regression: `raylm publish <run>` recorded metric null, so any later model replaced it and a
+    # sweep's better-metric rule had nothing to compare with.
+    from tune.publish import main
+
+    monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "store"))
+    reg = str(tmp_path / "store" / "registry")
+    best = {"checkpoint": ckpts["cls"], "metrics": {"val_loss": 0.31, "val_accuracy": 0.9, "step": 40}}
+    _finished_run(tmp_path / "store", "finetune", "ft", ckpts["cls"], task="classification", best=best)
+    assert main(["ft", "--name", "topic"]) == 0
+    assert registry.load_entry("topic", reg)["metric"] == {"name": "val_accuracy", "value": 0.9, "mode": "max"}
+    assert "metric from the run's summary: val_accuracy=0.9 (max)" in capsys.readouterr().err
+    # completion without generated examples has no ROUGE-L: its val_loss, lower is better
+    best = {"checkpoint": ckpts["gpt"], "metrics": {"val_loss": 1.7, "val_perplexity": 5.5}}
+    _finished_run(tmp_path / "store", "finetune", "cmp", ckpts["gpt"], task="completion", best=best)
+    assert main(["cmp", "--name", "cmp"]) == 0
+    assert registry.load_entry("cmp", reg)["metric"] == {"name": "val_loss", "value": 1.7, "mode": "min"}
+    # a sweep records its objective; a worse sweep result is refused like a worse sweep
+    _finished_run(tmp_path / "store", "tune", "sw", ckpts["cls"], metric="val_accuracy", mode="max",
+                  best={"checkpoint": ckpts["cls"], "val_accuracy": 0.8, "best_step": 30})
+    assert main(["sw", "--name", "topic"]) == 1
+    err = capsys.readouterr().err
+    assert "metric from the run's summary: val_accuracy=0.8 (max)" in err and "is not better" in err
+    # --metric wins; a pretraining run without a best checkpoint records its final val_loss
+    _finished_run(tmp_path / "store", "pretrain", "pt", ckpts["gpt"], best=None,
+                  final={"checkpoint": ckpts["gpt"], "metrics": {"val_loss": 3.2, "step": 80}})
+    assert main(["pt", "--name", "pt"]) == 0
+    assert registry.load_entry("pt", reg)["metric"] == {"name": "val_loss", "value": 3.2, "mode": "min"}
+    assert main(["pt", "--name", "pt2", "--metric", "bpb=1.5", "--mode", "min"]) == 0
+    assert registry.load_entry("pt2", reg)["metric"] == {"name": "bpb", "value": 1.5, "mode": "min"}
