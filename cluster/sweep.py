@@ -259,6 +259,15 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
     ).fit()
 
 
+def trial_resources(trial: TrialConfig) -> dict[str, float]:
+    """What Tune reserves for one trial: its worker's CPUs/GPUs (one worker), or for N workers a
+    sliver of a CPU for the trial that only drives a TorchTrainer, whose workers reserve the real
+    resources. Tune refuses a request of nothing ("an empty head and zero worker bundles")."""
+    if trial.workers == 1:
+        return {"cpu": trial.cpus, "gpu": trial.gpus}
+    return {"cpu": 0.01}
+
+
 # ---------------------------------------------------------------- checkpoints under PBT
 
 
@@ -371,11 +380,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
         trial_main, base=cfg.finetune.to_dict(), meta=ts.meta, data={"train": ts.train, "validation": ts.validation},
         trial={**cfg.trial.to_dict(), "metric": metric, "mode": mode}, sweep_dir=run.path,
     )
-    if cfg.trial.workers == 1:
-        resources = {"cpu": cfg.trial.cpus, "gpu": cfg.trial.gpus}
-    else:  # the trial only drives a TorchTrainer, whose workers reserve the real resources
-        resources = {"cpu": 0}
-    trainable = tune.with_resources(trainable, resources)
+    trainable = tune.with_resources(trainable, trial_resources(cfg.trial))
     # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
     # last save would run again after an interrupted driver is restored. Save more often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")

@@ -129,6 +129,20 @@ def test_a_worse_sweep_does_not_replace_the_published_model(asha_sweep, gpt_base
     assert entry["sweep_id"].startswith("t-sw-asha/")
 
 
+def test_a_trial_with_two_workers_trains_in_a_torchtrainer(gpt_base):
+    # Regression: trial.workers > 1 asked Tune for no resources at all and failed before any trial.
+    cfg = sweep_config("t-sw-w2", f"finetune.model.checkpoint={gpt_base}", "finetune.train.max_steps=40",
+                       "finetune.train.eval_every=20", "search={optim.lr: {grid: [3.0e-3]}}", "search_alg.kind=grid",
+                       "num_samples=1", "scheduler.kind=fifo", "trial.workers=2", "max_concurrent_trials=1",
+                       "publish.enabled=false")
+    s = run_sweep(cfg)
+    [row] = table(s)
+    assert row["status"] == "DONE" and float(row["val_accuracy"]) > s["baseline"]["accuracy"] + 0.2, row
+    # the trial's checkpoints are the TorchTrainer's, under the sweep's train-runs/
+    assert row["checkpoint"].startswith(os.path.join(os.path.dirname(s["results"]), "train-runs", ""))
+    assert os.path.isfile(os.path.join(row["checkpoint"], "model.safetensors"))
+
+
 def test_pbt_trials_clone_each_others_checkpoints_without_losing_any(gpt_base):
     # 4 trials, 2 at a time, an exploit/explore step at every evaluation: bottom trials restart from a
     # top trial's checkpoint while that trial goes on checkpointing. No retries: a clone of a checkpoint

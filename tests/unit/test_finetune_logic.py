@@ -400,6 +400,20 @@ def test_a_seeded_search_holds_trials_to_max_concurrent_trials(tmp_path, search_
     assert [generator.next_trial() is not None for _ in range(3)] == [True, True, False]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_trial_shape_asks_tune_for_resources_it_accepts(workers):
+    # Regression: a trial with N workers asked Tune for {"cpu": 0}, which Tune refuses ("Cannot
+    # initialize a ResourceRequest with an empty head and zero worker bundles"): every sweep with
+    # trial.workers > 1 failed before its first trial.
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    from cluster.sweep import TrialConfig, trial_resources
+
+    wanted = resource_dict_to_pg_factory(trial_resources(TrialConfig(workers=workers, cpus=2))).required_resources
+    # one worker reserves its own CPUs; N workers reserve theirs in the TorchTrainer the trial drives
+    assert wanted["CPU"] == (2 if workers == 1 else 0.01)
+
+
 def test_pbt_pruning_keeps_the_best_the_latest_and_what_a_clone_will_restore(tmp_path):
     # Regression: under PBT, Tune kept 1 checkpoint per trial (the best); a bottom trial cloned the
     # checkpoint a top trial had at its last perturbation after that trial had saved a better one and
