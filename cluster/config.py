@@ -27,6 +27,18 @@ def _one_or_many(value: Any) -> Any:
 StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
 
 
+def _names(value: Any) -> Any:
+    value = _one_or_many(value)
+    if isinstance(value, list):
+        return [part.strip() for v in value for part in (v.split(",") if isinstance(v, str) else [v]) if str(part).strip()]
+    return value
+
+
+# Names that never hold a comma (registry and run names): `--set models=a,b` is [a, b], as it
+# would be for a comma-separated command-line flag.
+NameList = Annotated[list[str], BeforeValidator(_names)]
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names every offending key."""
 

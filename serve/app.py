@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import registry, storage
-from cluster.config import Section, StrList, build, deep_merge
+from cluster.config import NameList, Section, build, deep_merge
 from serve.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -137,7 +137,8 @@ class DeploymentOptions(Section):
 
 class AppArgs(Section):
     registry: str | None = Field(None, description="registry root (default: $RAYLM_STORAGE/registry)")
-    models: StrList | None = Field(None, description="registry names to serve (default: all)")
+    models: NameList | None = Field(None, description="registry names to serve, a list or comma-separated "
+                                    "(default: all)")
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**DEFAULTS["ingress"]))
     model: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**DEFAULTS["model"]),
                                      description="options of every model deployment")

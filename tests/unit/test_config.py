@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from cluster.config import ConfigError, load_config, parse_overrides, same_config
+from cluster.config import ConfigError, build, load_config, parse_overrides, same_config
 from cluster.corpus import PrepareConfig
 from cluster.finetune import FinetuneConfig
 from cluster.pretrain import PretrainConfig
@@ -117,3 +117,6 @@ def test_one_string_stands_for_a_list_of_one(tmp_path):
     from serve.app import AppArgs
 
     assert AppArgs.model_validate({"models": "bert-cls"}).models == ["bert-cls"]
+    # registry names hold no comma: `--set models=a,b` is two models, as a comma-separated flag is
+    assert build(AppArgs, parse_overrides(["models=w2,opt"])).models == ["w2", "opt"]
+    assert AppArgs.model_validate({"models": ["a, b", "c"]}).models == ["a", "b", "c"]
