@@ -42,6 +42,26 @@ def setup_logging() -> None:
     )
     for noisy in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in RAY_DATA_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, UserErrorTraceFilter) for f in logger.filters):
+            logger.addFilter(UserErrorTraceFilter())
+
+
+# The Ray Data loggers that report an exception raised in a task before it reaches the driver.
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+class UserErrorTraceFilter(logging.Filter):
+    """Drops Ray Data's report of an error raylm raised on purpose in a task (a corrupt line, a
+    missing column). Ray Data (2.60) logs it as a failure of its own ("Exception occurred in Ray Data
+    or Ray Core internal code", "please open an issue") with a ~170-line traceback, and then the job
+    prints its one line naming the file and line. Records about any other exception are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the exception the record carries, else the one being handled where it was logged
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not isinstance(exc, user_errors())
 
 
 def follow_replaced_cwd(interval_s: float = 0.2) -> threading.Thread | None:

@@ -76,3 +76,36 @@ def test_bad_input_is_reported_before_the_job_connects_to_ray(tmp_path, module, 
     assert out.returncode in (1, 2), out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(error), out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / run_folder).exists()
+
+
+def test_ray_data_s_report_of_a_raylm_error_raised_in_a_task_is_dropped():
+    # Regression: a corrupt line deep in a JSON lines file failed the prepare job with Ray Data's
+    # "Exception occurred in Ray Data or Ray Core internal code ... please open an issue" and a
+    # ~170-line traceback before raylm's one line naming the file and line.
+    import logging
+
+    from cluster.entry import RAY_DATA_ERROR_LOGGERS, setup_logging
+    from cluster.sources import CorpusError
+
+    setup_logging()
+    setup_logging()  # idempotent: one filter per logger
+    executor, exceptions = (logging.getLogger(n) for n in RAY_DATA_ERROR_LOGGERS)
+    assert len(executor.filters) == len(exceptions.filters) == 1
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    for logger in (executor, exceptions):
+        logger.addHandler(handler)
+    try:
+        for raised in (CorpusError("docs.jsonl:3001: not valid JSON"), RuntimeError("a real Ray failure")):
+            try:
+                raise raised
+            except Exception as e:
+                executor.error("An exception was raised from a task", exc_info=e)
+                exceptions.error("Exception occurred in Ray Data or Ray Core internal code")
+                exceptions.exception("Full stack trace:")
+    finally:
+        for logger in (executor, exceptions):
+            logger.removeHandler(handler)
+    # the raylm error's three records are gone; the other error keeps all three
+    assert [r.exc_info[1] if r.exc_info else None for r in records] == [raised, None, raised]
