@@ -193,6 +193,9 @@ def check_sweep(cfg: SweepConfig) -> None:
         ranged = [k for k, d in cfg.search.items() if d.kind not in ("grid", "choice")]
         if ranged:
             problems.append(f"search_alg 'grid' needs grid/choice domains; {ranged} are ranges")
+    if cfg.finetune.scaling.strategy == "fsdp" and cfg.trial.workers > 1 and cfg.trial.gpus == 0:
+        problems.append("finetune.scaling.strategy 'fsdp' shards the model across GPU workers: give each trial "
+                        "worker a GPU (trial.gpus), or use strategy 'ddp' on CPUs")
     if cfg.scheduler.kind == "pbt":
         if cfg.trial.workers > 1:
             problems.append("scheduler 'pbt' clones checkpoints between trials: it runs with trial.workers 1")
@@ -242,8 +245,9 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
     from cluster.finetune import worker_main
 
     metric, mode = trial["metric"], trial["mode"]
-    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = trial["workers"], trial["cpus"]
+    # GPUs first: the worker count is checked against them (FSDP needs GPUs) as it is assigned
     cfg.scaling.use_gpu, cfg.scaling.gpus_per_worker = trial["gpus"] > 0, trial["gpus"] or 1
+    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = trial["workers"], trial["cpus"]
     plan = replace(plan_run(cfg, meta, run_dir, trial["workers"]), progress=False)
     TorchTrainer(
         worker_main,

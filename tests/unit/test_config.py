@@ -120,3 +120,22 @@ def test_one_string_stands_for_a_list_of_one(tmp_path):
     # registry names hold no comma: `--set models=a,b` is two models, as a comma-separated flag is
     assert build(AppArgs, parse_overrides(["models=w2,opt"])).models == ["w2", "opt"]
     assert AppArgs.model_validate({"models": ["a, b", "c"]}).models == ["a", "b", "c"]
+
+
+def test_fsdp_across_cpu_workers_is_refused_when_the_config_is_read():
+    # Regression: Ray Train's prepare_model raises "FSDP is only available with GPU-enabled
+    # training" once the workers are up: the run failed about a minute in, with 3 tracebacks.
+    from cluster.pretrain import PretrainConfig
+    from cluster.sweep import SweepConfig, check_sweep
+
+    with pytest.raises(ConfigError, match="strategy 'fsdp' shards the model across GPU workers"):
+        load_config(PretrainConfig, None, ["corpus=c", "scaling.num_workers=2", "scaling.strategy=fsdp"])
+    # one worker has nothing to shard; GPU workers may
+    load_config(PretrainConfig, None, ["corpus=c", "scaling.strategy=fsdp"])
+    load_config(PretrainConfig, None, ["corpus=c", "scaling.num_workers=2", "scaling.strategy=fsdp",
+                                       "scaling.use_gpu=true"])
+    sweep = ["finetune={task: classification, model: {checkpoint: x}, scaling: {strategy: fsdp}}",
+             "search={optim.lr: {choice: [0.001]}}", "trial.workers=2"]
+    with pytest.raises(ConfigError, match="give each trial worker a GPU"):
+        check_sweep(load_config(SweepConfig, None, sweep))
+    check_sweep(load_config(SweepConfig, None, [*sweep, "trial.gpus=1"]))
