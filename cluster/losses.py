@@ -45,7 +45,9 @@ class CausalLM:
 
     def forward(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = inputs["input_ids"]
-        logits = model(input_ids=ids).logits  # (B, T, V)
+        # no KV cache in training: nothing reads it, and with activation checkpointing transformers
+        # turns it off itself with a warning from every worker
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
         # Loss in fp32 whatever the autocast dtype: bits per byte needs exact sums.
         nats = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1), reduction="sum"

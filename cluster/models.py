@@ -126,8 +126,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None
     config._attn_implementation = cfg.attn
     model = classes[cfg.family](config)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """transformers 5.24 renamed gradient_checkpointing_enable (deprecated, FutureWarning from every
+    worker) to activation_checkpointing_enable; older versions have only the first."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: Any, trainable_only: bool = False) -> int:

@@ -150,7 +150,8 @@ class Completion:
         }
 
     def forward(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits  # (B, T, V)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       use_cache=False).logits  # (B, T, V); no KV cache in training, as in losses.CausalLM
         nats, count = _sum_ce(logits[:, :-1], inputs["labels"][:, 1:])  # position t predicts t + 1
         return nats / count.clamp(min=1), {"nats": nats.detach(), "tokens": count}
 

@@ -544,3 +544,37 @@ def test_generation_scores_stem_and_log_nothing(caplog):
         stemmed = M.generation_scores(["the markets rallied"], ["the market rally"])
     assert stemmed["rouge_l"] == pytest.approx(100.0)
     assert not [r for r in caplog.records if "tokenizer" in r.getMessage()]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_activation_checkpointing_trains_without_deprecation_or_cache_warnings(family):
+    # Regression: every worker warned twice per run: transformers 5.24 deprecated
+    # gradient_checkpointing_enable (FutureWarning), and the training forward asked for a KV cache
+    # that checkpointing turns off ("use_cache=True is incompatible with gradient checkpointing").
+    import logging
+    import warnings
+
+    import torch
+
+    from cluster.losses import CausalLM
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")  # does not propagate to the root logger
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            model = build_model(ModelConfig(family=family, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=64,
+                                            activation_checkpointing=True), 100, {"pad": 0, "bos": 1, "eos": 2})
+            model.train()
+            ids = torch.randint(3, 100, (2, 16))
+            loss, _ = CausalLM(bytes_per_token=4.0).forward(model, {"input_ids": ids})
+            loss.backward()
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "use_cache" in r.getMessage()]
+    assert torch.isfinite(loss)
+    # checkpointing is on: the blocks recompute in backward
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
