@@ -318,10 +318,14 @@ def apply_strategy(model: Any, strategy: StrategyConfig, task: str) -> Any:
                     p.requires_grad = True
         return model
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     opts = strategy.lora
+    # GPT-2's projections are Conv1D (weights stored transposed): peft needs fan_in_fan_out for them,
+    # and sets it itself with a warning per layer kind when it is not given
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     config = LoraConfig(task_type=TASKS[task][2], r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                        target_modules=opts.target_modules)
+                        target_modules=opts.target_modules, fan_in_fan_out=conv1d)
     return get_peft_model(model, config)
 
 
