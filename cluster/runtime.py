@@ -104,6 +104,7 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
         kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING if quiet else logging.INFO}
         address = os.environ.get("RAY_ADDRESS")
         if address:
+            check_reachable(address)
             try:
                 ray.init(address=address, **kwargs)
             except ConnectionError as exc:
@@ -126,6 +127,25 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
                 for key in chosen:  # (and one that starts a cluster does not pass them on)
                     del os.environ[key]
     return ray.cluster_resources()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing accepts connections at RAY_ADDRESS's host:port. Ray's own client
+    retries a head that is down for more than 5 minutes before it gives up. `auto` (Ray reads the
+    local cluster's address file and fails fast itself) is left to Ray."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or "://" in target or not sep or not port.isdigit():
+        return
+    host = host.strip("[]")  # [::1]:6379
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise JobError(
+            f"cannot join the Ray cluster at RAY_ADDRESS={address}: nothing accepts connections at "
+            f"{host}:{port} ({exc.strerror or exc}); start the head (`ray start --head` or `raylm cluster up`) or "
+            "fix the address, or unset RAY_ADDRESS to run on an embedded local Ray"
+        ) from None
 
 
 def join_failure(message: str, address: str, environ: Mapping[str, str]) -> str:

@@ -109,3 +109,35 @@ def test_ray_data_s_report_of_a_raylm_error_raised_in_a_task_is_dropped():
             logger.removeHandler(handler)
     # the raylm error's three records are gone; the other error keeps all three
     assert [r.exc_info[1] if r.exc_info else None for r in records] == [raised, None, raised]
+
+
+def test_a_ray_address_nothing_answers_at_fails_at_once(monkeypatch):
+    # Regression: with RAY_ADDRESS naming a head that is down, every job waited in Ray's GCS client
+    # retries for over 5 minutes (killed at 300 s) before saying anything.
+    import socket
+    import time
+
+    from cluster import runtime
+    from cluster.entry import JobError
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port_closed = closed.getsockname()[1]
+    closed.close()
+    try:
+        runtime.check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # a head is up: Ray takes over
+        runtime.check_reachable(f"ray://127.0.0.1:{listening.getsockname()[1]}")
+    finally:
+        listening.close()
+    runtime.check_reachable("auto")  # Ray resolves it from the local cluster's file and fails fast itself
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port_closed}")
+    t0 = time.time()
+    with pytest.raises(JobError, match=f"RAY_ADDRESS=127.0.0.1:{port_closed}: nothing accepts connections at "
+                                       f"127.0.0.1:{port_closed}"):
+        runtime.connect()
+    assert time.time() - t0 < 10
+    with pytest.raises(JobError, match="nothing accepts connections at ::1:"):
+        runtime.check_reachable(f"[::1]:{port_closed}")
