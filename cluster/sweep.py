@@ -388,6 +388,11 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
     # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
     # last save would run again after an interrupted driver is restored. Save more often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Trials checkpoint at every evaluation (to publish the best, and for PBT to clone), and Tune
+    # forces a state snapshot whenever it deletes one, which keeps a restored sweep consistent. With
+    # evaluations seconds apart Tune printed a 4-line warning per snapshot, advising to keep more
+    # checkpoints or save fewer: both chosen against here. A user's setting still wins.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     pbt = cfg.scheduler.kind == "pbt"
     # PBT clones the checkpoint a top trial had at its last perturbation; it saves one per evaluation
     interval = cfg.scheduler.perturbation_interval or cfg.finetune.train.eval_every
