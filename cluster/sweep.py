@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
@@ -365,6 +366,18 @@ def build_search(cfg: SweepConfig) -> tuple[dict[str, Any], Any]:
     return space, None
 
 
+def tune_env_defaults(environ: MutableMapping[str, str]) -> None:
+    """Tune settings read by the driver when the sweep starts; a user's own values win."""
+    # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
+    # last save would run again after an interrupted driver is restored. Save more often.
+    environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Trials checkpoint at every evaluation (to publish the best, and for PBT to clone), and Tune
+    # forces a state snapshot whenever it deletes one, which keeps a restored sweep consistent. With
+    # evaluations seconds apart Tune printed a 4-line warning per snapshot (14 in a 4-trial sweep),
+    # advising to keep more checkpoints or save fewer: both chosen against here.
+    environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     check_sweep(cfg)
@@ -385,14 +398,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
         trial={**cfg.trial.to_dict(), "metric": metric, "mode": mode}, sweep_dir=run.path,
     )
     trainable = tune.with_resources(trainable, trial_resources(cfg.trial))
-    # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
-    # last save would run again after an interrupted driver is restored. Save more often.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    # Trials checkpoint at every evaluation (to publish the best, and for PBT to clone), and Tune
-    # forces a state snapshot whenever it deletes one, which keeps a restored sweep consistent. With
-    # evaluations seconds apart Tune printed a 4-line warning per snapshot, advising to keep more
-    # checkpoints or save fewer: both chosen against here. A user's setting still wins.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tune_env_defaults(os.environ)
     pbt = cfg.scheduler.kind == "pbt"
     # PBT clones the checkpoint a top trial had at its last perturbation; it saves one per evaluation
     interval = cfg.scheduler.perturbation_interval or cfg.finetune.train.eval_every

@@ -591,3 +591,16 @@ def test_activation_checkpointing_trains_without_deprecation_or_cache_warnings(f
     assert torch.isfinite(loss)
     # checkpointing is on: the blocks recompute in backward
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_sweeps_set_tune_s_snapshot_settings_unless_the_user_did():
+    # Regression: a 4-trial sweep printed Tune's 4-line "Experiment state snapshotting has been
+    # triggered multiple times" warning 14 times (the demo too): trials checkpoint every evaluation.
+    from cluster.sweep import tune_env_defaults
+
+    env: dict[str, str] = {}
+    tune_env_defaults(env)
+    assert env == {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    env = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "5"}
+    tune_env_defaults(env)
+    assert env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] == "5"
