@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -326,7 +327,11 @@ def apply_strategy(model: Any, strategy: StrategyConfig, task: str) -> Any:
     conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     config = LoraConfig(task_type=TASKS[task][2], r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                         target_modules=opts.target_modules, fan_in_fan_out=conv1d)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads model.is_gradient_checkpointing, which transformers 5.24 deprecated (a FutureWarning
+        # from every worker of every LoRA run about peft's code, not ours)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def make_objective(cfg: FinetuneConfig, meta: dict[str, Any], tokenizer: Any) -> Any:

@@ -217,12 +217,14 @@ def test_lora_trains_only_adapters_and_the_head(bert_base):
 
 def test_lora_on_gpt2_conv1d_layers_is_configured_for_them(gpt_base):
     # Regression: every LoRA fine-tune of a GPT-2 warned from peft "fan_in_fan_out is set to False
-    # but the target module is `Conv1D`. Setting fan_in_fan_out to True." (per worker, per run)
+    # but the target module is `Conv1D`. Setting fan_in_fan_out to True." (per worker, per run), and
+    # every LoRA run "`is_gradient_checkpointing` is deprecated" (peft reading transformers' property)
     import warnings
 
     cfg = finetune_cfg("classification", gpt_base, kind="lora", lora={"rank": 4})
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("error", message=".*is_gradient_checkpointing.*")
         model = apply_strategy(build_task_model(cfg, {"labels": ["a", "b"], "pad_id": 0}, gpt_base), cfg.strategy,
                                cfg.task)
     assert model.peft_config["default"].fan_in_fan_out
