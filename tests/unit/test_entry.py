@@ -134,6 +134,9 @@ def test_a_ray_address_nothing_answers_at_fails_at_once(monkeypatch):
         listening.close()
     runtime.check_reachable("auto")  # Ray resolves it from the local cluster's file and fails fast itself
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port_closed}")
+    # as in a fresh job process (the test session may have a Ray of its own); Ray is never asked
+    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.ray, "init", lambda **kwargs: pytest.fail(f"ray.init({kwargs}) was called"))
     t0 = time.time()
     with pytest.raises(JobError, match=f"RAY_ADDRESS=127.0.0.1:{port_closed}: nothing accepts connections at "
                                        f"127.0.0.1:{port_closed}"):
