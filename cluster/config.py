@@ -78,6 +78,19 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             node = node.setdefault(part, {})
 
 
+def get_dotted(tree: Any, key: str) -> Any:
+    """The value at `a.b.0.c` in nested dicts/lists, or None where the path does not exist."""
+    node = tree
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def parse_overrides(sets: list[str] | None) -> dict[str, Any]:
     """`["optim.lr=3e-4", "data.seed=1"]` -> nested dict; values parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}

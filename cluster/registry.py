@@ -33,7 +33,7 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 }
 # Files worth publishing; pickled weights (*.bin, *.pt, *.pkl) are never read or copied.
 _SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_SKIP_DIRS = ("train_state",)
+_SKIP_DIRS = ("train_state",)  # cluster.train.STATE_DIR: optimizer state and the training config
 
 
 class RegistryError(ValueError):
@@ -175,6 +175,20 @@ def copy_tree(src: str, dst: str) -> None:
             pafs.copy_files(info.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
+def checkpoint_config(checkpoint: str) -> dict[str, Any] | None:
+    """The training config a raylm checkpoint saved beside its weights (train_state/config.json):
+    the values in effect when it was written, which under PBT are not the trial's first ones. None
+    for a checkpoint raylm did not write, or one whose config is not a JSON object."""
+    path = storage.join(checkpoint, _SKIP_DIRS[0], "config.json")
+    if not storage.exists(path):
+        return None
+    try:
+        data = json.loads(storage.read_text(path))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def publish(
     checkpoint: str,
     name: str,
@@ -187,7 +201,8 @@ def publish(
     root: str | None = None,
 ) -> str:
     """Publish `checkpoint` as registry model `name` for `task` (None: the one task the checkpoint's
-    architecture serves); returns the entry's path."""
+    architecture serves); returns the entry's path. `config` defaults to the one the checkpoint
+    was trained with, when raylm wrote it."""
     check_name(name, key="name")
     task, model_config = validate_checkpoint(checkpoint, task)
     check_weights(checkpoint, what=f"checkpoint '{checkpoint}'")
@@ -208,7 +223,7 @@ def publish(
         "task": task,
         "labels": list(labels) if labels else None,
         "metric": metric,
-        "config": config,
+        "config": config if config is not None else checkpoint_config(checkpoint),
         "source_checkpoint": checkpoint,
         "sweep_id": sweep_id,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

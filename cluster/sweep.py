@@ -26,7 +26,7 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from cluster import registry, storage
-from cluster.config import ConfigError, Section, _set_dotted, build, same_config
+from cluster.config import ConfigError, Section, _set_dotted, build, get_dotted, same_config
 from cluster.entry import JobError
 from cluster.finetune import (
     TASKS,
@@ -441,12 +441,16 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
     """One row per trial: its searched values, best metric (and step), steps run, status, checkpoint."""
     metric, mode = cfg.objective
     pick = max if mode == "max" else min
+    searched = [*cfg.search, *cfg.scheduler.mutations]
     rows = []
     for result in results:
         df = result.metrics_dataframe
         history = df[df[metric].notna()] if df is not None and metric in df else None
-        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path)}
-        row |= {k: (result.config or {}).get(k) for k in [*cfg.search, *cfg.scheduler.mutations]}
+        # the trial's own id: under PBT a trial cloned at its last step ends on its source's result
+        own_id = df["trial_id"].iloc[0] if df is not None and "trial_id" in df and len(df) else None
+        row: dict[str, Any] = {"trial_id": own_id or (result.metrics or {}).get("trial_id")
+                               or os.path.basename(result.path)}
+        row |= {k: (result.config or {}).get(k) for k in searched}
         start = history[history["step"] == 0] if history is not None else None
         row["untuned"] = float(start[metric].iloc[0]) if start is not None and len(start) else None
         if history is not None and len(history):
@@ -458,6 +462,11 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
         stopped_early = row["steps"] < max_steps
         row["status"] = "ERROR" if result.error else ("STOPPED" if stopped_early else "DONE")
         row["checkpoint"] = best_checkpoint(result, metric, pick)
+        # PBT mutates a trial's config as it goes: the values that trained the best checkpoint are
+        # the ones it saved, not the trial's final ones
+        trained = registry.checkpoint_config(row["checkpoint"]) if row["checkpoint"] else None
+        if trained is not None:
+            row |= {k: get_dotted(trained, k) for k in searched}
         rows.append(row)
     return sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
 

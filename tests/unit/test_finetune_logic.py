@@ -492,6 +492,39 @@ def test_a_sweep_whose_best_is_the_untuned_model_publishes_nothing(tmp_path, mon
     assert out["published"] is False and "does not exist" in out["reason"]
 
 
+def test_a_pbt_trial_row_carries_the_values_that_trained_its_best_checkpoint(tmp_path):
+    # Regression (found walking a PBT sweep): the results table and the published config took a
+    # trial's final, mutated learning rate for a best checkpoint saved under an earlier one; a trial
+    # cloned at its last step was listed under the id of the trial it cloned.
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from ray.tune import Checkpoint
+
+    from cluster.sweep import SweepConfig, trial_rows
+
+    cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
+                              "search": {}, "scheduler": {"kind": "pbt", "mutations": {
+                                  "optim.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    ckpts = {}
+    for step, lr in ((30, 8e-4), (60, 4e-4)):  # lr mutated to 4e-4 after step 30
+        d = tmp_path / "trial_main_a_0" / f"checkpoint_{step}"
+        (d / "train_state").mkdir(parents=True)
+        (d / "train_state" / "config.json").write_text(json.dumps({"optim": {"lr": lr}, "train": {"max_steps": 60}}))
+        ckpts[step] = (Checkpoint(str(d)), {"val_accuracy": 0.98 if step == 30 else 0.9, "step": step})
+    df = pd.DataFrame({"trial_id": ["a"] * 3, "step": [0, 30, 60], "val_accuracy": [0.25, 0.98, 0.9]})
+    result = SimpleNamespace(metrics_dataframe=df, config={"optim.lr": 4e-4}, path=str(tmp_path / "trial_main_a_0"),
+                             error=None, best_checkpoints=list(ckpts.values()),
+                             metrics={"trial_id": "b", "val_accuracy": 0.99})  # cloned b at its last step
+    (row,) = trial_rows(cfg, [result], max_steps=60)
+    assert row["trial_id"] == "a" and row["val_accuracy"] == 0.98 and row["best_step"] == 30
+    assert row["checkpoint"] == ckpts[30][0].path and row["optim.lr"] == 8e-4
+    # a checkpoint raylm did not write (no train_state/config.json): the trial's config stands
+    (tmp_path / "trial_main_a_0" / "checkpoint_30" / "train_state" / "config.json").unlink()
+    (row,) = trial_rows(cfg, [result], max_steps=60)
+    assert row["optim.lr"] == 4e-4
+
+
 def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
     # Regression (found by the sweep drill): a run folder's path was taken as a checkpoint and refused
     # with "has no config.json"; its name already resolved to its best checkpoint, its path now does too.

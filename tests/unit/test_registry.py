@@ -227,3 +227,23 @@ def test_a_published_run_records_its_metric(ckpts, tmp_path, monkeypatch, capsys
     assert registry.load_entry("pt", reg)["metric"] == {"name": "val_loss", "value": 3.2, "mode": "min"}
     assert main(["pt", "--name", "pt2", "--metric", "bpb=1.5", "--mode", "min"]) == 0
     assert registry.load_entry("pt2", reg)["metric"] == {"name": "bpb", "value": 1.5, "mode": "min"}
+
+
+def test_a_published_checkpoint_records_the_config_it_was_trained_with(ckpts, tmp_path):
+    # the registry's config was null unless the caller passed one; a raylm checkpoint saves its
+    # training config beside the weights (train_state/config.json)
+    import shutil
+
+    root = str(tmp_path / "reg")
+    assert registry.load_entry(os.path.basename(registry.publish(ckpts["cls"], "plain", None, root=root)),
+                               root)["config"] is None
+    ckpt = tmp_path / "trained"
+    shutil.copytree(ckpts["cls"], ckpt)
+    (ckpt / "train_state").mkdir()
+    (ckpt / "train_state" / "config.json").write_text(json.dumps({"task": "classification", "optim": {"lr": 3e-4}}))
+    registry.publish(str(ckpt), "trained", None, root=root)
+    entry = registry.load_entry("trained", root)
+    assert entry["config"] == {"task": "classification", "optim": {"lr": 3e-4}}
+    assert not os.path.exists(os.path.join(root, "trained", "train_state"))  # recorded, not copied
+    registry.publish(str(ckpt), "given", None, config={"optim": {"lr": 1e-3}}, root=root)
+    assert registry.load_entry("given", root)["config"] == {"optim": {"lr": 1e-3}}
