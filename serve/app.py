@@ -1,6 +1,7 @@
 """The Ray Serve application: a FastAPI ingress (`Gateway`) in front of one deployment per
 registry model (`ModelServer`), built by `build_app(AppArgs)`. With `colocate` the one served
-model runs inside the ingress's replicas instead, one hop less per request.
+model runs inside the ingress's replicas instead, one hop less per request; with `multiplex`
+some models share one deployment whose replicas load them on demand (`serve.multiplexed`).
 
     serve run serve.app:app                               # every model in $RAYLM_STORAGE/registry
     serve run serve.app:build_app registry=/path/to/registry
@@ -59,6 +60,7 @@ from serve.schemas import (
 log = logging.getLogger("raylm.serve")
 API_KEY_ENV = "RAYLM_API_KEY"
 REPLICA_DEATH_RETRIES = 1  # a request whose replica died goes to another one this many times
+MULTIPLEXED = "multiplexed"  # the deployment that the `multiplex` models share
 
 # Every default in one place; `AppArgs` merges user args (YAML `args:` or `serve run k=v`) over it.
 DEFAULTS: dict[str, Any] = {
@@ -135,6 +137,15 @@ class DeploymentOptions(Section):
         return opts
 
 
+class MultiplexOptions(Section):
+    models: NameList = Field(..., min_length=1, description="registry models that share one deployment, a list or "
+                             "comma-separated; each replica loads the ones it is asked for")
+    max_models_per_replica: int = Field(3, ge=1, description="models a replica keeps loaded; asked for another, it "
+                                        "unloads the least recently used")
+    options: dict[str, Any] = Field(default_factory=dict, description="overrides of `model` for the shared deployment "
+                                    f"('{MULTIPLEXED}')")
+
+
 class AppArgs(Section):
     registry: str | None = Field(None, description="registry root (default: $RAYLM_STORAGE/registry)")
     models: NameList | None = Field(None, description="registry names to serve, a list or comma-separated "
@@ -153,18 +164,50 @@ class AppArgs(Section):
     colocate: bool = Field(False, description="serve the one selected model inside the ingress replicas (one "
                            "deployment, one hop less per request); `model`/`per_model` options then size those "
                            "replicas and `ingress` is unused; needs exactly one model")
+    # Many small fine-tuned models need not each hold a replica (one CPU by default) all the time:
+    # Serve routes a request to a replica that has its model loaded when there is one.
+    multiplex: MultiplexOptions | None = Field(None, description="serve these models from one deployment whose "
+                                               "replicas load them on demand (serve.multiplexed) instead of one "
+                                               "deployment each")
 
     @model_validator(mode="before")
     @classmethod
     def _merge_defaults(cls, data: Any) -> Any:
         return deep_merge(DEFAULTS, data) if isinstance(data, dict) else data
 
+    @model_validator(mode="after")
+    def _multiplex_fits(self) -> "AppArgs":
+        if self.multiplex is None:
+            return self
+        if self.colocate:
+            raise ValueError("colocate serves one model inside the ingress; it cannot be combined with multiplex")
+        sized = sorted(set(self.per_model) & set(self.multiplex.models))
+        if sized:
+            raise ValueError(f"per_model {sized}: multiplexed models share one deployment; size it with "
+                             "multiplex.options")
+        self.shared_options()  # its overrides are valid DeploymentOptions
+        return self
+
+    def multiplexed(self) -> set[str]:
+        return set(self.multiplex.models) if self.multiplex else set()
+
+    def shared_options(self) -> DeploymentOptions:
+        """The options of the deployment the `multiplex` models share."""
+        assert self.multiplex is not None
+        merged = deep_merge(self.model.to_dict(), self.multiplex.options)
+        return build(DeploymentOptions, merged, source="multiplex.options")
+
     def options_for(self, name: str) -> DeploymentOptions:
         merged = deep_merge(self.model.to_dict(), self.per_model.get(name, {}))
         return build(DeploymentOptions, merged, source=f"per_model.{name}")
 
-    def model_runtime(self, name: str) -> dict[str, Any]:
-        """What a `ModelServer` for model `name` is built with: its options and the token cap."""
+    def model_runtime(self, name: str | None) -> dict[str, Any]:
+        """What a `ModelServer` for model `name` (None: the `multiplex` models' shared one) is built
+        with: its options, the token cap, and how many models a shared replica keeps loaded."""
+        if name is None:
+            assert self.multiplex is not None
+            return {**self.shared_options().to_dict(), "max_tokens": self.max_tokens,
+                    "max_models_per_replica": self.multiplex.max_models_per_replica}
         return {**self.options_for(name).to_dict(), "max_tokens": self.max_tokens}
 
     def colocated_model(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -326,16 +369,24 @@ def _error(exc: Exception) -> dict[str, Any]:
 
 @serve.deployment
 class ModelServer:
-    """One registry model. Each request's inputs are validated alone, then joined with other
-    requests' into dynamic batches (`@serve.batch`); errors come back as values, never raised."""
+    """One registry model, or with `shared` (`multiplex`) the models a request names, loaded on
+    demand. Each request's inputs are validated alone, then joined with other requests' for the
+    same model into dynamic batches (`@serve.batch`); errors come back as values, never raised."""
 
-    def __init__(self, entry: dict[str, Any], options: dict[str, Any]):
+    def __init__(self, entry: dict[str, Any] | None, options: dict[str, Any],
+                 shared: dict[str, dict[str, Any]] | None = None):
         import torch
 
         from serve import engines
 
         torch.set_num_threads(max(1, round(options["num_cpus"])))
-        self.engine = engines.load(entry)
+        self.engine = None if shared else engines.load(entry)
+        if shared:  # `multiplex`: registry entries by name; each request names one (its multiplexed model id)
+            async def _load_registry_model(name: str) -> Any:
+                return await asyncio.to_thread(engines.load, shared[name])  # the loop keeps answering meanwhile
+
+            self._load = serve.multiplexed(max_num_models_per_replica=options["max_models_per_replica"])(
+                _load_registry_model)
         self.max_tokens = options["max_tokens"]
         self._generate_batch.set_max_batch_size(options["max_batch_size"])
         self._encode_batch.set_max_batch_size(options["max_batch_size"])
@@ -358,6 +409,13 @@ class ModelServer:
         finally:
             self.in_flight -= 1
 
+    async def _engine(self) -> Any:
+        """This replica's model; with `multiplex`, the one the request (or batch) names, loaded on
+        first use, the least recently used unloaded to make room."""
+        if self.engine is not None:
+            return self.engine
+        return await self._load(serve.get_multiplexed_model_id())
+
     def _check_params(self, params: dict[str, Any]) -> None:
         if params["max_tokens"] > self.max_tokens:
             raise ApiError(400, f"max_tokens {params['max_tokens']} exceeds this server's cap of {self.max_tokens}",
@@ -366,7 +424,8 @@ class ModelServer:
     async def complete(self, prompts: list[str], params: dict[str, Any]) -> dict[str, Any]:
         try:
             self._check_params(params)
-            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
+            engine = await self._engine()
+            ids = [engine.encode(p, params["max_tokens"]) for p in prompts]
             with self._batching(self._generate_batch) as batched:
                 results = await asyncio.gather(*(batched((i, params)) for i in ids))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
@@ -384,9 +443,10 @@ class ModelServer:
             key = f"seed-{k}" if params.get("seed") is not None else json.dumps(params, sort_keys=True)
             groups.setdefault(key, []).append(k)
         out: list[Any] = [None] * len(items)
+        engine = await self._engine()  # Serve splits batches by multiplexed model: one model per batch
         for members in groups.values():
             params = items[members[0]][1]
-            results = await self._compute(self.engine.generate, [items[k][0] for k in members], params)
+            results = await self._compute(engine.generate, [items[k][0] for k in members], params)
             for k, r in zip(members, results, strict=False):
                 out[k] = r
         return out
@@ -394,7 +454,8 @@ class ModelServer:
     async def stream(self, prompts: list[str], params: dict[str, Any]):
         try:
             self._check_params(params)
-            ids = [self.engine.encode(p, params["max_tokens"]) for p in prompts]
+            engine = await self._engine()
+            ids = [engine.encode(p, params["max_tokens"]) for p in prompts]
         except Exception as exc:  # noqa: BLE001
             yield _error(exc)
             return
@@ -402,7 +463,7 @@ class ModelServer:
         for prompt_ids in ids:
             for j in range(n):
                 seed = params["seed"] + j if params.get("seed") is not None else None
-                tokens = self.engine.stream(prompt_ids, {**params, "seed": seed})
+                tokens = engine.stream(prompt_ids, {**params, "seed": seed})
                 first = True
                 while True:
                     item = await asyncio.to_thread(next, tokens, None)
@@ -414,7 +475,8 @@ class ModelServer:
 
     async def encode(self, items: list[tuple[str, str | None, int]]) -> dict[str, Any]:
         try:
-            self.engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
+            engine = await self._engine()
+            engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
             with self._batching(self._encode_batch) as batched:
                 results = await asyncio.gather(*(batched(item) for item in items))
         except Exception as exc:  # noqa: BLE001
@@ -424,7 +486,7 @@ class ModelServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, items: list[tuple[str, str | None, int]]) -> list[Any]:
         texts, pairs, top_k = [t for t, _, _ in items], [p for _, p, _ in items], [k for _, _, k in items]
-        engine = self.engine
+        engine = await self._engine()
         if engine.task == "fill-mask":
             return await self._compute(engine.fill_mask, texts, top_k)
         if engine.task == "classification":
@@ -453,11 +515,14 @@ class Gateway:
     """Routes requests to the model named in the body; owns auth, limits and the error shape."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], cards: dict[str, dict], limits: dict[str, Any],
-                 colocated: tuple[dict[str, Any], dict[str, Any]] | None = None):
-        self.handles, self.cards, self.limits = handles, cards, limits
+                 colocated: tuple[dict[str, Any], dict[str, Any]] | None = None,
+                 shared: DeploymentHandle | None = None, shared_models: tuple[str, ...] = ()):
+        self.handles, self.cards, self.limits = dict(handles), cards, limits
         if colocated:  # (registry entry, model options): the model lives in this replica
             entry, options = colocated
             self.handles = {entry["name"]: InProcess(ModelServer.func_or_class(entry, options))}
+        for name in shared_models:  # `multiplex`: Serve routes by model id to a replica that has it loaded
+            self.handles[name] = shared.options(multiplexed_model_id=name)
         # Read at replica start: `build_app` forwards the key through runtime_env env_vars.
         fastapi_app.state.limits = {**limits, "api_key": os.environ.get(API_KEY_ENV) or None}
 
@@ -619,6 +684,10 @@ def select_models(args: AppArgs) -> list[dict[str, Any]]:
     unknown = sorted(set(args.per_model) - {e["name"] for e in entries})
     if unknown:
         raise registry.RegistryError(f"per_model names {unknown} are not among the served models")
+    unknown = sorted(args.multiplexed() - {e["name"] for e in entries})
+    if unknown:
+        raise registry.RegistryError(f"multiplex.models {unknown} are not among the served models "
+                                     f"({', '.join(e['name'] for e in entries) or 'none'})")
     return entries
 
 
@@ -636,8 +705,10 @@ def start_reservations(args: AppArgs, entries: list[dict[str, Any]]) -> list[tup
     colocated = args.colocated_model(entries)
     if colocated:
         return [reserve(deployment_name(colocated["name"]), args.options_for(colocated["name"]))]
+    shared = [reserve(MULTIPLEXED, args.shared_options())] if args.multiplex else []
     return [reserve("Gateway", args.ingress)] + [
-        reserve(deployment_name(e["name"]), args.options_for(e["name"])) for e in entries]
+        reserve(deployment_name(e["name"]), args.options_for(e["name"])) for e in entries
+        if e["name"] not in args.multiplexed()] + shared
 
 
 def resource_shortfall(args: AppArgs, entries: list[dict[str, Any]], cluster: dict[str, float]) -> str | None:
@@ -648,8 +719,8 @@ def resource_shortfall(args: AppArgs, entries: list[dict[str, Any]], cluster: di
         need, have = sum(p[column] for p in parts), cluster.get(key, 0.0)
         if need > have + 1e-9:
             each = ", ".join(f"{p[0]} {p[column]:g}" for p in parts if p[column])
-            fixes = ("serve fewer models (--set models=[NAME,...]), give each replica less (--set "
-                     f"model.num_{key.lower()}s=...)")
+            fixes = ("serve fewer models (--set models=[NAME,...]), let models share replicas (--set "
+                     f"multiplex.models=[NAME,...]), give each replica less (--set model.num_{key.lower()}s=...)")
             return (f"the app needs {need:g} {key}s to start its replicas ({each}), but Ray has {have:g}: "
                     f"{fixes}, or give Ray more")
     return None
@@ -672,12 +743,17 @@ def build_app(args: AppArgs, entries: list[dict[str, Any]] | None = None) -> App
         name = colocated["name"]
         return Gateway.options(name=deployment_name(name), **args.options_for(name).serve_options(env)).bind(
             {}, cards, limits, colocated=(colocated, args.model_runtime(name)))
-    handles = {}
+    handles, shared, multiplexed = {}, None, args.multiplexed()
     for entry in entries:
-        handles[entry["name"]] = ModelServer.options(
-            name=deployment_name(entry["name"]), **args.options_for(entry["name"]).serve_options()
-        ).bind(entry, args.model_runtime(entry["name"]))
-    return Gateway.options(**args.ingress.serve_options(env)).bind(handles, cards, limits)
+        if entry["name"] not in multiplexed:
+            handles[entry["name"]] = ModelServer.options(
+                name=deployment_name(entry["name"]), **args.options_for(entry["name"]).serve_options()
+            ).bind(entry, args.model_runtime(entry["name"]))
+    if multiplexed:
+        shared = ModelServer.options(name=MULTIPLEXED, **args.shared_options().serve_options()).bind(
+            None, args.model_runtime(None), {e["name"]: e for e in entries if e["name"] in multiplexed})
+    return Gateway.options(**args.ingress.serve_options(env)).bind(
+        handles, cards, limits, shared=shared, shared_models=tuple(sorted(multiplexed)))
 
 
 def __getattr__(name: str) -> Any:

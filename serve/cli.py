@@ -37,14 +37,18 @@ def config_for(sets: list[str], host: str = "0.0.0.0", port: int = 8000, proxy_l
                ) -> dict[str, Any]:
     """A `serve deploy` config: the app's args, and one entry per deployment with its scaling and
     resources (Serve applies these over the code's options, so they can be edited in the YAML)."""
-    from serve.app import deployment_name, select_models
+    from serve.app import MULTIPLEXED, deployment_name, select_models
 
     args = _args(sets)
     entries = select_models(args)
     # with `colocate` the one model's deployment is the ingress
     deployments = [] if args.colocated_model(entries) else [{"name": "Gateway", **_deployment_yaml(args.ingress)}]
     for entry in entries:
-        deployments.append({"name": deployment_name(entry["name"]), **_deployment_yaml(args.options_for(entry["name"]))})
+        if entry["name"] not in args.multiplexed():
+            deployments.append({"name": deployment_name(entry["name"]),
+                                **_deployment_yaml(args.options_for(entry["name"]))})
+    if args.multiplex:  # the multiplexed models' one shared deployment
+        deployments.append({"name": MULTIPLEXED, **_deployment_yaml(args.shared_options())})
     return {
         "proxy_location": proxy_location,
         "http_options": {"host": host, "port": port},

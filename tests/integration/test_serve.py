@@ -350,6 +350,55 @@ def test_colocated_model_answers_like_the_two_hop_app(served, client):
     assert [d["name"] for d in config["applications"][0]["deployments"]] == ["model-gpt-tiny"]
 
 
+def test_multiplexed_models_share_one_replica_and_each_answers_as_itself(served, client):
+    """`multiplex`: three models of three tasks share one deployment of one replica that keeps one
+    model loaded at a time, so nearly every request below unloads one and loads another. Each
+    answer, in turn and concurrently, streamed too, is the one the app with a deployment per model
+    gives; a model outside the shared set keeps its own deployment."""
+    import concurrent.futures
+
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.cli import config_for
+
+    shared = ["bert-cls", "bert-tag", "gpt-tiny"]
+    args = {"models": ["bert-mlm", *shared], "ingress": {"num_cpus": 0.05}, "max_tokens": 64,
+            "model": {**SMALL, "max_batch_size": 4},
+            "multiplex": {"models": shared, "max_models_per_replica": 1, "options": {"num_replicas": 1}}}
+    serve.run(build_app(args), name="mux", route_prefix="/mux")
+    calls = [("/v1/classify", {"model": "bert-cls", "inputs": ["good day", "bad night"]}),
+             ("/v1/tag", {"model": "bert-tag", "inputs": "Alice sat in Paris near London."}),
+             ("/v1/completions", {"model": "gpt-tiny", "prompt": "the cat", "max_tokens": 6, "temperature": 0}),
+             ("/v1/fill-mask", {"model": "bert-mlm", "inputs": "the [MASK] sat.", "top_k": 2})]
+
+    def answer(c: httpx.Client, path: str, body: dict) -> object:
+        r = c.post(path, json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        return out["choices"][0]["text"] if path == "/v1/completions" else out["results"]
+
+    try:
+        assert set(serve.status().applications["mux"].deployments) == {"Gateway", "model-bert-mlm", "multiplexed"}
+        want = [answer(client, path, body) for path, body in calls]
+        with httpx.Client(base_url=f"{served}/mux", timeout=120) as c:
+            for i in [0, 1, 2, 0, 2, 1, 3, 0]:
+                assert answer(c, *calls[i]) == want[i], calls[i]
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(lambda i: answer(c, *calls[i]), [0, 1, 2, 3] * 3))
+            assert got == want * 3
+            r = c.post("/v1/completions", json={**calls[2][1], "stream": True})
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == want[2]
+            assert _is_error(c.post("/v1/tag", json={"model": "bert-cls", "inputs": "a"}), 400)["code"] == "wrong_task"
+            assert _is_error(c.post("/v1/tag", json={"model": "nope", "inputs": "a"}), 404)["code"] == "model_not_found"
+    finally:
+        serve.delete("mux")
+    config = config_for(["models=[bert-mlm,bert-cls,bert-tag]", "multiplex.models=[bert-cls,bert-tag]"])
+    assert [d["name"] for d in config["applications"][0]["deployments"]] == ["Gateway", "model-bert-mlm",
+                                                                             "multiplexed"]
+
+
 def test_fuzzed_requests_never_get_a_5xx(served):
     """schemathesis, from the app's own OpenAPI schema, a few examples per operation (the full
     drill runs 100: `make drills`)."""

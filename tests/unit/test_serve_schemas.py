@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -193,3 +195,27 @@ def test_replicas_that_cannot_all_start_are_named_before_serve_waits_for_them():
     assert resource_shortfall(gpu, three, {"CPU": 4.0}).startswith(
         "the app needs 1.5 GPUs to start its replicas (model-a 0.5, model-b 0.5, model-c 0.5), but Ray has 0")
     assert resource_shortfall(gpu, three, {"CPU": 4.0, "GPU": 2.0}) is None
+
+
+def test_multiplexed_models_reserve_one_shared_deployment_and_bad_combinations_are_refused(tmp_path):
+    from cluster.config import ConfigError, build
+    from cluster.registry import RegistryError
+    from serve.app import AppArgs, resource_shortfall, select_models, start_reservations
+
+    three = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    shared = build(AppArgs, {"multiplex": {"models": "b,c", "options": {"num_replicas": 2, "num_cpus": 0.5}}})
+    assert start_reservations(shared, three) == [("Gateway", 0.1, 0.0), ("model-a", 1.0, 0.0),
+                                                 ("multiplexed", 1.0, 0.0)]
+    assert resource_shortfall(shared, three, {"CPU": 2.1}) is None  # one deployment each would need 3.1
+    assert "--set multiplex.models=[NAME,...]" in resource_shortfall(AppArgs(), three, {"CPU": 2.1})
+    runtime = shared.model_runtime(None)
+    assert runtime["max_models_per_replica"] == 3 and runtime["num_cpus"] == 0.5 and runtime["max_tokens"] == 512
+    for bad, message in (({"multiplex": {"models": "a"}, "colocate": True}, "cannot be combined with multiplex"),
+                         ({"multiplex": {"models": "a"}, "per_model": {"a": {"num_cpus": 2}}},
+                          "per_model ['a']: multiplexed models share one deployment"),
+                         ({"multiplex": {"models": "a", "max_models_per_replica": 0}}, "max_models_per_replica"),
+                         ({"multiplex": {"models": "a", "options": {"replicas": 2}}}, "'replicas': unknown key")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build(AppArgs, bad)
+    with pytest.raises(RegistryError, match=re.escape("multiplex.models ['x'] are not among the served models (none)")):
+        select_models(build(AppArgs, {"registry": str(tmp_path), "multiplex": {"models": "x"}}))
