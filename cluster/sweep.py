@@ -134,6 +134,8 @@ class SweepConfig(Section):
     keep_checkpoints: int = Field(1, ge=1, description="best checkpoints kept per trial (pbt also keeps the "
                                   "latest few, which another trial may clone)")
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    reuse_actors: bool = Field(True, description="a finished or stopped trial's process runs the next trial (and "
+                               "PBT restarts) instead of a new one importing torch and transformers again")
 
     @model_validator(mode="after")
     def _name(self) -> SweepConfig:
@@ -416,7 +418,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
                 # a generator of our own carries the limit (build_search); Tune applies it to the rest
                 max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator) else cfg.max_concurrent_trials,
                 scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.finetune.train.eval_every),
-                search_alg=search_alg,
+                search_alg=search_alg, reuse_actors=cfg.reuse_actors,
             ),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=storage.join(root or storage.storage_root(), "tune"),

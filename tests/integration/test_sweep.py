@@ -69,6 +69,11 @@ def test_every_strategy_beats_the_trivial_baseline(task, gpt_base):
         assert all(float(r["val_loss"]) < float(r["untuned"]) - 1.0 for r in rows), rows
     assert sorted(r["strategy.kind"] for r in rows) == ["frozen", "full", "lora"]
     assert all(r["status"] == "DONE" for r in rows)
+    # 3 trials, 2 at a time: the third ran in a process a finished trial left (reuse_actors), not in
+    # a new one importing torch and transformers again; full, frozen and LoRA each still learned
+    pids = [json.load(open(f))["pid"] for f in glob.glob(os.path.join(os.path.dirname(s["results"]), "trial_main_*",
+                                                                        "workers", "rank-0.json"))]
+    assert len(pids) == 3 and len(set(pids)) == 2, pids
 
 
 @pytest.fixture(scope="module")
