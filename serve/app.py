@@ -410,8 +410,8 @@ class ModelServer:
             self.in_flight -= 1
 
     async def _engine(self) -> Any:
-        """This replica's model; with `multiplex`, the one the request (or batch) names, loaded on
-        first use, the least recently used unloaded to make room."""
+        """This replica's model; with `multiplex`, the one the request names, loaded on first use,
+        the least recently used unloaded to make room. A request passes it on to its batch."""
         if self.engine is not None:
             return self.engine
         return await self._load(serve.get_multiplexed_model_id())
@@ -427,7 +427,7 @@ class ModelServer:
             engine = await self._engine()
             ids = [engine.encode(p, params["max_tokens"]) for p in prompts]
             with self._batching(self._generate_batch) as batched:
-                results = await asyncio.gather(*(batched((i, params)) for i in ids))
+                results = await asyncio.gather(*(batched((engine, i, params)) for i in ids))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error value
             return _error(exc)
         choices = [c for per_prompt in results for c in per_prompt]
@@ -435,18 +435,20 @@ class ModelServer:
                 "completion_tokens": sum(c["tokens"] for c in choices)}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, items: list[tuple[list[int], dict]]) -> list[list[dict]]:
+    async def _generate_batch(self, items: list[tuple[Any, list[int], dict]]) -> list[list[dict]]:
         # Requests with the same sampling params run as one padded batch; seeded ones run alone
         # so their output does not depend on what they were batched with.
         groups: dict[str, list[int]] = {}
-        for k, (_, params) in enumerate(items):
+        for k, (_, _, params) in enumerate(items):
             key = f"seed-{k}" if params.get("seed") is not None else json.dumps(params, sort_keys=True)
             groups.setdefault(key, []).append(k)
         out: list[Any] = [None] * len(items)
-        engine = await self._engine()  # Serve splits batches by multiplexed model: one model per batch
+        # Serve splits batches by multiplexed model id: every item carries the same model. The one
+        # its request already holds, not a fresh lookup, which with multiplex could load it again.
+        engine = items[0][0]
         for members in groups.values():
-            params = items[members[0]][1]
-            results = await self._compute(engine.generate, [items[k][0] for k in members], params)
+            params = items[members[0]][2]
+            results = await self._compute(engine.generate, [items[k][1] for k in members], params)
             for k, r in zip(members, results, strict=False):
                 out[k] = r
         return out
@@ -478,15 +480,15 @@ class ModelServer:
             engine = await self._engine()
             engine.validate([t for t, _, _ in items], [p for _, p, _ in items])
             with self._batching(self._encode_batch) as batched:
-                results = await asyncio.gather(*(batched(item) for item in items))
+                results = await asyncio.gather(*(batched((engine, *item)) for item in items))
         except Exception as exc:  # noqa: BLE001
             return _error(exc)
         return {"results": list(results)}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, items: list[tuple[str, str | None, int]]) -> list[Any]:
-        texts, pairs, top_k = [t for t, _, _ in items], [p for _, p, _ in items], [k for _, _, k in items]
-        engine = await self._engine()
+    async def _encode_batch(self, items: list[tuple[Any, str, str | None, int]]) -> list[Any]:
+        engine = items[0][0]  # one model per batch (see _generate_batch)
+        texts, pairs, top_k = [t for _, t, _, _ in items], [p for _, _, p, _ in items], [k for _, _, _, k in items]
         if engine.task == "fill-mask":
             return await self._compute(engine.fill_mask, texts, top_k)
         if engine.task == "classification":
