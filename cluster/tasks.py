@@ -149,7 +149,11 @@ def _hf_split(cfg: TaskData, split: str) -> ray.data.Dataset:
         ds = datasets.load_dataset(cfg.dataset, cfg.subset, data_files=cfg.data_files, split=split)
     except Exception as exc:  # datasets raises many types; its message is what the user needs
         raise TaskDataError(f"data: cannot load split '{split}' of dataset '{cfg.dataset}': {exc}") from None
-    return ray.data.from_huggingface(ds)
+    # The split is loaded already. Not ray.data.from_huggingface: it first looks for the same
+    # dataset on the Hub by re-running load_dataset(<builder name>) with no data files, which for a
+    # local builder (json, csv, parquet) globs and reads every data file under the working
+    # directory (minutes in a job's working dir, unrelated files read); from_arrow is its fallback.
+    return ray.data.from_arrow(ds.with_format("arrow")[:])
 
 
 def load_splits(cfg: TaskData) -> tuple[ray.data.Dataset, ray.data.Dataset, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
 
 import pandas as pd
@@ -125,6 +126,36 @@ def test_csv_jsonl_parquet_and_hf_sources_give_the_same_rows(gpt_base, labelled_
 
     assert rows(prepared["files"].train) == rows(prepared["parquet"].train)
     assert rows(prepared["hf"].validation) == rows(prepared["files"].validation) == rows(prepared["hf"].train)
+
+
+def test_hf_source_reads_its_data_files_and_nothing_in_the_working_directory(labelled_files, tmp_path,
+                                                                              monkeypatch, ray_session):
+    # Regression: ray.data.from_huggingface re-ran load_dataset("json") without data files to look
+    # for the dataset on the Hub, which globbed and parsed every JSON file under the working
+    # directory (200 s in this repository) before handing over the split already loaded.
+    from cluster.tasks import load_splits
+
+    cwd = tmp_path / "job-working-dir"
+    (cwd / "logs").mkdir(parents=True)
+    pd.DataFrame({"text": ["unrelated"] * 3, "label": ["x"] * 3}).to_json(cwd / "logs" / "other.jsonl",
+                                                                        orient="records", lines=True)
+    monkeypatch.chdir(cwd)
+    touched: list[str] = []
+    watching = True
+
+    def audit(event: str, args: tuple) -> None:
+        if watching and event in ("open", "os.scandir", "os.listdir") and args and str(args[0]).startswith(str(cwd)):
+            touched.append(f"{event} {args[0]}")
+
+    sys.addaudithook(audit)  # hooks cannot be removed: `watching` turns it off after the load
+    try:
+        train, val, how = load_splits(TaskData(kind="hf", dataset="json", data_files={
+            "train": [str(labelled_files / "val.jsonl")], "validation": [str(labelled_files / "val.jsonl")]}))
+    finally:
+        watching = False
+    assert touched == []
+    assert how == "split 'validation'" and train.count() == val.count() == 40
+    assert set(train.columns()) == {"text", "label"}
 
 
 def test_validation_carved_from_train_when_none_is_given(gpt_base, labelled_files, ray_session):
