@@ -448,6 +448,7 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
     for result in results:
         df = result.metrics_dataframe
         history = df[df[metric].notna()] if df is not None and metric in df else None
+        history = _with_checkpoint_reports(history, result, metric)
         # the trial's own id: under PBT a trial cloned at its last step ends on its source's result
         own_id = df["trial_id"].iloc[0] if df is not None and "trial_id" in df and len(df) else None
         row: dict[str, Any] = {"trial_id": own_id or (result.metrics or {}).get("trial_id")
@@ -458,7 +459,8 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
         if history is not None and len(history):
             best_i = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
             row |= {metric: float(history.loc[best_i, metric]), "best_step": int(history.loc[best_i, "step"]),
-                    "steps": int(df["step"].max())}
+                    "steps": int(max(history["step"].max(), df["step"].max() if df is not None and "step" in df
+                                     else 0))}
         else:
             row |= {metric: None, "best_step": None, "steps": 0}
         stopped_early = row["steps"] < max_steps
@@ -471,6 +473,22 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
             row |= {k: get_dotted(trained, k) for k in searched}
         rows.append(row)
     return sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)))
+
+
+def _with_checkpoint_reports(history: Any, result: Any, metric: str) -> Any:
+    """The trial's evaluations from its result file, plus those it reported with a checkpoint that
+    the file lacks. Tune re-copies result.json from the trial's storage folder when a trial restarts
+    in place (PBT exploit with reused actors), over a local copy that had more lines: the file can
+    end at the step before the exploit while Tune still holds the later checkpoints' reports."""
+    import pandas as pd
+
+    reports = [{"step": int(m["step"]), metric: float(m[metric])} for _, m in (result.best_checkpoints or [])
+               if m.get(metric) is not None and m.get("step") is not None]
+    seen = set() if history is None else set(zip(history["step"], history[metric], strict=True))
+    extra = [r for r in reports if (r["step"], r[metric]) not in seen]
+    if not extra:
+        return history
+    return pd.concat([history, pd.DataFrame(extra)], ignore_index=True) if history is not None else pd.DataFrame(extra)
 
 
 def best_checkpoint(result: Any, metric: str, pick: Any) -> str | None:

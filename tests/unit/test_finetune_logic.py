@@ -525,6 +525,38 @@ def test_a_pbt_trial_row_carries_the_values_that_trained_its_best_checkpoint(tmp
     assert row["optim.lr"] == 4e-4
 
 
+def test_a_pbt_trial_whose_result_file_lost_its_last_lines_is_still_done(tmp_path):
+    # Regression (CI): Tune re-copied result.json from storage when PBT restarted a trial in place
+    # (reused actors), over a local copy with more lines; the file ended at step 30 of 60, so a
+    # finished trial was listed as STOPPED at step 30. The checkpoint reports Tune holds fill it in.
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from ray.tune import Checkpoint
+
+    from cluster.sweep import SweepConfig, trial_rows
+
+    cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
+                              "search": {}, "scheduler": {"kind": "pbt", "mutations": {
+                                  "optim.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    reports = []
+    for step, acc in ((10, 0.5), (20, 0.96), (30, 0.98), (40, 1.0), (60, 1.0)):
+        d = tmp_path / "trial_main_a_0" / f"checkpoint_{step}"
+        d.mkdir(parents=True)
+        reports.append((Checkpoint(str(d)), {"val_accuracy": acc, "step": step}))
+    df = pd.DataFrame({"trial_id": ["a"] * 4, "step": [0, 10, 20, 30], "val_accuracy": [0.25, 0.5, 0.96, 0.98]})
+    result = SimpleNamespace(metrics_dataframe=df, config={"optim.lr": 4e-4}, path=str(tmp_path / "trial_main_a_0"),
+                             error=None, best_checkpoints=reports, metrics={"trial_id": "a", "val_accuracy": 1.0})
+    (row,) = trial_rows(cfg, [result], max_steps=60)
+    assert row["status"] == "DONE" and row["steps"] == 60, row
+    assert row["val_accuracy"] == 1.0 and row["best_step"] == 40 and row["untuned"] == 0.25
+    assert row["checkpoint"] == reports[3][0].path
+    # a trial ASHA stopped at step 30 stays STOPPED
+    result.best_checkpoints = reports[:3]
+    (row,) = trial_rows(cfg, [result], max_steps=60)
+    assert row["status"] == "STOPPED" and row["steps"] == 30
+
+
 def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
     # Regression (found by the sweep drill): a run folder's path was taken as a checkpoint and refused
     # with "has no config.json"; its name already resolved to its best checkpoint, its path now does too.
