@@ -20,7 +20,8 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -142,15 +143,19 @@ def _copies(digest: bytes, weight: float) -> int:
     return int(whole) + int(weight > whole and hash_unit(digest, salt=7) < weight - whole)
 
 
-def _select_batch(batch: pa.Table, duplicates: set[int], weights: dict[str, float], split: str | None = None
-                  ) -> pa.Table:
-    """Drop filtered rows and duplicates (and rows of other splits when `split` is given); apply
-    each source's weight as a deterministic number of copies."""
+def _select_batch(batch: pa.Table, duplicates: set[int], weights: dict[str, float], split: str | None = None,
+                  to_validation: set[int] | frozenset[int] = frozenset()) -> pa.Table:
+    """Drop filtered rows and duplicates (and rows of other splits when `split` is given, the keys in
+    `to_validation` counting as validation); apply each source's weight as a deterministic number of copies."""
     keep = pc.equal(batch.column("drop"), "")
     if duplicates:
         keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("key"), pa.array(list(duplicates), pa.int64()))))
     if split is not None:
-        keep = pc.and_(keep, pc.equal(batch.column("split"), split))
+        in_split = pc.equal(batch.column("split"), split)
+        if to_validation:
+            moved = pc.is_in(batch.column("key"), pa.array(list(to_validation), pa.int64()))
+            in_split = pc.or_(in_split, moved) if split == "validation" else pc.and_(in_split, pc.invert(moved))
+        keep = pc.and_(keep, in_split)
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
     if any(w != 1.0 for w in weights.values()):  # copies per row, from the content hash
         digests, sources = batch.column("hash").take(rows).to_pylist(), batch.column("source").take(rows).to_pylist()
@@ -252,6 +257,7 @@ class _Counts:
     dropped: dict[str, int]
     problems: list[str]
     duplicates: set[int]
+    to_validation: set[int] = field(default_factory=set)  # train documents moved to validation (`_top_up`)
 
     @property
     def kept(self) -> int:
@@ -276,12 +282,39 @@ def _unwrap(exc: BaseException) -> BaseException:
     return CorpusError(match.group(1).strip()) if match else exc
 
 
-def _tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: bool, max_problems: int = 50
-           ) -> tuple[_Counts, dict[str, dict[str, float]]]:
+def _top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np.ndarray], np.ndarray],
+            cost: np.ndarray, need: int) -> np.ndarray:
+    """Indices of the train documents to move to validation so that it holds one row.
+
+    A split drawn by hash holds out nothing, or less than a row, from a small corpus (54 files at
+    validation_fraction 0.02 held out none), and pretraining then has nothing to evaluate on. Each
+    document weighs `cost` x its copies (blocks: tokens + end of document, against block_size;
+    segments: 1 per non-empty document, against 1). When validation weighs less than `need`, the
+    train documents with the lowest split hash (`units(indices)`: those a larger fraction would
+    hold out first, so the choice is as deterministic as the split) move over until it does, as
+    long as train keeps `need` too; otherwise none move. The tokenizer, trained earlier on the
+    train split, has seen the moved documents' text; the model has not."""
+    weight = cost * copies
+    short = need - int(weight[split == SPLITS.index("validation")].sum())
+    train = np.flatnonzero((split == SPLITS.index("train")) & (weight > 0))
+    if short <= 0 or not len(train):
+        return np.zeros(0, dtype=np.int64)
+    order = train[np.argsort(units(train), kind="stable")]
+    taken = np.cumsum(weight[order])
+    k = int(np.searchsorted(taken, short)) + 1  # documents until validation weighs `need`
+    if k > len(order) or int(taken[-1]) - int(taken[k - 1]) < need:
+        return np.zeros(0, dtype=np.int64)
+    return order[:k]
+
+
+def _tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: bool, max_problems: int = 50,
+           top_up: tuple[str, int, int] | None = None) -> tuple[_Counts, dict[str, dict[str, float]]]:
     """One pass over the small columns on the driver: drop counts, problem notes, the keys of
     duplicate documents and (with `tokens`) each split's documents, tokens, bytes and log-probability
     after source weights. Exact de-duplication needs a global view; holding 16-byte hashes on the
-    driver costs far less than a shuffle by hash and keeps the corpus order (hence determinism)."""
+    driver costs far less than a shuffle by hash and keeps the corpus order (hence determinism).
+    With `top_up` = (layout, block_size, split seed) and `tokens`, a validation split too small for
+    one row is topped up from train (`_top_up`); the moved keys are in the counts."""
     names = ["key", "hash", "drop", "note", "source"] + (["split", "n_tokens", "n_bytes", "logprob"] if tokens else [])
     cols: dict[str, list] = {c: [] for c in ("key", "copies", "split", "n_tokens", "n_bytes", "logprob")}
     hashes: list[bytes] = []
@@ -321,6 +354,14 @@ def _tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens:
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "logprob": 0.0, "synthetic_docs": 0} for s in SPLITS}
     if tokens and len(arr["key"]):
         copies = arr["copies"] * ~np.isin(arr["key"], np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))
+        if top_up is not None:
+            layout, block_size, seed = top_up
+            cost, need = (arr["n_tokens"] + 1, block_size) if layout == "blocks" else ((arr["n_tokens"] > 0), 1)
+            moved = _top_up(arr["split"], copies, lambda idx: np.asarray([hash_unit(hashes[i], salt=seed) for i in idx]),
+                            cost.astype(np.int64), need)
+            if len(moved):
+                arr["split"][moved] = SPLITS.index("validation")
+                counts.to_validation = {int(k) for k in arr["key"][moved]}
         synthetic = ~np.isnan(arr["logprob"])
         for code, split in enumerate(SPLITS):
             c = copies * (arr["split"] == code)
@@ -465,10 +506,15 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
                 batch_size=None if cfg.tokenizer.path else 4096,
                 batch_format="pyarrow",
             ).materialize()
-            counts, stats = _tally(tokenized, cfg.clean.dedup, weights, tokens=True)
+            top_up = (cfg.pack.layout, cfg.pack.block_size, cfg.split.seed) if cfg.split.validation_fraction else None
+            counts, stats = _tally(tokenized, cfg.clean.dedup, weights, tokens=True, top_up=top_up)
             n_kept = sum(int(s["documents"]) for s in stats.values())
             if n_kept == 0:  # every document was filtered out or weighted away
                 raise _empty(cfg, counts)
+            if counts.to_validation:
+                log.warning("split.validation_fraction %g held out less than one row of %d documents: moved %d "
+                            "train document(s) to validation (the next ones by split hash)",
+                            cfg.split.validation_fraction, n_kept, len(counts.to_validation))
 
             log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
             shards_dir = run.file("shards")
@@ -476,7 +522,8 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
             for split in SPLITS:
                 part = tokenized.map_batches(
                     _select_batch, batch_size=4096, batch_format="pyarrow",
-                    fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split},
+                    fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split,
+                               "to_validation": counts.to_validation},
                 )
                 if cfg.pack.layout == "blocks":
                     rows = part.map_batches(

@@ -99,6 +99,41 @@ def test_bad_input_fails_clearly_and_writes_no_manifest(tmp_path, ray_session, c
     assert not storage.exists(os.path.join(os.environ["RAYLM_STORAGE"], "prepare", "t-bad", "manifest.json"))
 
 
+def test_a_few_files_still_hold_out_a_validation_row(tmp_path, ray_session):
+    """30 text files at the default validation_fraction (0.02), none of which the split hash holds
+    out: `raylm prepare` gave a corpus with no validation rows, and pretraining refused it. The
+    train document the hash would hold out next now moves to validation, and only that one."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from cluster.packing import split_of
+    from cluster.text import content_hash, hash_unit
+
+    rng, texts = random.Random(0), []
+    words = "cluster model token shard worker replica metric batch corpus layer".split()
+    while len(texts) < 30:  # already clean text, so these hashes are the ones prepare computes
+        text = " ".join(rng.choice(words) for _ in range(120)) + "."
+        if split_of(content_hash(text), 0.02, 0) == "train":
+            texts.append(text)
+    for i, text in enumerate(texts):
+        (tmp_path / f"note{i:02d}.txt").write_text(text)
+    next_out = min(texts, key=lambda t: hash_unit(content_hash(t), salt=0))
+
+    assert prepare_job.main([str(tmp_path / "*.txt"), "--name", "t-few-files", "--set", "tokenizer.vocab_size=300",
+                             "--set", "pack.block_size=64"]) == 0
+    corpus = Corpus.open("t-few-files")
+    splits = corpus.manifest["splits"]
+    assert splits["validation"]["documents"] == 1 and splits["train"]["documents"] == 29
+    assert splits["validation"]["rows"] >= 1 and splits["train"]["rows"] >= 29
+    tok = AutoTokenizer.from_pretrained(corpus.local_tokenizer_dir())
+    (first,) = pq.read_table(corpus.shard_paths("validation")[0]).column("input_ids").to_pylist()[:1]
+    assert next_out.startswith(tok.decode(first).strip())
+    train_text = "".join(tok.decode(ids) for p in corpus.shard_paths("train")
+                         for ids in pq.read_table(p).column("input_ids").to_pylist())
+    assert tok.decode(first).strip() not in train_text
+
+
 @pytest.mark.parametrize("reuse_tokenizer", [False, True], ids=["trained-tokenizer", "reused-tokenizer"])
 def test_a_corpus_weighted_away_entirely_fails_clearly(tmp_path, ray_session, reuse_tokenizer):
     """Selection is fused into tokenization (not materialised on its own), so a corpus whose every

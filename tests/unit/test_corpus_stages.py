@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from cluster.corpus import _clean_batch, _copies, _pack_batch, _select_batch, _tokenize_batch
+from cluster.corpus import _clean_batch, _copies, _pack_batch, _select_batch, _tokenize_batch, _top_up
 from cluster.packing import pack_blocks
 from cluster.sources import DOC_SCHEMA
 from cluster.text import content_hash
@@ -55,6 +55,43 @@ def test_select_drops_filtered_duplicates_and_other_splits():
     assert _select_batch(batch, set(), {"s": 1.0}).column("key").to_pylist() == [10, 12, 13]
     assert _select_batch(batch, {13}, {"s": 1.0}, "train").column("key").to_pylist() == [10]
     assert _select_batch(batch, {13}, {"s": 1.0}, "validation").column("key").to_pylist() == [12]
+
+
+def test_select_counts_documents_moved_to_validation_there():
+    batch = pa.table({"key": pa.array([10, 11, 12, 13], pa.int64()), "source": ["s"] * 4,
+                      "hash": pa.array([bytes([i]) * 16 for i in range(4)], pa.binary(16)),
+                      "drop": [""] * 4, "split": ["train", "train", "validation", "train"]})
+    assert _select_batch(batch, set(), {"s": 1.0}, "validation", {13}).column("key").to_pylist() == [12, 13]
+    assert _select_batch(batch, set(), {"s": 1.0}, "train", {13}).column("key").to_pylist() == [10, 11]
+    assert _select_batch(batch, set(), {"s": 1.0}, None, {13}).column("key").to_pylist() == [10, 11, 12, 13]
+
+
+TRAIN, VAL = 0, 1
+
+
+def test_top_up_moves_the_next_documents_by_split_hash_until_validation_holds_a_row():
+    split = np.array([TRAIN] * 5)
+    units = np.array([0.5, 0.1, 0.9, 0.05, 0.3])  # the order a growing validation_fraction takes them: 3, 1, 4, 0, 2
+    cost = np.array([10, 10, 10, 10, 10])
+    by_unit = lambda idx: units[idx]  # noqa: E731
+    assert _top_up(split, np.ones(5, np.int64), by_unit, cost, need=10).tolist() == [3]
+    assert _top_up(split, np.ones(5, np.int64), by_unit, cost, need=11).tolist() == [3, 1]
+    # a duplicate (no copies) is never moved; a document copied twice by its weight counts twice
+    assert _top_up(split, np.array([0, 1, 1, 1, 1]), by_unit, cost, need=11).tolist() == [3, 1]
+    assert _top_up(split, np.array([1, 1, 1, 2, 1]), by_unit, cost, need=20).tolist() == [3]
+    assert _top_up(split, np.ones(5, np.int64), by_unit, np.array([10, 0, 10, 10, 10]), need=11).tolist() == [3, 4]
+
+
+def test_top_up_leaves_a_validation_split_that_holds_a_row_and_a_train_split_that_cannot_spare_one():
+    by_index = lambda idx: idx / 10  # noqa: E731
+    ones = np.ones(4, np.int64)
+    assert _top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.full(4, 10), need=10).tolist() == []
+    # validation weighs 5 of 10: one more document; train keeps 20
+    assert _top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.array([10, 5, 10, 10]), 10).tolist() == [0]
+    # moving enough would leave train less than a row: nothing moves (pretraining then says why)
+    assert _top_up(np.array([TRAIN, TRAIN]), ones[:2], by_index, np.array([10, 5]), need=10).tolist() == []
+    assert _top_up(np.array([TRAIN]), ones[:1], by_index, np.array([100]), need=10).tolist() == []
+    assert _top_up(np.zeros(0, np.int64), ones[:0], by_index, np.zeros(0, np.int64), need=10).tolist() == []
 
 
 def test_select_applies_source_weights_as_copies_in_order():
