@@ -420,6 +420,11 @@ def plan_run(cfg: FinetuneConfig, meta: dict[str, Any], run_dir: str, workers: i
     if steps_per_epoch < 1:
         raise JobError(f"data: {rows} training rows are too few for {workers} worker(s) x train.batch_size "
                        f"{cfg.train.batch_size} x train.grad_accum {cfg.train.grad_accum}")
+    if meta["rows"]["validation"] < workers:
+        # streaming_split(equal=True) gives each worker an equal share and drops the remainder: fewer
+        # rows than workers leave every worker none to evaluate.
+        raise JobError(f"data: {meta['rows']['validation']} validation row(s) are fewer than the {workers} worker(s) "
+                       "(scaling.num_workers) that each evaluate an equal share")
     tokens_per_step = workers * cfg.train.batch_size * cfg.train.grad_accum * meta["max_length"]
     if cfg.train.max_steps:
         max_steps = cfg.train.max_steps

@@ -185,8 +185,15 @@ def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
                 f"objective: the tokenizer of corpus '{corpus.path}' has no mask token; prepare it with "
                 "tokenizer.kind: wordpiece"
             )
-    if not corpus.shard_paths("validation"):
-        problems.append(f"corpus '{corpus.path}' has no validation shards (split.validation_fraction is 0)")
+    held, workers = corpus.split_info("validation"), cfg.scaling.num_workers
+    if held["rows"] < workers:
+        # Each worker evaluates an equal share of the rows and the remainder is dropped (RankSlice,
+        # streaming_split(equal=True)): fewer rows than workers leave every worker none.
+        problems.append(
+            f"corpus '{corpus.path}' has {held['rows']} validation row(s) from {held['documents']} document(s), "
+            f"fewer than the {workers} worker(s) (scaling.num_workers) that each evaluate an equal share: "
+            "prepare it with a larger split.validation_fraction" + (" or train on fewer workers" if held["rows"] else "")
+        )
     if problems:
         raise JobError("; ".join(problems))
 
