@@ -264,7 +264,14 @@ class EncoderEngine(Engine):
                     if enc.word_ids(i)[t2] != word:
                         break
                     end = int(offsets[i, t2][1])
-                words.append((self.labels[int(label)], start, end, float(score)))
+                # Byte-level BPE words carry the whitespace before them (" Ito"), and a run of spaces
+                # can be a word of its own: spans cover the word's text only.
+                while start < end and text[start].isspace():
+                    start += 1
+                while end > start and text[end - 1].isspace():
+                    end -= 1
+                if start < end:
+                    words.append((self.labels[int(label)], start, end, float(score)))
             results.append(aggregate_bio(text, words))
         return results
 

@@ -40,3 +40,34 @@ def test_a_stream_with_a_stop_string_sends_each_token_as_it_comes(gpt):
     chunks = list(gpt.stream(prompt, {**params, "stop": [stop]}))
     assert "".join(c["text"] for c in chunks) == text
     assert chunks[-2]["text"].endswith(words[-1]) and chunks[-1]["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def bpe_tagger(tmp_path_factory):
+    """A GPT-2 (byte-level BPE) token classifier whose head says B-PER for every token."""
+    import torch
+    from transformers import AutoTokenizer, GPT2ForTokenClassification
+
+    base = tmp_path_factory.mktemp("tagger")
+    gpt_dir = tiny.save_gpt(str(base / "gpt"))
+    labels = tiny.TAG_LABELS
+    model = GPT2ForTokenClassification.from_pretrained(
+        gpt_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)})
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.bias[labels.index("B-PER")] = 10.0
+    model.save_pretrained(str(base / "ckpt"))
+    AutoTokenizer.from_pretrained(gpt_dir).save_pretrained(str(base / "ckpt"))
+    registry.publish(str(base / "ckpt"), "t", "tagging", root=str(base / "reg"))
+    return engines.load(registry.load_entry("t", str(base / "reg")))
+
+
+def test_tagged_spans_of_a_byte_level_tokenizer_hold_the_word_only(bpe_tagger):
+    """Byte-level BPE words carry the whitespace before them: served entities read " Ito" with a
+    start one character early. A run of spaces, a word of its own, is no entity at all."""
+    text = "Alice and   Bob\tsat."
+    entities = bpe_tagger.tag([text])[0]
+    assert [(e["text"], e["start"], e["end"]) for e in entities] == [
+        ("Alice", 0, 5), ("and", 6, 9), ("Bob", 12, 15), ("sat", 16, 19), (".", 19, 20)]
+    assert all(text[e["start"]:e["end"]] == e["text"] for e in entities)
