@@ -104,19 +104,22 @@ class GenerationEngine(Engine):
         kwargs: dict[str, Any] = {"do_sample": not greedy, "top_k": None}
         if not greedy:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"])
+        # Greedy decoding gives every choice the same text, and transformers refuses
+        # num_return_sequences > 1 without sampling: decode once, answer it n times.
+        runs = 1 if greedy else n
         with self.lock:
             if params.get("seed") is not None:
                 torch.manual_seed(params["seed"])
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=params["max_tokens"],
-                num_return_sequences=n, pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True,
+                num_return_sequences=runs, pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True,
                 **kwargs,
             )
         results = []
         for i in range(len(prompts)):
             choices = []
             for j in range(n):
-                new = out[i * n + j, width:].tolist()
+                new = out[i * runs + j % runs, width:].tolist()
                 choices.append(self._finish(new, params))
             results.append(choices)
         return results

@@ -71,3 +71,12 @@ def test_tagged_spans_of_a_byte_level_tokenizer_hold_the_word_only(bpe_tagger):
     assert [(e["text"], e["start"], e["end"]) for e in entities] == [
         ("Alice", 0, 5), ("and", 6, 9), ("Bob", 12, 15), ("sat", 16, 19), (".", 19, 20)]
     assert all(text[e["start"]:e["end"]] == e["text"] for e in entities)
+
+
+def test_greedy_decoding_answers_n_identical_choices(gpt):
+    """temperature 0 with n=2 was a 500: transformers refuses num_return_sequences > 1 without sampling."""
+    prompts = [gpt.encode("the cat sat", 6), gpt.encode("a dog", 6)]
+    params = {"max_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": None}
+    one = gpt.generate(prompts, {**params, "n": 1})
+    three = gpt.generate(prompts, {**params, "n": 3})
+    assert three == [choices * 3 for choices in one]
