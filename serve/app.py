@@ -471,7 +471,8 @@ class ModelServer:
                     item = await asyncio.to_thread(next, tokens, None)
                     if item is None:
                         break
-                    yield {**item, "index": index, "first": first}
+                    # the prompt's tokens ride on its first chunk, once per prompt (usage counts them once)
+                    yield {**item, "index": index, "first": first, "prompt_tokens": len(prompt_ids) if first and not j else 0}
                     first = False
                 index += 1
 
@@ -623,14 +624,27 @@ class Gateway:
                         "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
         async def events():
+            # usage: prompt tokens once per prompt, completion tokens as each choice's last count
+            prompt_tokens, completion = first.get("prompt_tokens", 0), {first["index"]: first["tokens"]}
             yield chunk(first)
+            failed = False
             try:
                 async for item in gen:
                     if "error" in item:
                         yield f"data: {json.dumps({'error': item['error']})}\n\n"
+                        failed = True
                         break
+                    prompt_tokens += item.get("prompt_tokens", 0)
+                    completion[item["index"]] = item["tokens"]
                     yield chunk(item)
+                if include_usage and not failed:  # OpenAI's stream_options.include_usage: a last chunk
+                    body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created, "model": req.model, "choices": [],
+                            "usage": _usage(prompt_tokens, sum(completion.values()))}
+                    yield f"data: {json.dumps(body)}\n\n"
             finally:
                 yield "data: [DONE]\n\n"
 

@@ -1,15 +1,18 @@
 """Request and response schemas of the Serve API, and the OpenAI-shaped error helpers.
 
 Requests follow the OpenAI completions/chat API closely enough for the official `openai` client;
-unknown fields are ignored (as OpenAI-compatible servers do) so newer clients keep working.
+unknown fields are ignored (as OpenAI-compatible servers do) so newer clients keep working, except
+the OpenAI parameters that would change what an answer means (UNSUPPORTED_*: logprobs, echo,
+penalties, tools, ...), which are refused with a 400 naming them unless they are off.
 Nothing here imports Ray, so the schemas are tested without a cluster.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A hard ceiling that pydantic enforces (422); the deployment's own cap and the model's context
 # are checked later with a message naming the limit (400).
@@ -63,6 +66,38 @@ class _Request(BaseModel):
     model: str = Field(..., min_length=1, description="registry name of the model (GET /v1/models)")
 
 
+def _is_default(value: Any, defaults: tuple) -> bool:
+    return any(value is d or (type(value) is type(d) and value == d) for d in defaults)
+
+
+# OpenAI parameters this server does not implement. Other unknown fields are ignored (newer clients
+# keep working), but these change what an answer means: a request that sets one of them to anything
+# but a value meaning "off" is refused, not answered as though it had been honoured (a scorer that
+# asks for echo + logprobs must not get plain completions back). Values: the "off" values.
+_OFF = (None, False, 0, 0.0, "", {}, [])
+UNSUPPORTED_COMPLETION = {"logprobs": (None,), "echo": (None, False), "suffix": (None, ""),
+                          "presence_penalty": _OFF, "frequency_penalty": _OFF, "logit_bias": _OFF}
+UNSUPPORTED_CHAT = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": _OFF,
+                    "frequency_penalty": _OFF, "logit_bias": _OFF, "tools": _OFF, "functions": _OFF,
+                    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+                    "response_format": (None, {"type": "text"}), "audio": _OFF, "modalities": (None, ["text"])}
+
+
+def _refuse_unsupported(data: Any, unsupported: dict[str, tuple]) -> Any:
+    if isinstance(data, dict):
+        for key, off in unsupported.items():
+            if key in data and not _is_default(data[key], off):
+                raise ApiError(400, f"{key} is not supported by this server (got {json.dumps(data[key])[:80]})",
+                               key, "unsupported_parameter")
+    return data
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(False, description="a last chunk, before [DONE], with the usage and no choices")
+
+
 class SamplingParams(BaseModel):
     """Sampling shared by completions and chat completions."""
 
@@ -75,6 +110,7 @@ class SamplingParams(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end generation (not returned)")
     seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
     stream: bool = Field(False, description="server-sent events, one chunk per token, then `data: [DONE]`")
+    stream_options: StreamOptions | None = Field(None, description="with stream: include_usage")
 
     @field_validator("stop")
     @classmethod
@@ -93,6 +129,19 @@ class SamplingParams(BaseModel):
 
 class CompletionRequest(_Request, SamplingParams):
     prompt: str | list[str] = Field(..., description="a prompt or a list of prompts")
+    best_of: int | None = Field(None, ge=1, description="accepted when it equals n (every candidate is returned)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse_unsupported(data, UNSUPPORTED_COMPLETION)
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.best_of not in (None, self.n):
+            raise ApiError(400, f"best_of ({self.best_of}) other than n ({self.n}) is not supported by this server",
+                           "best_of", "unsupported_parameter")
+        return self
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -110,6 +159,19 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request, SamplingParams):
     messages: list[ChatMessage] = Field(..., description="the conversation so far")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING,
+                                              description="OpenAI's newer name for max_tokens; wins over it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse_unsupported(data, UNSUPPORTED_CHAT)
+
+    @model_validator(mode="after")
+    def _max_completion_tokens(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
     def prompt(self) -> str:
         """A plain template for base models: 'User: ...\\nAssistant:'."""

@@ -102,6 +102,29 @@ def test_openai_client(served):
                                                    max_tokens=3, stream=True))
     assert chat_chunks[0].choices[0].delta.role == "assistant"
 
+    # stream_options.include_usage: a last chunk with no choices carries the usage of the whole stream
+    # (n=2: both choices' tokens, the prompt's once), as the same request answers it unstreamed
+    ask = {"model": "gpt-tiny", "prompt": "the dog", "max_tokens": 6, "temperature": 0, "n": 2}
+    chunks = list(oai.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage == oai.completions.create(**ask).usage
+    chat_chunks = list(oai.chat.completions.create(model="gpt-tiny", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert chat_chunks[-1].choices == [] and 0 < chat_chunks[-1].usage.completion_tokens <= 3
+
+    # max_completion_tokens, the chat API's newer name for max_tokens, limits the answer
+    hi = [{"role": "user", "content": "hello"}]
+    capped = oai.chat.completions.create(model="gpt-tiny", messages=hi, max_completion_tokens=2, temperature=0)
+    assert capped.usage.completion_tokens <= 2
+    assert capped.choices[0].message.content == oai.chat.completions.create(
+        model="gpt-tiny", messages=hi, max_tokens=2, temperature=0).choices[0].message.content
+
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as refused:
+        oai.completions.create(model="gpt-tiny", prompt="the cat", max_tokens=2, logprobs=2)
+    assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == "logprobs"
+
 
 def test_stream_ends_with_done(client):
     r = client.post("/v1/completions", json={"model": "gpt-tiny", "prompt": "a", "max_tokens": 3, "stream": True})
@@ -184,6 +207,11 @@ BAD_BODIES = [
     ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "stream": True, "max_tokens": 100}, 400),
     ("/v1/chat/completions", {"model": "gpt-tiny", "messages": []}, 400),
     ("/v1/chat/completions", {"model": "gpt-tiny", "messages": [{"role": "robot", "content": "x"}]}, 422),
+    # OpenAI parameters that would change the answer's meaning are refused, not ignored
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "echo": True, "logprobs": 1}, 400),
+    ("/v1/completions", {"model": "gpt-tiny", "prompt": "hi", "best_of": 3}, 400),
+    ("/v1/chat/completions", {"model": "gpt-tiny", "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404),
     ("/v1/classify", {"model": "gpt-tiny", "inputs": "hi"}, 400),  # wrong task
     ("/v1/classify", {"model": "bert-cls", "inputs": []}, 400),

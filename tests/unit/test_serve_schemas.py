@@ -219,3 +219,33 @@ def test_multiplexed_models_reserve_one_shared_deployment_and_bad_combinations_a
             build(AppArgs, bad)
     with pytest.raises(RegistryError, match=re.escape("multiplex.models ['x'] are not among the served models (none)")):
         select_models(build(AppArgs, {"registry": str(tmp_path), "multiplex": {"models": "x"}}))
+
+
+@pytest.mark.parametrize(("cls", "extra", "param"), [
+    (CompletionRequest, {"logprobs": 0}, "logprobs"),
+    (CompletionRequest, {"echo": True}, "echo"),
+    (CompletionRequest, {"suffix": "end"}, "suffix"),
+    (CompletionRequest, {"presence_penalty": 0.5}, "presence_penalty"),
+    (CompletionRequest, {"logit_bias": {"5": 10}}, "logit_bias"),
+    (CompletionRequest, {"best_of": 3, "n": 2}, "best_of"),
+    (ChatCompletionRequest, {"logprobs": True}, "logprobs"),
+    (ChatCompletionRequest, {"frequency_penalty": -1}, "frequency_penalty"),
+    (ChatCompletionRequest, {"tools": [{"type": "function"}]}, "tools"),
+    (ChatCompletionRequest, {"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_parameters_that_change_the_answer_are_refused_by_name(cls, extra, param):
+    base = {"prompt": "x"} if cls is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(ApiError) as exc:
+        cls.model_validate({"model": "m", **base, **extra})
+    assert (exc.value.status, exc.value.param, exc.value.code) == (400, param, "unsupported_parameter")
+
+
+def test_those_parameters_set_to_off_and_newer_names_are_accepted():
+    off = {"logprobs": None, "echo": False, "suffix": "", "presence_penalty": 0, "frequency_penalty": 0.0,
+           "logit_bias": {}, "best_of": 2, "n": 2, "user": "u", "stream_options": {"include_usage": True}}
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "x", **off})
+    assert req.n == 2 and req.stream_options.include_usage
+    chat = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": False, "tools": [],
+        "tool_choice": "none", "response_format": {"type": "text"}, "max_tokens": 50, "max_completion_tokens": 7})
+    assert chat.sampling()["max_tokens"] == 7 and chat.stream_options is None
