@@ -536,6 +536,15 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
                     row_bytes = cfg.pack.max_segment_tokens * 8
                 rows_per_shard = max(1, int(cfg.output.shard_mb * 2**20 // row_bytes))
                 shards += _write_split(rows, shards_dir, split, rows_per_shard)
+            if not any(sh["rows"] for sh in shards if sh["split"] == "train"):
+                # A corpus no training job can read is a failure, not a finished corpus.
+                train = stats["train"]
+                unit = (f"one block of {cfg.pack.block_size} tokens (pack.block_size)" if cfg.pack.layout == "blocks"
+                        else "one segment")
+                raise CorpusError(
+                    f"corpus '{cfg.name}' has no training row: its {train['documents']} train document(s) hold "
+                    f"{train['tokens']} tokens, less than {unit}; add documents or lower pack.block_size"
+                )
             _upload_tokenizer(tok_local, run.file("tokenizer"))
     except Exception as exc:
         raise _unwrap(exc) from None

@@ -86,8 +86,11 @@ def test_files_cli_counts_every_dropped_document(tmp_path, ray_session, capsys):
         (lambda d: (d / "x.txt").write_text("short"), "is empty after filtering"),
         # raised inside a Ray Data task: the message is ours alone, without Ray's retry advice
         (lambda d: (d / "x.txt").write_text("ok line\n" * 10 + "y" * 3000), "x.txt:11: line longer than"),
+        # kept, but too little text for one block: a manifest with no training row used to be written
+        (lambda d: (d / "x.txt").write_text("A short note that is kept but fills no block."),
+         "has no training row: its 1 train document(s) hold"),
     ],
-    ids=["missing", "binary", "empty-after-filtering", "huge-line"],
+    ids=["missing", "binary", "empty-after-filtering", "huge-line", "no-training-row"],
 )
 def test_bad_input_fails_clearly_and_writes_no_manifest(tmp_path, ray_session, capsys, setup, message):
     setup(tmp_path)
