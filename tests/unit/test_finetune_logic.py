@@ -671,3 +671,27 @@ def test_sweeps_set_tune_s_snapshot_settings_unless_the_user_did():
     env = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "5"}
     tune_env_defaults(env)
     assert env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] == "5"
+
+
+def test_a_hub_id_on_a_machine_without_network_is_looked_up_in_the_local_cache_alone(tmp_path, monkeypatch, caplog):
+    """Offline, a mistyped run name (taken for a hub id) was refused only after huggingface_hub had
+    retried five times with backoff (~25 s). With a hub host that does not resolve, the id is looked
+    up in the local Hugging Face cache alone: a cached model still loads, anything else fails at once."""
+
+    from huggingface_hub import constants
+
+    from cluster.finetune import base_config
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.raylm-test.invalid")  # .invalid never resolves
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--someone--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 3}))
+    (tmp_path / "models--someone--cached" / "refs").mkdir()
+    (tmp_path / "models--someone--cached" / "refs" / "main").write_text("abc123")
+
+    assert base_config("someone/cached")["n_layer"] == 3
+    with pytest.raises(JobError, match=r"hub.raylm-test.invalid does not resolve \(offline\), and it is not in "
+                                       r"the local Hugging Face cache"):
+        base_config("someone/mistyped")
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
