@@ -158,34 +158,17 @@ def base_config(path: str) -> dict[str, Any]:
             return json.load(f)
     from transformers import AutoConfig
 
-    unresolved = _hub_host_unresolved()
-    try:
-        # With no hub to reach, only the local Hugging Face cache can hold it: look there alone.
-        return AutoConfig.from_pretrained(path, local_files_only=unresolved is not None).to_dict()
-    except Exception as exc:  # offline, or no such hub model
-        why = (f"{unresolved} does not resolve (offline), and it is not in the local Hugging Face cache"
-               if unresolved else type(exc).__name__)
-        raise JobError(
-            f"model.checkpoint '{path}' is not a checkpoint directory, a pretrain run or registry model under "
-            f"RAYLM_STORAGE, nor loadable from the Hugging Face hub ({why})"
-        ) from None
+    from cluster import hub
 
-
-def _hub_host_unresolved() -> str | None:
-    """The Hugging Face hub's host name when it does not resolve (a machine without network), else
-    None. huggingface_hub retries a failed request five times with backoff even then, so a mistyped
-    run name took ~25 s to be refused offline."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or ""
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return host
-    return None
+    with hub.offline_if_unreachable() as unresolved:
+        try:
+            # With no hub to reach, only the local Hugging Face cache can hold it: look there alone.
+            return AutoConfig.from_pretrained(path, local_files_only=unresolved is not None).to_dict()
+        except Exception as exc:  # offline, or no such hub model
+            raise JobError(
+                f"model.checkpoint '{path}' is not a checkpoint directory, a pretrain run or registry model under "
+                f"RAYLM_STORAGE, nor loadable from the Hugging Face hub ({hub.offline_note(unresolved) or type(exc).__name__})"
+            ) from None
 
 
 def check_family(task: str, config: dict[str, Any], where: str) -> None:

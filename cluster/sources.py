@@ -535,12 +535,16 @@ def hf_dataset(source: SourceConfig, source_id: int) -> ray.data.Dataset:
     the machine is online. Loaded on the driver by `datasets`, then handed to Ray Data."""
     import datasets
 
-    try:
-        ds = datasets.load_dataset(
-            source.dataset, source.subset, data_files=source.data_files, split=source.split
-        )
-    except Exception as exc:  # datasets raises many types; the message is what the user needs
-        raise CorpusError(f"source '{source.label}': cannot load dataset '{source.dataset}': {exc}") from None
+    from cluster import hub
+
+    with hub.offline_if_unreachable() as unresolved:
+        try:
+            ds = datasets.load_dataset(
+                source.dataset, source.subset, data_files=source.data_files, split=source.split
+            )
+        except Exception as exc:  # datasets raises many types; the message is what the user needs
+            note = f" ({hub.offline_note(unresolved)})" if unresolved else ""
+            raise CorpusError(f"source '{source.label}': cannot load dataset '{source.dataset}': {exc}{note}") from None
     if source.text_column not in ds.column_names:
         raise CorpusError(
             f"source '{source.label}': dataset has no column '{source.text_column}' "

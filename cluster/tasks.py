@@ -145,10 +145,14 @@ def _read_files(patterns: list[str], where: str) -> ray.data.Dataset:
 def _hf_split(cfg: TaskData, split: str) -> ray.data.Dataset:
     import datasets
 
-    try:
-        ds = datasets.load_dataset(cfg.dataset, cfg.subset, data_files=cfg.data_files, split=split)
-    except Exception as exc:  # datasets raises many types; its message is what the user needs
-        raise TaskDataError(f"data: cannot load split '{split}' of dataset '{cfg.dataset}': {exc}") from None
+    from cluster import hub
+
+    with hub.offline_if_unreachable() as unresolved:
+        try:
+            ds = datasets.load_dataset(cfg.dataset, cfg.subset, data_files=cfg.data_files, split=split)
+        except Exception as exc:  # datasets raises many types; its message is what the user needs
+            note = f" ({hub.offline_note(unresolved)})" if unresolved else ""
+            raise TaskDataError(f"data: cannot load split '{split}' of dataset '{cfg.dataset}': {exc}{note}") from None
     # The split is loaded already. Not ray.data.from_huggingface: it first looks for the same
     # dataset on the Hub by re-running load_dataset(<builder name>) with no data files, which for a
     # local builder (json, csv, parquet) globs and reads every data file under the working

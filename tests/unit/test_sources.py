@@ -199,3 +199,22 @@ def test_json_file_holding_one_array_is_read_whole(tmp_path):
     (tmp_path / "nums.json").write_text('[{"text": "x"}, 3]')
     with pytest.raises(CorpusError, match=r"nums.json: item 1: JSON object has no key 'text' \(a JSON int\)"):
         read(tmp_path / "nums.json")
+
+
+def test_a_hub_dataset_on_a_machine_without_network_fails_at_once_and_leaves_online_mode_as_it_was(
+        monkeypatch, caplog):
+    """Offline, `kind: hf` with a hub name was refused only after huggingface_hub's five retries
+    (~30 s for prepare). With a hub host that does not resolve, datasets runs offline (local cache
+    only) for that call."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from cluster.sources import hf_dataset
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.raylm-test.invalid")  # .invalid never resolves
+    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(CorpusError, match=r"cannot load dataset 'someone/mistyped'.*hub.raylm-test.invalid does not "
+                                          r"resolve \(offline\), and it is not in the local Hugging Face cache"):
+        hf_dataset(SourceConfig(kind="hf", dataset="someone/mistyped"), 0)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
