@@ -176,7 +176,12 @@ def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
                 f"(sentence boundaries{' for ' + pair.upper() if pair else ''}); corpus '{corpus.path}' has '{corpus.layout}'"
             )
         elif cfg.model.max_len < corpus.manifest["max_segment_tokens"] + 3:
-            problems.append(f"model.max_len ({cfg.model.max_len}) must hold max_segment_tokens + 3 special tokens")
+            seg = corpus.manifest["max_segment_tokens"]
+            problems.append(
+                f"model.max_len ({cfg.model.max_len}) must hold the corpus's max_segment_tokens ({seg}) + 3 special "
+                f"tokens: --set model.max_len={seg + 3}, or prepare the corpus with "
+                f"--set pack.max_segment_tokens={cfg.model.max_len - 3}"
+            )
         from transformers import PreTrainedTokenizerFast
 
         tok = PreTrainedTokenizerFast.from_pretrained(corpus.local_tokenizer_dir())

@@ -1,7 +1,9 @@
-"""Every worker evaluates an equal share of the validation rows and the remainder is dropped
+"""What pretraining and fine-tuning refuse about their data before Ray starts training. No Ray here.
+
+Every worker evaluates an equal share of the validation rows and the remainder is dropped
 (RankSlice, streaming_split(equal=True)). A split with fewer rows than workers left every worker
 none, and the run failed at its first evaluation (KeyError 'nats' in the loss summary, retried
-max_failures times, ~80 s). Both jobs now refuse it before Ray starts training. No Ray here."""
+max_failures times, ~80 s). Both jobs now refuse it before Ray starts training."""
 
 from __future__ import annotations
 
@@ -51,3 +53,21 @@ def test_finetuning_refuses_fewer_validation_rows_than_workers():
     assert plan_run(cfg, meta(2), "/runs/x", 2).steps_per_epoch >= 1
     with pytest.raises(JobError, match=r"data: 1 validation row\(s\) are fewer than the 2 worker\(s\)"):
         plan_run(cfg, meta(1), "/runs/x", 2)
+
+
+def test_an_encoder_too_short_for_the_corpus_segments_is_told_both_fixes(tmp_path):
+    """The blocks case named both fixes; the segments case only said 'must hold max_segment_tokens
+    + 3 special tokens' (bert-tiny, max_len 128, on a corpus prepared with the default 253)."""
+    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from serve.tiny import sentences
+
+    save_tokenizer(train_tokenizer(sentences(), TokenizerConfig(kind="wordpiece", vocab_size=300, min_frequency=1)),
+                   str(tmp_path / "tokenizer"))
+    seg = corpus(4)
+    seg.path, seg.manifest = str(tmp_path), {**seg.manifest, "layout": "segments", "block_size": None,
+                                             "max_segment_tokens": 253, "tokenizer": {"path": "tokenizer"}}
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", "bert-tiny.yaml"), ["corpus=small"])
+    with pytest.raises(JobError, match=r"model.max_len \(128\) must hold the corpus's max_segment_tokens \(253\) \+ 3 "
+                                       r"special tokens: --set model.max_len=256, or prepare the corpus with "
+                                       r"--set pack.max_segment_tokens=125"):
+        check_inputs(cfg, seg)
