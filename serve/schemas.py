@@ -10,7 +10,7 @@ Nothing here imports Ray, so the schemas are tested without a cluster.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -102,6 +102,12 @@ class SamplingParams(BaseModel):
     """Sampling shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
+    unsupported: ClassVar[dict[str, tuple]] = {}  # each request's UNSUPPORTED_* table
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _refuse_unsupported(data, cls.unsupported)
 
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_CEILING, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding")
@@ -130,11 +136,7 @@ class SamplingParams(BaseModel):
 class CompletionRequest(_Request, SamplingParams):
     prompt: str | list[str] = Field(..., description="a prompt or a list of prompts")
     best_of: int | None = Field(None, ge=1, description="accepted when it equals n (every candidate is returned)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        return _refuse_unsupported(data, UNSUPPORTED_COMPLETION)
+    unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED_COMPLETION
 
     @model_validator(mode="after")
     def _best_of(self) -> CompletionRequest:
@@ -161,11 +163,7 @@ class ChatCompletionRequest(_Request, SamplingParams):
     messages: list[ChatMessage] = Field(..., description="the conversation so far")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING,
                                               description="OpenAI's newer name for max_tokens; wins over it")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        return _refuse_unsupported(data, UNSUPPORTED_CHAT)
+    unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED_CHAT
 
     @model_validator(mode="after")
     def _max_completion_tokens(self) -> ChatCompletionRequest:
