@@ -93,6 +93,29 @@ def run_metric(run_dir: str) -> dict[str, Any] | None:
     return {"name": name, "value": float(metrics[name]), "mode": METRICS.get(task, {}).get(name, "min")}
 
 
+# The jobs whose finished runs stand for a checkpoint, in the order a bare name is looked up.
+CHECKPOINT_JOBS = ("finetune", "tune", "pretrain")
+
+
+class RunLookupError(ValueError):
+    """A run name that names several runs, or a run that has not finished."""
+
+
+def named_run(name: str, root: str | None = None) -> str | None:
+    """The folder of the finished fine-tuning run, sweep or pretraining run called `name` under the
+    storage root; None when there is no run of that name."""
+    runs = [storage.join(root or storage_root(), job, name) for job in CHECKPOINT_JOBS]
+    found = [r for r in runs if storage.exists(storage.join(r, "summary.json"))]
+    if len(found) > 1:
+        raise RunLookupError(f"'{name}' names {len(found)} runs ({' and '.join(found)}); give the run's folder")
+    if found:
+        return found[0]
+    unfinished = [r for r in runs if storage.exists(r)]
+    if unfinished:
+        raise RunLookupError(f"run '{unfinished[0]}' has no summary.json: it has not finished")
+    return None
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 

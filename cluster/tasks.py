@@ -180,6 +180,22 @@ def load_splits(cfg: TaskData) -> tuple[ray.data.Dataset, ray.data.Dataset, str]
     return train, val, f"{cfg.validation_fraction:.0%} of train (seed {cfg.seed})"
 
 
+def load_split(cfg: TaskData, split: str) -> ray.data.Dataset:
+    """One split as `load_splits` makes it, reading only that split where it has its own source:
+    files given only as data.validation (a held-out test file) are that split; a validation split
+    carved from train is the same rows jobs.finetune held out (same fraction and seed)."""
+    if cfg.kind == "files" and not cfg.train:
+        if split == "train":
+            raise TaskDataError("data.train: no files given, so there is no train split to read")
+        return _read_files(cfg.validation, "data.validation")
+    if cfg.kind == "files" and cfg.validation:
+        return _read_files(cfg.train if split == "train" else cfg.validation, f"data.{split}")
+    if cfg.kind == "hf" and cfg.validation_split:
+        return _hf_split(cfg, cfg.train_split if split == "train" else cfg.validation_split)
+    train, val, _ = load_splits(cfg)
+    return train if split == "train" else val
+
+
 def user_error(exc: BaseException) -> str:
     """The error a reader or UDF raised, from inside Ray's wrappers (RayTaskError and
     UserCodeException keep only the remote traceback's text): "KeyError: 'label'"."""
@@ -328,7 +344,9 @@ def split_stats(splits: dict[str, ray.data.Dataset], task: str, files: dict[str,
     tagged = [ds.map_batches(_with_split, batch_format="pandas", fn_kwargs={"split": name}) for name, ds in splits.items()]
     kwargs = {"task": task, "files_json": json.dumps(files), "cols": cfg.model_dump()}
     try:
-        rows = tagged[0].union(*tagged[1:]).map_batches(_batch_stats, batch_format="pandas", fn_kwargs=kwargs).take_all()
+        # Ray Data refuses a union of one dataset (a planner assertion)
+        both = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+        rows = both.map_batches(_batch_stats, batch_format="pandas", fn_kwargs=kwargs).take_all()
     except Exception as exc:
         raise TaskDataError(f"data: cannot read the labelled rows: {user_error(exc)}") from None
     out = {name: SplitStats() for name in splits}
@@ -350,8 +368,8 @@ def _with_split(batch: pd.DataFrame, split: str) -> pd.DataFrame:
     return batch.assign(__split=split)
 
 
-def infer_labels(task: str, cfg: TaskData, stats: dict[str, SplitStats]) -> list[str]:
-    """The label set from the training split, checked against every split."""
+def row_label_problems(task: str, cfg: TaskData, stats: dict[str, SplitStats]) -> list[str]:
+    """Rows without a label, and tagging rows whose tags and words differ in number, per split."""
     column = cfg.label_column if task == "classification" else cfg.tags_column
     key = "label_column" if task == "classification" else "tags_column"
     problems = []
@@ -361,6 +379,13 @@ def infer_labels(task: str, cfg: TaskData, stats: dict[str, SplitStats]) -> list
         if st.mismatch:
             problems.append(f"data.{key}: {st.mismatch} row(s) of the {split} split have a different number "
                             f"of tags ('{column}') than words ('{cfg.tokens_column}')")
+    return problems
+
+
+def infer_labels(task: str, cfg: TaskData, stats: dict[str, SplitStats]) -> list[str]:
+    """The label set from the training split, checked against every split."""
+    key = "label_column" if task == "classification" else "tags_column"
+    problems = row_label_problems(task, cfg, stats)
     train = set(stats["train"].labels)
     unseen = sorted(set(stats["validation"].labels) - train)
     if unseen:

@@ -16,7 +16,7 @@ import json
 import sys
 
 from cluster import registry, storage
-from cluster.runs import is_run_dir, run_checkpoint, run_metric
+from cluster.runs import CHECKPOINT_JOBS, RunLookupError, is_run_dir, named_run, run_checkpoint, run_metric
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,19 +46,16 @@ def resolve_source(arg: str) -> tuple[str, dict | None]:
         return _run_source(arg)
     if "/" in arg or arg.startswith("."):
         return arg, None  # a path that does not exist: validate_checkpoint says so
-    root = storage.storage_root()
-    runs = [storage.join(root, job, arg) for job in ("finetune", "tune", "pretrain")]
-    found = [r for r in runs if storage.exists(storage.join(r, "summary.json"))]
-    if len(found) > 1:
-        raise registry.RegistryError(f"'{arg}' names {len(found)} runs ({' and '.join(found)}); give the run's folder")
-    if not found:
-        unfinished = [r for r in runs if storage.exists(r)]
-        if unfinished:
-            raise registry.RegistryError(f"run '{unfinished[0]}' has no summary.json: it has not finished")
+    try:
+        found = named_run(arg)
+    except RunLookupError as exc:
+        raise registry.RegistryError(str(exc)) from None
+    if found is None:
+        runs = [storage.join(storage.storage_root(), job, arg) for job in CHECKPOINT_JOBS]
         raise registry.RegistryError(
             f"checkpoint '{arg}' does not exist, and no run of that name is under {', '.join(runs)}"
         )
-    return _run_source(found[0])
+    return _run_source(found)
 
 
 def _run_source(run_dir: str) -> tuple[str, dict | None]:
