@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ from cluster.train import STATE_DIR
 log = logging.getLogger(__name__)
 
 ENCODER_ARCHITECTURES = ("ForMaskedLM", "ForPreTraining")
+BATCHES_PER_BLOCK = 4
 TASK_ARCHITECTURES = {"ForSequenceClassification": "classification", "ForTokenClassification": "tagging"}
 
 
@@ -222,11 +225,12 @@ def build_objective(spec: dict[str, Any], tokenizer: Any) -> Any:
     return task_losses.Completion(tokenizer, spec["sample_cap"], spec["max_new_tokens"])
 
 
-def batch_seed(seed: int, batch: dict[str, Any]) -> tuple[int, int]:
-    """A batch's masking seed from its rows, not from which actor scores it or when: the same
+def batch_seed(seed: int, batch: dict[str, Any]) -> tuple[int, int, int, int]:
+    """A batch's masking seed, shaped as the training loop's evaluation seed (seed, epoch -1, batch,
+    rank) with the batch named by its first row, not by which actor scores it or when: the same
     split, batch size and seed always get the same masks."""
     first = np.asarray(batch["input_ids"][0], dtype=np.int64).tobytes()
-    return seed, int.from_bytes(hashlib.sha256(first).digest()[:6], "little")
+    return seed, -1, int.from_bytes(hashlib.sha256(first).digest()[:6], "little"), 0
 
 
 class Scorer:
@@ -250,6 +254,7 @@ class Scorer:
         self.model.to(self.device).eval()
         self.objective = build_objective(spec, model_tokenizer(local_copy(checkpoint), spec))
         self.generated = 0
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -266,7 +271,7 @@ class Scorer:
                 self.generated += len(samples)
         sums = {k: float(v) for k, v in stats.items()}
         return {"sums": np.array([json.dumps(sums)]), "samples": np.array([json.dumps(samples)]),
-                "rows": np.array([len(batch["input_ids"])], dtype=np.int64)}
+                "rows": np.array([len(batch["input_ids"])], dtype=np.int64), "replica": np.array([self.replica])}
 
 
 def add_sums(rows: list[dict[str, Any]]) -> tuple[dict[str, float], list, int]:
@@ -287,6 +292,9 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
     """Every row of `ds` through the actor pool; the summed statistics as the objective's metrics."""
     if cfg.max_rows:
         ds = ds.limit(cfg.max_rows)
+    # A few batches per block, so that a split in one or two shards still reaches every replica
+    # (one block goes to one actor); streaming, no all-to-all stage.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK)
     workers = cfg.scaling.workers
     spec = {**spec, "seed": cfg.seed, "precision": cfg.precision, "use_gpu": cfg.scaling.use_gpu,
             "threads": cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),
@@ -297,6 +305,9 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.scaling.cpus_per_worker,
         **({"num_gpus": 1} if cfg.scaling.use_gpu else {}),
     )
+    # Rows in split order make the same batches whichever actor scores them: masked-LM masks and
+    # NSP/SOP pairs are drawn per batch, so the metrics of a run do not depend on its scheduling.
+    scored.context.execution_options.preserve_order = True
     try:
         rows = scored.take_all()
     except Exception as exc:
@@ -308,7 +319,7 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
     metrics = objective.summarize(sums)
     if hasattr(objective, "score_samples"):
         metrics |= objective.score_samples(samples)
-    return {"rows": n, "metrics": metrics, "samples": [{"generated": h, "reference": r} for h, r in samples[:8]]}
+    return {"rows": n, "replicas_used": len({r["replica"] for r in rows}), "metrics": metrics, "samples": [{"generated": h, "reference": r} for h, r in samples[:8]]}
 
 
 # ---------------------------------------------------------------- the job
@@ -384,7 +395,7 @@ def evaluate(cfg: EvaluateConfig, root: str | None = None) -> dict[str, Any]:
     quiet_data_logs()
     checkpoint = resolve_model(cfg.model, root)
     path = local_copy(checkpoint) if storage.is_uri(checkpoint) else checkpoint
-    config = base_config(path)
+    config = base_config(path, key="model", runs="a fine-tune, sweep or pretrain run")
     arch = architecture(config, checkpoint)
     if cfg.data is not None:
         task = task_of(arch, checkpoint)

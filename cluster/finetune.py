@@ -147,13 +147,15 @@ def local_copy(path: str) -> str:
     return local
 
 
-def base_config(path: str) -> dict[str, Any]:
+def base_config(path: str, key: str = "model.checkpoint", runs: str = "a pretrain run") -> dict[str, Any]:
+    """The config.json of the checkpoint `key` names (a local folder or a hub id); `runs` says
+    which run names `key` accepts, for the message when it is none of them."""
     if os.path.isdir(path):
         config_file = os.path.join(path, "config.json")
         if not os.path.exists(config_file):
-            raise JobError(f"model.checkpoint '{path}' has no config.json: not a Hugging Face checkpoint")
+            raise JobError(f"{key} '{path}' has no config.json: not a Hugging Face checkpoint")
         if not glob.glob(os.path.join(path, "*.safetensors")):
-            raise JobError(f"model.checkpoint '{path}' has no *.safetensors weights (pickled weights are never loaded)")
+            raise JobError(f"{key} '{path}' has no *.safetensors weights (pickled weights are never loaded)")
         with open(config_file) as f:
             return json.load(f)
     from transformers import AutoConfig
@@ -166,7 +168,7 @@ def base_config(path: str) -> dict[str, Any]:
             return AutoConfig.from_pretrained(path, local_files_only=unresolved is not None).to_dict()
         except Exception as exc:  # offline, or no such hub model
             raise JobError(
-                f"model.checkpoint '{path}' is not a checkpoint directory, a pretrain run or registry model under "
+                f"{key} '{path}' is not a checkpoint directory, {runs} or registry model under "
                 f"RAYLM_STORAGE, nor loadable from the Hugging Face hub ({hub.offline_note(unresolved) or type(exc).__name__})"
             ) from None
 

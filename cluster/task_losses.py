@@ -139,7 +139,7 @@ class Completion:
     def collate(self, batch: dict[str, np.ndarray], seed: tuple[int, ...]) -> dict[str, torch.Tensor]:
         ids = pad_rows(batch["input_ids"], self.pad_id)  # (B, T)
         lengths = np.array([len(r) for r in batch["input_ids"]])
-        prompt_len = np.asarray(batch["prompt_len"], dtype=np.int64)
+        prompt_len = np.array(batch["prompt_len"], dtype=np.int64)  # a copy: Ray Data hands read-only arrays
         pos = np.arange(ids.shape[1])[None, :]
         labels = np.where((pos >= prompt_len[:, None]) & (pos < lengths[:, None]), ids, IGNORE_INDEX)
         return {
