@@ -14,6 +14,7 @@ COMMANDS = {
     "prepare": "jobs.prepare",
     "pretrain": "jobs.pretrain",
     "finetune": "jobs.finetune",
+    "evaluate": "jobs.evaluate",
     "demo": "jobs.demo",
     "sweep": "tune.sweep",
     "publish": "tune.publish",

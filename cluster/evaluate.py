@@ -123,15 +123,17 @@ def resolve_model(ref: str, root: str | None = None) -> str:
     except RunLookupError as exc:
         raise JobError(f"model: {exc}") from None
     entry = storage.join(base, "registry", ref)
-    published = storage.exists(storage.join(entry, "model.json"))
-    if run and published:
-        raise JobError(f"model '{ref}' names run '{run}' and registry model '{entry}'; give the folder you mean")
-    if run:
-        picked = run_checkpoint(run)
-        if not picked:
-            raise JobError(f"model: run '{run}' finished without a checkpoint")
-        return picked
-    return entry if published else ref
+    published = storage.read_json(storage.join(entry, "model.json")) if storage.exists(
+        storage.join(entry, "model.json")) else None
+    picked = run_checkpoint(run) if run else None
+    if run and not picked:
+        raise JobError(f"model: run '{run}' finished without a checkpoint")
+    if picked and published is not None and published.get("source_checkpoint") != picked:
+        # the same name for a run and a model published from elsewhere (a sweep publishes its best
+        # under its own name: that is the same checkpoint, and no question)
+        raise JobError(f"model '{ref}' names run '{run}' and registry model '{entry}', published from another "
+                       "checkpoint; give the folder you mean")
+    return picked or (entry if published is not None else ref)
 
 
 def architecture(config: dict[str, Any], where: str) -> str:

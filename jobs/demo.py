@@ -2,8 +2,8 @@
 
 prepare (Ray Data) -> pretrain a tiny GPT (Ray Train) -> sample from it with plain transformers ->
 sweep fine-tuning hyperparameters for topic classification (Ray Tune, ASHA) and publish the best
-classifier and the pretrained GPT to the registry -> serve both (Ray Serve) and query them over
-HTTP. `make demo` runs this.
+classifier and the pretrained GPT to the registry -> score the classifier on held-out rows
+(jobs.evaluate, Ray Data) -> serve both (Ray Serve) and query them over HTTP. `make demo` runs this.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="HTTP port for the serve stage (default: a free one)")
     args = p.parse_args(argv)
     setup_logging()
+    from cluster.evaluate import EvaluateConfig
+    from jobs import evaluate as evaluate_job
     from jobs import prepare as prepare_job
     from jobs import pretrain as pretrain_job
     from tune import sweep as sweep_job
@@ -144,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   registry: {reg['path'] if reg['published'] else 'not published: ' + reg['reason']}")
         print(f"   registry: {publish_gpt(summary)} (generation)", flush=True)
 
-        print("== 5. serve: the registry on Ray Serve, queried over HTTP", flush=True)
+        print("== 5. evaluate: the published classifier on 400 topic rows it never saw (Ray Data)", flush=True)
+        held_out = load_config(EvaluateConfig, os.path.join(CONFIGS, "evaluate-topic-tiny.yaml"),
+                               ["name=demo-topic", f"model={CLASSIFIER_NAME}"])
+        scored = json.load(open(evaluate_job.run(held_out)))["metrics"]
+        print(f"   accuracy {scored['accuracy']:.3f}, macro-F1 {scored['macro_f1']:.3f} on held-out rows", flush=True)
+
+        print("== 6. serve: the registry on Ray Serve, queried over HTTP", flush=True)
         serve_and_query(args.port)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -59,6 +59,10 @@ def config_class(filename: str):
         return FinetuneConfig
     if stem.startswith("tune-"):
         return SweepConfig
+    if stem.startswith("evaluate-"):
+        from cluster.evaluate import EvaluateConfig
+
+        return EvaluateConfig
     raise AssertionError(f"{stem}: no job claims this config; add it to config_class()")
 
 

@@ -80,9 +80,13 @@ def test_a_registry_name_a_hub_id_and_what_is_refused(tmp_path):
     assert E.resolve_model("bert-base-uncased", root) == "bert-base-uncased"
     with pytest.raises(JobError, match="'./gone' does not exist"):
         E.resolve_model("./gone", root)
-    _run(root, "tune", "topic", best=entry)
-    with pytest.raises(JobError, match="names run .* and registry model"):
+    sweep_best = _checkpoint(os.path.join(root, "tune", "topic", "trial", "checkpoint_0000030"))
+    _run(root, "tune", "topic", best=sweep_best)
+    with pytest.raises(JobError, match="names run .* and registry model .* published from another checkpoint"):
         E.resolve_model("topic", root)
+    # a sweep that published its best under its own name: one model, whichever folder
+    storage.write_json_atomic(os.path.join(entry, "model.json"), {"source_checkpoint": sweep_best})
+    assert E.resolve_model("topic", root) == sweep_best
     os.makedirs(os.path.join(root, "finetune", "half"))
     with pytest.raises(JobError, match="has not finished"):
         E.resolve_model("half", root)
