@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from pydantic import Field, field_validator, model_validator
 
-from cluster import runtime, storage, tasks
+from cluster import hub, runtime, storage, tasks
 from cluster.config import Section
 from cluster.corpus import Corpus
 from cluster.entry import JobError
@@ -206,7 +206,7 @@ def model_tokenizer(path: str, spec: dict[str, Any]) -> Any:
     if spec["kind"] in ("clm", "mlm"):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return hub.from_pretrained(AutoTokenizer.from_pretrained, path)
     return prepare_tokenizer(path, spec["kind"], pair=spec["pair"], token_types=spec["token_types"])
 
 
@@ -252,7 +252,8 @@ class Scorer:
         self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu")
         self.amp = autocast_dtype(spec["precision"], self.device)
         model_cls = getattr(transformers, spec["architecture"])
-        self.model = model_cls.from_pretrained(local_copy(checkpoint), use_safetensors=True, trust_remote_code=False)
+        self.model = hub.from_pretrained(model_cls.from_pretrained, local_copy(checkpoint), use_safetensors=True,
+                                         trust_remote_code=False)
         self.model.to(self.device).eval()
         self.objective = build_objective(spec, model_tokenizer(local_copy(checkpoint), spec))
         self.generated = 0

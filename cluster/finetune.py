@@ -27,7 +27,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster import registry, runtime, storage, tasks
+from cluster import hub, registry, runtime, storage, tasks
 from cluster.config import Section, StrList
 from cluster.entry import JobError
 from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources
@@ -160,8 +160,6 @@ def base_config(path: str, key: str = "model.checkpoint", runs: str = "a pretrai
             return json.load(f)
     from transformers import AutoConfig
 
-    from cluster import hub
-
     with hub.offline_if_unreachable() as unresolved:
         try:
             # With no hub to reach, only the local Hugging Face cache can hold it: look there alone.
@@ -200,7 +198,7 @@ def prepare_tokenizer(path: str, task: str, pair: bool, token_types: bool = Fals
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = hub.from_pretrained(AutoTokenizer.from_pretrained, path)
     if not tok.is_fast:
         raise JobError(f"model.checkpoint '{path}': raylm needs a fast (Rust) tokenizer, got {type(tok).__name__}")
     if tok.pad_token is None:
@@ -296,8 +294,8 @@ def build_task_model(cfg: FinetuneConfig, meta: dict[str, Any], base: str) -> An
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = model_cls.from_pretrained(base, use_safetensors=True, trust_remote_code=False,
-                                                output_loading_info=True, **kwargs)
+        model, info = hub.from_pretrained(model_cls.from_pretrained, base, use_safetensors=True,
+                                          trust_remote_code=False, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     log.info("%s from %s: new %s; not used %s", type(model).__name__, base,

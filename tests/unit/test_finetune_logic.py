@@ -695,3 +695,29 @@ def test_a_hub_id_on_a_machine_without_network_is_looked_up_in_the_local_cache_a
                                        r"the local Hugging Face cache"):
         base_config("someone/mistyped")
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+
+
+def test_a_cached_hub_model_loads_offline_without_retrying_each_file(tmp_path, monkeypatch, caplog):
+    """base_config found a cached hub model at once offline, but the tokenizer (driver) and the
+    weights (every worker) were then fetched with five retries per file looked up: a 5-step
+    fine-tune of a cached hub model took 3 min 44 s, 31.8 s after the fix."""
+    import logging
+
+    from huggingface_hub import constants
+
+    from cluster.finetune import build_task_model, prepare_tokenizer
+    from serve import tiny
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.raylm-test.invalid")  # .invalid never resolves
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--tiny-gpt"
+    tiny.save_gpt(str(repo / "snapshots" / "abc123"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    caplog.set_level(logging.WARNING)
+
+    tok = prepare_tokenizer("someone/tiny-gpt", "classification", pair=False)
+    cfg = FinetuneConfig.model_validate({"task": "classification", "model": {"checkpoint": "someone/tiny-gpt"}})
+    model = build_task_model(cfg, {"labels": ["a", "b"], "pad_id": tok.pad_token_id}, "someone/tiny-gpt")
+    assert model.config.num_labels == 2 and tok.pad_token is not None
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
