@@ -311,10 +311,12 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
     # Rows in split order make the same batches whichever actor scores them: masked-LM masks and
     # NSP/SOP pairs are drawn per batch, so the metrics of a run do not depend on its scheduling.
     scored.context.execution_options.preserve_order = True
+    t0 = time.time()
     try:
         rows = scored.take_all()
     except Exception as exc:
         raise JobError(f"scoring failed: {tasks.user_error(exc)}") from None
+    seconds = time.time() - t0
     sums, samples, n = add_sums(rows)
     if not n:
         raise JobError(f"the {cfg.split} split has no rows to score")
@@ -322,7 +324,8 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
     metrics = objective.summarize(sums)
     if hasattr(objective, "score_samples"):
         metrics |= objective.score_samples(samples)
-    return {"rows": n, "replicas_used": len({r["replica"] for r in rows}), "metrics": metrics, "samples": [{"generated": h, "reference": r} for h, r in samples[:8]]}
+    return {"rows": n, "replicas_used": len({r["replica"] for r in rows}), "scoring_seconds": round(seconds, 2),
+            "metrics": metrics, "samples": [{"generated": h, "reference": r} for h, r in samples[:8]]}
 
 
 # ---------------------------------------------------------------- the job
