@@ -33,6 +33,7 @@ bench: install
 	$(PY) -m bench.train_overhead
 	$(PY) -m bench.serve
 	$(PY) -m bench.tune_efficiency
+	$(PY) -m bench.evaluate
 
 # Faults, load and hostile input across the pipeline; writes RELIABILITY.md (about 25 minutes).
 drills: install
