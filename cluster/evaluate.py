@@ -296,8 +296,13 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
     if cfg.max_rows:
         ds = ds.limit(cfg.max_rows)
     # A few batches per block, so that a split in one or two shards still reaches every replica
-    # (one block goes to one actor); streaming, no all-to-all stage.
+    # (one block goes to one actor).
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK)
+    # Read and re-blocked before the actors start, in split order: the actors hold their CPUs from
+    # the start, and on a cluster with no CPU beyond them the read tasks waited for the actors,
+    # which waited for the reads (2 replicas on a 2-CPU `ray start` cluster hung for good).
+    ds.context.execution_options.preserve_order = True
+    ds = ds.materialize()
     workers = cfg.scaling.workers
     spec = {**spec, "seed": cfg.seed, "precision": cfg.precision, "use_gpu": cfg.scaling.use_gpu,
             "threads": cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from cluster.config import load_config
 from cluster.evaluate import EvaluateConfig
 from cluster.finetune import prepare_tokenizer, resolve_checkpoint
 from jobs import evaluate as evaluate_job
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 
 def run(name: str, *sets: str) -> dict:
@@ -106,3 +108,20 @@ def test_encoder_metrics_do_not_depend_on_the_number_of_replicas(bert_base, bert
     assert {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= set(one["metrics"])
     assert one["metrics"]["mlm_loss"] == pytest.approx(two["metrics"]["mlm_loss"], rel=1e-6)
     assert one["metrics"]["nsp_accuracy"] == two["metrics"]["nsp_accuracy"]
+
+
+def test_replicas_that_take_every_cpu_still_get_the_rows(topic_classifier, tmp_path, ray_session):
+    # Regression: the actors hold their CPUs from the start; with none left, the read and re-block
+    # tasks waited for them and they for the rows (2 replicas on a 2-CPU `ray start` cluster hung).
+    import ray
+
+    pd.DataFrame(synthetic.topic_classification(24, seed=6)).to_csv(tmp_path / "t.csv", index=False)
+    cpus = int(ray.cluster_resources()["CPU"])
+    out = subprocess.run(
+        [PYTHON, "-m", "jobs.evaluate", "--set", "name=t-eval-full", "--set", f"model={topic_classifier}",
+         "--set", "data.kind=files", "--set", f"data.validation={tmp_path / 't.csv'}", "--set", "batch_size=4",
+         "--set", f"scaling.workers={cpus}", "--set", "scaling.threads_per_worker=1"],
+        capture_output=True, text=True, timeout=240, cwd=REPO, env=subprocess_env(ray_session))
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(out.stdout.strip().splitlines()[-1]) as f:
+        assert json.load(f)["rows"] == 24
