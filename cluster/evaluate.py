@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from pydantic import Field, field_validator, model_validator
 
-from cluster import hub, runtime, storage, tasks
+from cluster import hub, registry, runtime, storage, tasks
 from cluster.config import Section
 from cluster.corpus import Corpus
 from cluster.entry import JobError
@@ -165,11 +165,11 @@ def lm_kind(arch: str, where: str) -> str:
 
 def model_labels(config: dict[str, Any], where: str) -> list[str]:
     """The label of each output id, from config.json's id2label."""
-    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-    if sorted(id2label) != list(range(len(id2label))) or not id2label:
+    labels = registry.labels_from_config(config)
+    if not labels or sorted(int(k) for k in config["id2label"]) != list(range(len(labels))):
         raise JobError(f"model '{where}': config.json id2label {config.get('id2label')} does not give a label "
                        "for each output 0..n-1")
-    return [id2label[i] for i in range(len(id2label))]
+    return [str(label) for label in labels]
 
 
 def unknown_labels(task: str, cfg: tasks.TaskData, stats: tasks.SplitStats, labels: list[str], split: str) -> str | None:
@@ -340,10 +340,8 @@ def check_resources(cfg: EvaluateConfig) -> None:
     need = {"CPU": cfg.scaling.cpus_per_worker * cfg.scaling.workers}
     if cfg.scaling.use_gpu:
         need["GPU"] = float(cfg.scaling.workers)
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
-    if short:
-        detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
+    detail = runtime.resource_shortfall(need)
+    if detail:
         raise JobError(f"scaling: {cfg.scaling.workers} replica(s) need more than the cluster has ({detail}); "
                        "lower scaling.workers or scaling.cpus_per_worker")
 

@@ -206,10 +206,8 @@ def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
 def check_resources(cfg: PretrainConfig) -> None:
     """Say so instead of hanging when the cluster cannot hold the workers."""
     need = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.resources().items()}
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
-    if short and os.environ.get("RAYLM_WAIT_FOR_RESOURCES") != "1":
-        detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
+    detail = runtime.resource_shortfall(need)
+    if detail and os.environ.get("RAYLM_WAIT_FOR_RESOURCES") != "1":
         raise JobError(
             f"scaling: {cfg.scaling.num_workers} worker(s) need more than the cluster has ({detail}); "
             "lower scaling.num_workers / cpus_per_worker, or set RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling cluster"

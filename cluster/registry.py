@@ -152,7 +152,8 @@ def check_weights(path: str, expected_sha256: str | None = None, what: str | Non
                             "(corrupted or replaced since); publish it again")
 
 
-def _labels_from_config(config: dict[str, Any]) -> list[str] | None:
+def labels_from_config(config: dict[str, Any]) -> list[str] | None:
+    """config.json's id2label as a list in id order, or None when it has none."""
     id2label = config.get("id2label")
     if not id2label:
         return None
@@ -215,7 +216,7 @@ def publish(
             "Use force=True (--force) to replace it"
         )
     if task in ("classification", "tagging"):
-        labels = list(labels) if labels else _labels_from_config(model_config)
+        labels = list(labels) if labels else labels_from_config(model_config)
         if not labels:
             raise RegistryError(f"checkpoint '{checkpoint}' has no id2label and no labels were given for '{task}'")
     entry = {

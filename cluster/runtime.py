@@ -165,3 +165,9 @@ def embedded_cpus() -> int:
     unschedulable and the run would wait forever. Override with RAYLM_NUM_CPUS."""
     return int(os.environ.get("RAYLM_NUM_CPUS", (os.cpu_count() or 1) + 1))
 
+
+def resource_shortfall(need: Mapping[str, float]) -> str | None:
+    """What the connected cluster lacks of `need` ("CPU: need 4, cluster has 2"), or None."""
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+    return ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or None
