@@ -31,6 +31,7 @@ lint: install
 bench: install
 	$(PY) -m bench.prepare
 	$(PY) -m bench.train_overhead
+	$(PY) -m bench.ingest
 	$(PY) -m bench.serve
 	$(PY) -m bench.tune_efficiency
 	$(PY) -m bench.evaluate

@@ -23,14 +23,13 @@ from typing import Any, Literal
 import ray
 import ray.train
 from pydantic import Field, field_validator, model_validator
-from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster import hub, registry, runtime, storage, tasks
 from cluster.config import Section, StrList
 from cluster.entry import JobError
-from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources
+from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources, data_config
 from cluster.runs import RunDir, check_name, is_run_dir, run_checkpoint
 from cluster.sources import quiet_data_logs
 from cluster.train import Plan
@@ -476,7 +475,7 @@ def finetune(cfg: FinetuneConfig, root: str | None = None) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=epoch_datasets(ts.train, ts.validation, plan.epochs, cfg.train.seed),
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=data_config(),
     )
     try:
         result = trainer.fit()

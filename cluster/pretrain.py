@@ -224,22 +224,33 @@ def latest_checkpoint_state(run_dir: str) -> dict | None:
         return json.load(f)
 
 
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """The training split's shard order in `epoch`: seeded by (seed, epoch)."""
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n_shards)]
+
+
 def train_datasets(corpus: Corpus, plan: Plan, seed: int) -> dict[str, ray.data.Dataset]:
     """One dataset per epoch, its shard order seeded by (seed, epoch): reproducible (resume, with
     `preserve_order`) and different from the other epochs; the workers' seeded local shuffle buffer
     mixes rows across the blocks it holds. No `randomize_block_order`: it is an all-to-all stage,
     so every epoch would read the whole split into the object store before the first batch."""
-    import numpy as np
-
     shards = corpus.shard_paths("train")
     quiet_data_logs()
     out = {}
     for epoch in range(plan.epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+        order = shard_order(len(shards), seed, epoch)
         out[f"train_{epoch}"] = read_parquet([shards[i] for i in order], columns=corpus.manifest["columns"])
     if not plan.validation:
         out["validation"] = read_parquet(corpus.shard_paths("validation"), columns=corpus.manifest["columns"]).materialize()
     return out
+
+
+def data_config() -> DataConfig:
+    """How TorchTrainer hands the datasets to workers: every dataset split across ranks, in order
+    (the data position a resume relies on: `cluster.train`'s module docstring)."""
+    return DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True))
 
 
 # Validation splits of up to this many tokens are read by each worker itself.
@@ -303,7 +314,7 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=train_datasets(corpus, plan, cfg.train.seed),
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=data_config(),
     )
     try:
         result = trainer.fit()

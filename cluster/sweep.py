@@ -240,12 +240,12 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
                     sweep_dir: str) -> None:
     """N workers: a TorchTrainer inside the trial; TuneReportCallback forwards each report (with the
     checkpoint's path) to Tune. Re-running the trial resumes the Train run of the same name."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cluster.finetune import worker_main
+    from cluster.pretrain import data_config
 
     metric, mode = trial["metric"], trial["mode"]
     # GPUs first: the worker count is checked against them (FSDP needs GPUs) as it is assigned
@@ -262,7 +262,7 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
                                                                 checkpoint_score_order=mode),
                              callbacks=[TuneReportCallback()]),
         datasets=epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=data_config(),
     ).fit()
 
 

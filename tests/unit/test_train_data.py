@@ -53,3 +53,14 @@ def test_the_resume_epoch_comes_from_the_checkpoint_state_file(tmp_path):
     (tmp_path / STATE_DIR / "state.json").write_text(json.dumps({"step": 40, "epoch": 2, "batches_in_epoch": 7}))
     assert resume_epoch(Session(ray.train.Checkpoint.from_directory(str(tmp_path)))) == 2
     assert resume_epoch(Session(None)) == 0
+
+
+def test_the_shard_order_of_each_epoch_is_pinned_by_seed_and_epoch():
+    """A resumed run re-reads its epoch in this order and skips the batches it consumed, so the order
+    must not change between versions of raylm (nor between the bench and jobs.pretrain)."""
+    from cluster.pretrain import shard_order
+
+    assert shard_order(6, 0, 0) == [3, 2, 5, 4, 0, 1]
+    assert shard_order(6, 0, 1) == [1, 4, 3, 0, 2, 5]
+    assert shard_order(6, 1, 0) == [4, 0, 2, 1, 5, 3]
+    assert all(type(i) is int for i in shard_order(6, 0, 0))
