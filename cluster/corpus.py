@@ -679,6 +679,19 @@ class Corpus:
         if not storage.is_uri(self.path):
             return self.tokenizer_path
         local = os.path.join(tempfile.gettempdir(), "raylm-tokenizers", self.manifest["tokenizer"]["hash"])
-        if not os.path.exists(os.path.join(local, "tokenizer.json")):
-            pafs.copy_files(self.tokenizer_path, local, destination_filesystem=pafs.LocalFileSystem())
+        if os.path.exists(os.path.join(local, "tokenizer.json")):
+            return local
+        # Copied into a fresh folder beside it, then renamed: pyarrow writes files only into folders
+        # that exist, and every worker of a node may get here at once (the first rename wins).
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(local), prefix=".copy-")
+        try:
+            pafs.copy_files(self.tokenizer_path, tmp, destination_filesystem=pafs.LocalFileSystem())
+            try:
+                os.rename(tmp, local)
+            except OSError:
+                if not os.path.exists(os.path.join(local, "tokenizer.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return local

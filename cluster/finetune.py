@@ -9,6 +9,7 @@ The driver resolves the base checkpoint, checks it can serve the task, prepares 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -29,7 +30,14 @@ from ray.train.torch import TorchTrainer
 from cluster import hub, registry, runtime, storage, tasks
 from cluster.config import Section, StrList
 from cluster.entry import JobError
-from cluster.pretrain import OptimConfig, ScalingSection, TrainConfig, check_resources, data_config
+from cluster.pretrain import (
+    OptimConfig,
+    ScalingSection,
+    TrainConfig,
+    check_resources,
+    checkpoint_location,
+    data_config,
+)
 from cluster.runs import RunDir, check_name, is_run_dir, run_checkpoint
 from cluster.sources import quiet_data_logs
 from cluster.train import Plan
@@ -135,6 +143,7 @@ def resolve_checkpoint(name: str, root: str | None = None) -> str:
     return name  # a hub id such as "bert-base-uncased": transformers fetches it (base_config says if it cannot)
 
 
+@functools.lru_cache(maxsize=8)
 def local_copy(path: str) -> str:
     """from_pretrained reads local folders: copy a URI checkpoint here (once per process)."""
     if not storage.is_uri(path):
@@ -501,8 +510,8 @@ def summarize(cfg: FinetuneConfig, run: RunDir, plan: Plan, ts: TaskSetup, resul
         "baseline": ts.baseline,
         "untuned": {k: v for k, v in untuned.items() if k.startswith("val_")} if untuned else None,
         "steps": metrics.get("step"),
-        "final": {"checkpoint": result.checkpoint.path if result.checkpoint else None, "metrics": final},
-        "best": {"checkpoint": best[0].path, "metrics": best[1]} if best else None,
+        "final": {"checkpoint": checkpoint_location(result.checkpoint), "metrics": final},
+        "best": {"checkpoint": checkpoint_location(best[0]), "metrics": best[1]} if best else None,
         "plan": asdict(plan),
         "metrics": run.file("metrics.jsonl"),
         "plot": plot_curves(run.file("metrics.jsonl"), run.file("curves.png")),

@@ -3,8 +3,6 @@ per-worker function that builds the model and runs cluster.train.Loop."""
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import math
 import os
@@ -215,13 +213,11 @@ def check_resources(cfg: PretrainConfig) -> None:
 
 
 def latest_checkpoint_state(run_dir: str) -> dict | None:
-    if storage.is_uri(run_dir):
-        return None  # Ray Train itself restores; tokenizer mismatch is caught on the worker
-    states = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*", STATE_DIR, "state.json")))
-    if not states:
-        return None
-    with open(states[-1]) as f:
-        return json.load(f)
+    for name in reversed(storage.listdir(run_dir)):
+        state = storage.join(run_dir, name, STATE_DIR, "state.json")
+        if name.startswith("checkpoint_") and storage.exists(state):
+            return storage.read_json(state)
+    return None
 
 
 def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
@@ -323,30 +319,33 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
     return summarize(cfg, run, plan, corpus, result, t0)
 
 
+def checkpoint_location(checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """A Ray checkpoint as one path or URI (its `.path` alone drops the s3:// of a URI storage)."""
+    return storage.location(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None
+
+
 def summarize(cfg: PretrainConfig, run: RunDir, plan: Plan, corpus: Corpus, result, t0: float) -> dict[str, Any]:
     metrics = result.metrics or {}
     nonfinite = run.file(NONFINITE_FILE)
     if storage.exists(nonfinite):
         info = storage.read_json(nonfinite)
-        ckpt = result.checkpoint.path if result.checkpoint else None
+        ckpt = checkpoint_location(result.checkpoint)
         raise JobError(
             f"loss became NaN/inf at step {info['step']}; stopped without checkpointing. "
             f"Last good checkpoint: {ckpt or 'none'}" + (f" (step {info['last_checkpoint_step']})" if ckpt else "")
         )
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
-    workers = []
-    for path in sorted(glob.glob(os.path.join(run.path, "workers", "rank-*.json"))):
-        with open(path) as f:
-            workers.append(json.load(f))
+    workers = [storage.read_json(run.file("workers", name)) for name in storage.listdir(run.file("workers"))
+               if name.startswith("rank-") and name.endswith(".json")]
     from cluster.plots import plot_curves
 
     plot = plot_curves(run.file("metrics.jsonl"), run.file("curves.png"))
     return {
         "corpus": corpus.path,
         "steps": metrics.get("step"),
-        "final": {"checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final": {"checkpoint": checkpoint_location(result.checkpoint),
                   "metrics": {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("step", "epoch")}},
-        "best": {"checkpoint": best[0].path, "metrics": best[1]} if best else None,
+        "best": {"checkpoint": checkpoint_location(best[0]), "metrics": best[1]} if best else None,
         "entropy_floor_bpb": corpus.entropy_floor("validation"),
         "plan": asdict(plan),
         "workers": workers,

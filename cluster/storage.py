@@ -36,6 +36,29 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+# URI schemes of the pyarrow filesystems that paths inside them can be turned back into URIs for.
+_SCHEMES = {"s3": "s3", "gcs": "gs", "abfs": "abfs"}
+
+
+def location(fs: pafs.FileSystem, path: str) -> str:
+    """`path` inside `fs` (as pyarrow listings and Ray's `Checkpoint.path` give it: "bucket/key",
+    no scheme) as a local path or a URI that `filesystem` opens again. Ray's checkpoints and results
+    carry (filesystem, path) pairs; summaries and the registry need one string that says both."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    scheme = _SCHEMES.get(fs.type_name)
+    if scheme is None:
+        raise ValueError(f"no URI scheme known for pyarrow filesystem '{fs.type_name}' (path '{path}')")
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def listdir(path: str) -> list[str]:
+    """Names of the entries of the folder at `path` (local or URI), sorted; [] when there is none."""
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound

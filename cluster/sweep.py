@@ -495,12 +495,13 @@ def best_checkpoint(result: Any, metric: str, pick: Any) -> str | None:
     """The trial's best checkpointed path: Tune checkpoints (function trials) or the checkpoint_path
     that TuneReportCallback put in the metrics (N-worker trials)."""
     # under PBT Tune lists every checkpoint a trial saved, and PBTCheckpointPruner deleted some
-    kept = [(c.path, m[metric]) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None
-            and c.filesystem.get_file_info(c.path).type != FileType.NotFound]
+    kept = [(storage.location(c.filesystem, c.path), m[metric]) for c, m in (result.best_checkpoints or [])
+            if m.get(metric) is not None and c.filesystem.get_file_info(c.path).type != FileType.NotFound]
     df = result.metrics_dataframe
     if df is not None and "checkpoint_path" in df and metric in df:
-        kept += [(p, v) for p, v in zip(df["checkpoint_path"], df[metric], strict=True) if isinstance(p, str)
-                 and v == v and storage.exists(p)]
+        # paths inside the run's storage filesystem, as Ray gives them: no s3:// on a URI storage
+        kept += [(storage.location(result.filesystem, p), v) for p, v in zip(df["checkpoint_path"], df[metric], strict=True)
+                 if isinstance(p, str) and v == v and result.filesystem.get_file_info(p).type != FileType.NotFound]
     return pick(kept, key=lambda pv: pv[1])[0] if kept else None
 
 

@@ -345,7 +345,12 @@ class MetricsSink:
             mlflow.set_experiment("raylm")
             mlflow.start_run(run_name=run_name)
             self.mlflow = mlflow
-        self._remote_rows: list[str] = []
+        # On a URI the file is rewritten whole at every row (object stores do not append): a resumed
+        # run starts from the rows already there, as a local file would be appended to.
+        path = storage.join(run_dir, "metrics.jsonl")
+        self._remote_rows: list[str] = (
+            storage.read_text(path).splitlines(keepends=True) if storage.is_uri(path) and storage.exists(path) else []
+        )
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:

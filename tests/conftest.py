@@ -90,3 +90,35 @@ def bert_base(bert_corpus):
     """A tiny BERT pretrained for 60 steps (MLM + NSP)."""
     return _pretrain("t-base-bert", "bert-tiny.yaml", "t-bert",
                      ["train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60", "train.eval_batches=4"])
+
+
+S3_BUCKET = "raylm-test"
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A local S3 API (moto's server) and the AWS settings that point pyarrow, and so Ray and raylm, at
+    it, as AWS_ENDPOINT_URL points them at any S3-compatible store: `RAYLM_STORAGE=s3://raylm-test/...`
+    with no cloud. Set in this process while the session lasts; returned for subprocesses."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from cluster.runtime import free_ports
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "raylm-test", "AWS_SECRET_ACCESS_KEY": "raylm-test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
