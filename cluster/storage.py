@@ -107,6 +107,27 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+class Appender:
+    """Lines appended to a file. A local file is appended to; an object store cannot append, so
+    there the file is rewritten whole at each line, starting from what it held: a resumed run (or
+    a restarted worker) keeps the rows written before, as a local file would."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lines: list[str] | None = None
+        if is_uri(path):
+            self._lines = read_text(path).splitlines(keepends=True) if exists(path) else []
+
+    def write(self, line: str) -> None:
+        if self._lines is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            write_text_atomic(self.path, "".join(self._lines))
+
+
 def delete_dir(path: str) -> None:
     fs, p = filesystem(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:

@@ -345,24 +345,12 @@ class MetricsSink:
             mlflow.set_experiment("raylm")
             mlflow.start_run(run_name=run_name)
             self.mlflow = mlflow
-        # On a URI the file is rewritten whole at every row (object stores do not append): a resumed
-        # run starts from the rows already there, as a local file would be appended to.
-        path = storage.join(run_dir, "metrics.jsonl")
-        self._remote_rows: list[str] = (
-            storage.read_text(path).splitlines(keepends=True) if storage.is_uri(path) and storage.exists(path) else []
-        )
+        self._rows = storage.Appender(storage.join(run_dir, "metrics.jsonl"))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps(row) + "\n"
-        path = storage.join(self.run_dir, "metrics.jsonl")
-        if storage.is_uri(path):
-            self._remote_rows.append(line)
-            storage.write_text_atomic(path, "".join(self._remote_rows))
-        else:
-            with open(path, "a") as f:
-                f.write(line)
+        self._rows.write(json.dumps(row) + "\n")
         step = int(row["step"])
         numeric = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         if self.tb:
@@ -483,6 +471,7 @@ class Loop:
         self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0,
                                 max_steps=plan.max_steps if plan.progress else None)
         self.last_checkpoint_step = -1
+        self._trace: storage.Appender | None = None  # train.trace_data's file, opened at the first batch
         self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.flops_per_token = flops_per_token(model, plan.seq_len)
         self.peak_flops = peak_flops(self.device)
@@ -597,10 +586,9 @@ class Loop:
 
         rows = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in batch["input_ids"]])
         digest = hashlib.sha1(rows.tobytes()).hexdigest()[:16]
-        path = storage.join(self.plan.run_dir, "data_trace", f"rank-{self.rank}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "batch": index, "step": self.state.step, "hash": digest}) + "\n")
+        if self._trace is None:
+            self._trace = storage.Appender(storage.join(self.plan.run_dir, "data_trace", f"rank-{self.rank}.jsonl"))
+        self._trace.write(json.dumps({"epoch": epoch, "batch": index, "step": self.state.step, "hash": digest}) + "\n")
 
     def run(self) -> None:
         cfg, plan, st = self.cfg.train, self.plan, self.state

@@ -15,7 +15,7 @@ import socket
 import sys
 import urllib.request
 
-from cluster import registry, runtime
+from cluster import registry, runtime, storage
 from cluster.config import load_config
 from cluster.corpus import PrepareConfig
 from cluster.entry import setup_logging, user_errors
@@ -28,9 +28,13 @@ GPT_NAME, CLASSIFIER_NAME = "demo-gpt", "demo-topic"  # registry names
 
 
 def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 40, seed: int = 0) -> list[str]:
-    """Continuations from a checkpoint, loaded by transformers alone."""
+    """Continuations from a checkpoint, loaded by transformers alone (from a local copy of a URI)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.finetune import local_copy
+
+    checkpoint = local_copy(checkpoint)
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
@@ -116,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         prep_sets = ["name=demo"] + ([f"sources.0.num_docs={args.docs}"] if args.docs else [])
         prep = load_config(PrepareConfig, os.path.join(CONFIGS, "prepare-synthetic.yaml"), prep_sets)
         print("== 1. prepare: synthetic corpus -> shards (Ray Data)", flush=True)
-        prep_summary = json.load(open(prepare_job.run(prep)))
+        prep_summary = storage.read_json(prepare_job.run(prep))
         print(f"   corpus: {prep_summary['corpus']}  entropy floor: "
               f"{prep_summary['entropy_floor_bpb']['validation']:.3f} bits/byte", flush=True)
 
         train_sets = ["name=demo-gpt", "corpus=demo"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
         train = load_config(PretrainConfig, os.path.join(CONFIGS, "gpt-tiny.yaml"), train_sets)
         print("== 2. pretrain: tiny GPT (Ray Train)", flush=True)
-        summary = json.load(open(pretrain_job.run(train)))
+        summary = storage.read_json(pretrain_job.run(train))
         final = summary["final"]
         print(f"   final checkpoint: {final['checkpoint']}\n   validation: "
               f"{final['metrics'].get('val_bits_per_byte', float('nan')):.3f} bits/byte "
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_cfg = load_config(SweepConfig, os.path.join(CONFIGS, "tune-topic-tiny.yaml"),
                                 ["name=demo-topic", "finetune.model.checkpoint=demo-gpt", f"publish.name={CLASSIFIER_NAME}"])
         sweep_path = sweep_job.run(sweep_cfg)
-        sweep = json.load(open(sweep_path))
+        sweep = storage.read_json(sweep_path)
         best = sweep["best"]
         print(f"   best trial {best['trial_id']}: {sweep['metric']} {best[sweep['metric']]:.3f} "
               f"(majority-class baseline {sweep['baseline']['accuracy']:.3f}) with {best['config']}; "
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print("== 5. evaluate: the published classifier on 400 topic rows it never saw (Ray Data)", flush=True)
         held_out = load_config(EvaluateConfig, os.path.join(CONFIGS, "evaluate-topic-tiny.yaml"),
                                ["name=demo-topic", f"model={CLASSIFIER_NAME}"])
-        scored = json.load(open(evaluate_job.run(held_out)))["metrics"]
+        scored = storage.read_json(evaluate_job.run(held_out))["metrics"]
         print(f"   accuracy {scored['accuracy']:.3f}, macro-F1 {scored['macro_f1']:.3f} on held-out rows", flush=True)
 
         print("== 6. serve: the registry on Ray Serve, queried over HTTP", flush=True)

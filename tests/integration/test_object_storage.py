@@ -24,7 +24,8 @@ steps = [
                "--set", "output.shard_mb=0.05", "--set", "split.validation_fraction=0.1"]),
     (pretrain, ["--config", "configs/gpt-tiny.yaml", "--set", "name=p", "--set", "corpus=c",
                 "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4",
-                "--set", "train.eval_batches=2", "--set", "train.log_every=4", "--set", "optim.warmup_steps=2"]),
+                "--set", "train.eval_batches=2", "--set", "train.log_every=4", "--set", "optim.warmup_steps=2",
+                "--set", "train.trace_data=true"]),
     (finetune, ["--config", "configs/finetune-topic-tiny.yaml", "--set", "name=f", "--set", "model.checkpoint=p",
                 "--set", "data.train_examples=200", "--set", "data.validation_examples=64",
                 "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.checkpoint_every=3",
@@ -56,6 +57,8 @@ def test_the_pipeline_runs_with_its_storage_in_s3(s3_env, tmp_path):
     assert [w["rank"] for w in pre["workers"]] == [0]
     rows = [json.loads(line) for line in storage.read_text(pre["metrics"]).splitlines()]
     assert [r["step"] for r in rows if r["split"] == "validation"] == [4, 8]
+    trace = storage.read_text(storage.join(root, "pretrain", "p", "data_trace", "rank-0.jsonl")).splitlines()
+    assert [json.loads(line)["batch"] for line in trace] == list(range(8))
 
     fine = storage.read_json(storage.join(root, "finetune", "f", "summary.json"))
     assert fine["base_checkpoint"] == pre["best"]["checkpoint"]

@@ -102,3 +102,12 @@ def test_the_tokenizer_of_a_corpus_in_s3_is_copied_to_a_local_folder_once(s3_roo
     assert corpus.local_tokenizer_dir() == local
     # no half-copied folders left beside it
     assert os.listdir(os.path.dirname(local)) == [os.path.basename(local)]
+
+
+def test_an_appender_appends_locally_and_rewrites_in_s3_from_what_was_there(s3_root, tmp_path):
+    for path in (storage.join(s3_root, "a", "rows.jsonl"), str(tmp_path / "a" / "rows.jsonl")):
+        first = storage.Appender(path)  # the folder does not exist yet
+        first.write("1\n")
+        first.write("2\n")
+        storage.Appender(path).write("3\n")
+        assert storage.read_text(path) == "1\n2\n3\n"
