@@ -455,15 +455,9 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
     # Ray starts (or is joined) only now: a missing or unreadable input fails in seconds, and
     # leaves no run folder behind.
     runtime.connect()
-    run = RunDir("prepare", cfg.name, root).create()
-    # A re-run replaces the corpus: remove the completion marker first so that nothing
-    # half-written ever looks complete.
-    for marker in (MANIFEST, "summary.json"):
-        if storage.exists(run.file(marker)):
-            fs, p = storage.filesystem(run.file(marker))
-            fs.delete_file(p)
-    storage.delete_dir(run.file("shards"))
-    run.write_config(cfg)
+    # A re-run replaces the corpus: its completion marker goes first, so that nothing half-written
+    # ever looks complete.
+    run = RunDir("prepare", cfg.name, root).begin(cfg, MANIFEST, "shards")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     try:

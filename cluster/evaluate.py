@@ -417,12 +417,7 @@ def evaluate(cfg: EvaluateConfig, root: str | None = None) -> dict[str, Any]:
     # Ray starts (or is joined) only now: a wrong model, corpus or column fails in seconds.
     runtime.connect()
     check_resources(cfg)
-    try:
-        run.create()
-        run.write_config(cfg)
-        run.clear_summary()
-    except OSError as exc:
-        raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
+    run.begin(cfg)
     if cfg.data is not None:
         ds, spec, tokenizer, about = data_input(cfg, data, task, checkpoint, path, config)
     else:

@@ -461,12 +461,7 @@ def finetune(cfg: FinetuneConfig, root: str | None = None) -> dict[str, Any]:
     ts = setup(cfg, root)
     check_resources(cfg)
     run = RunDir("finetune", cfg.name, root)
-    try:
-        run.create()
-        run.write_config(cfg)
-        run.clear_summary()
-    except OSError as exc:
-        raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
+    run.begin(cfg)
     plan = plan_run(cfg, ts.meta, run.path, cfg.scaling.num_workers)
     log.info("plan: %d steps (%d per epoch, %d epochs)", plan.max_steps, plan.steps_per_epoch, plan.epochs)
     trainer = TorchTrainer(

@@ -279,15 +279,7 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
     # Ray starts (or is joined) only now: the checks above need none, and bad input fails in seconds.
     runtime.connect()
     check_resources(cfg)
-    try:
-        run.create()
-        run.write_config(cfg)
-        run.clear_summary()  # from here until the new summary, the run is unfinished
-        if storage.exists(run.file(NONFINITE_FILE)):
-            fs, p = storage.filesystem(run.file(NONFINITE_FILE))
-            fs.delete_file(p)
-    except OSError as exc:
-        raise JobError(f"storage '{run.path}' is not writable: {exc}") from None
+    run.begin(cfg, NONFINITE_FILE)
     plan = plan_run(cfg, corpus, run.path)
     log.info("plan: %d steps (%d per epoch, %d epochs), %d tokens/step%s", plan.max_steps, plan.steps_per_epoch,
              plan.epochs, plan.tokens_per_step, f"; resuming from step {previous['step']}" if previous else "")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from cluster import storage
 from cluster.config import Section
 from cluster.metrics import DEFAULT_METRIC, METRICS
@@ -41,17 +43,32 @@ class RunDir:
         storage.makedirs(self.path)
         return self
 
+    def begin(self, config: Section, *stale: str) -> RunDir:
+        """Start (or restart) the run: make its folder, remove summary.json and the `stale` files or
+        folders named (what says an earlier attempt finished), then write the resolved config. From
+        here until the new summary the run is unfinished. A storage that cannot be written fails
+        here with one message naming the folder, before any work."""
+        from cluster.entry import JobError
+
+        try:
+            self.create()
+            for name in ("summary.json", *stale):
+                fs, path = storage.filesystem(self.file(name))
+                kind = fs.get_file_info(path).type
+                if kind == pafs.FileType.Directory:
+                    fs.delete_dir(path)
+                elif kind != pafs.FileType.NotFound:
+                    fs.delete_file(path)
+            self.write_config(config)
+        except OSError as exc:
+            raise JobError(f"storage '{self.path}' is not writable: {exc}") from None
+        return self
+
     def write_config(self, config: Section) -> None:
         storage.write_text_atomic(self.file("config.yaml"), config.to_yaml())
 
     def has_summary(self) -> bool:
         return storage.exists(self.summary_path)
-
-    def clear_summary(self) -> None:
-        """A re-run is unfinished until it writes its own summary."""
-        if self.has_summary():
-            fs, p = storage.filesystem(self.summary_path)
-            fs.delete_file(p)
 
     def write_summary(self, summary: dict[str, Any]) -> str:
         summary = {"job": self.job, "name": self.name, "run_dir": self.path, **summary}

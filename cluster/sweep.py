@@ -391,9 +391,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
         raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
                        "name, or delete that folder to start over")
     ts = setup(cfg.finetune, root)
-    run.create()
-    run.write_config(cfg)
-    run.clear_summary()
+    run.begin(cfg)
     base_plan = plan_run(cfg.finetune, ts.meta, run.path, cfg.trial.workers)
     trainable = tune.with_parameters(
         trial_main, base=cfg.finetune.to_dict(), meta=ts.meta, data={"train": ts.train, "validation": ts.validation},

@@ -220,3 +220,16 @@ def test_hf_dataset_source_in_parts_counts_like_the_same_file(tmp_path, ray_sess
                          "part_mb": 0.001})
     assert hf["documents"] == files["documents"] and hf["documents"]["dropped"] == {"duplicate": 10}
     assert hf["splits"] == files["splits"]
+
+
+def test_storage_that_cannot_be_written_fails_with_one_message(tmp_path, ray_session, capsys, monkeypatch):
+    """prepare let pyarrow's OSError out as a traceback; the other jobs named the folder."""
+    (tmp_path / "x.txt").write_text("A line of text long enough to keep.\n" * 20)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("RAYLM_STORAGE", str(blocker / "runs"))
+    rc = prepare_job.main([str(tmp_path / "x.txt"), "--name", "t-ro"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"storage '{blocker / 'runs' / 'prepare' / 't-ro'}' is not writable" in err
+    assert "Traceback" not in err

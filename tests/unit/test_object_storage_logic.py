@@ -111,3 +111,32 @@ def test_an_appender_appends_locally_and_rewrites_in_s3_from_what_was_there(s3_r
         first.write("2\n")
         storage.Appender(path).write("3\n")
         assert storage.read_text(path) == "1\n2\n3\n"
+
+
+def test_a_run_begins_by_removing_what_says_an_earlier_attempt_finished(s3_root, tmp_path):
+    from cluster.config import Section
+    from cluster.runs import RunDir
+
+    class Cfg(Section):
+        x: int = 1
+
+    for root in (s3_root, str(tmp_path)):
+        run = RunDir("prepare", "r", root).begin(Cfg())
+        storage.write_text_atomic(run.summary_path, "{}")
+        storage.write_text_atomic(run.file("manifest.json"), "{}")
+        storage.write_text_atomic(run.file("shards", "train", "a.parquet"), "")
+        storage.write_text_atomic(run.file("metrics.jsonl"), "kept\n")
+        RunDir("prepare", "r", root).begin(Cfg(x=2), "manifest.json", "shards", "not-there")
+        assert storage.listdir(run.path) == ["config.yaml", "metrics.jsonl"]
+        assert "x: 2" in storage.read_text(run.file("config.yaml"))
+
+
+def test_a_storage_that_cannot_be_written_is_named_when_a_run_begins(s3_env, tmp_path):
+    from cluster.config import Section
+    from cluster.entry import JobError
+    from cluster.runs import RunDir
+
+    (tmp_path / "file").write_text("not a folder")
+    for root in ("s3://no-such-bucket/runs", str(tmp_path / "file" / "runs")):
+        with pytest.raises(JobError, match=r"storage '.*/runs/tune/r' is not writable"):
+            RunDir("tune", "r", root).begin(Section())
