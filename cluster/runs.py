@@ -39,10 +39,6 @@ class RunDir:
     def file(self, *parts: str) -> str:
         return storage.join(self.path, *parts)
 
-    def create(self) -> RunDir:
-        storage.makedirs(self.path)
-        return self
-
     def begin(self, config: Section, *stale: str) -> RunDir:
         """Start (or restart) the run: make its folder, remove summary.json and the `stale` files or
         folders named (what says an earlier attempt finished), then write the resolved config. From
@@ -51,7 +47,7 @@ class RunDir:
         from cluster.entry import JobError
 
         try:
-            self.create()
+            storage.makedirs(self.path)
             for name in ("summary.json", *stale):
                 fs, path = storage.filesystem(self.file(name))
                 kind = fs.get_file_info(path).type
@@ -66,9 +62,6 @@ class RunDir:
 
     def write_config(self, config: Section) -> None:
         storage.write_text_atomic(self.file("config.yaml"), config.to_yaml())
-
-    def has_summary(self) -> bool:
-        return storage.exists(self.summary_path)
 
     def write_summary(self, summary: dict[str, Any]) -> str:
         summary = {"job": self.job, "name": self.name, "run_dir": self.path, **summary}

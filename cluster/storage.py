@@ -117,10 +117,11 @@ class Appender:
         self._lines: list[str] | None = None
         if is_uri(path):
             self._lines = read_text(path).splitlines(keepends=True) if exists(path) else []
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, line: str) -> None:
         if self._lines is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(line)
         else:

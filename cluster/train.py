@@ -330,7 +330,6 @@ class MetricsSink:
     def __init__(self, run_dir: str, run_name: str, enabled: bool, max_steps: int | None = None):
         self.enabled = enabled
         self.max_steps = max_steps
-        self.run_dir = run_dir
         self.tb = None
         self.mlflow = None
         if not enabled:
