@@ -39,7 +39,7 @@ from cluster import runtime, storage
 from cluster.config import Section, StrList
 from cluster.packing import chunk_sentences, pack_flat, split_of, split_sentences
 from cluster.runs import RunDir, check_name
-from cluster.sources import CorpusError, SourceConfig, check_file, expand_paths, source_dataset
+from cluster.sources import CorpusError, SourceConfig, check_files, expand_paths, source_dataset
 from cluster.text import CHARSETS, DROP_DUPLICATE, clean, content_hash, hash_unit
 from cluster.tokenizer import (
     TokenizerConfig,
@@ -441,8 +441,7 @@ def check_sources(cfg: PrepareConfig) -> None:
     of a known kind (parquet files have the text column), and a reused tokenizer is there."""
     for source in cfg.sources:
         if source.kind == "files":
-            for path in expand_paths(source.paths, f"source '{source.label}'"):
-                check_file(path, source.text_column)
+            check_files(expand_paths(source.paths, f"source '{source.label}'"), source.text_column)
     if cfg.tokenizer.path and not os.path.isfile(os.path.join(cfg.tokenizer.path, "tokenizer.json")):
         raise CorpusError(f"config key 'tokenizer.path': '{cfg.tokenizer.path}' is not a tokenizer "
                           "directory (no tokenizer.json in it)")

@@ -7,6 +7,7 @@ lost); `note` says where (file and position) for the manifest's problem list.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -14,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import Field, model_validator
 
+from cluster import storage
 from cluster.config import Section, StrList
 from cluster.text import DROP_EMPTY, DROP_UNDECODABLE
 
@@ -165,28 +167,97 @@ def make_key(source: int, file: int, position: int) -> int:
 
 
 def expand_paths(patterns: list[str], where: str) -> list[str]:
-    """Patterns -> sorted files. A pattern that matches nothing is an error naming it."""
+    """Patterns -> sorted files. A pattern that matches nothing is an error naming it. Patterns
+    are local paths (made absolute) or object-store URIs (`s3://bucket/raw/*.jsonl.gz`), which
+    stay URIs: every node of a cluster can read those, and only those a local path on a shared
+    volume (or inside the job's working_dir)."""
     files: list[str] = []
     for pattern in patterns:
-        if any(ch in pattern for ch in "*?["):
-            matched = sorted(glob.glob(pattern, recursive=True))
+        matched = _expand_uri(pattern, where) if storage.is_uri(pattern) else _expand_local(pattern, where)
+        files.extend(matched)
+    return sorted(dict.fromkeys(files))
+
+
+def _is_text_file(name: str) -> bool:
+    return name.endswith(TEXT_SUFFIXES) or name.endswith(tuple(s + ".gz" for s in TEXT_SUFFIXES))
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _expand_local(pattern: str, where: str) -> list[str]:
+    if _has_glob(pattern):
+        matched = sorted(glob.glob(pattern, recursive=True))
+        if not matched:
+            raise CorpusError(f"{where}: '{pattern}' matches no file")
+    elif os.path.isdir(pattern):
+        matched = sorted(os.path.join(root, f) for root, _, names in os.walk(pattern) for f in names if _is_text_file(f))
+        if not matched:
+            raise CorpusError(f"{where}: folder '{pattern}' holds no .txt/.jsonl/.json/.parquet file")
+    elif os.path.exists(pattern):
+        matched = [pattern]
+    else:
+        raise CorpusError(f"{where}: '{pattern}' does not exist")
+    return [os.path.abspath(m) for m in matched if os.path.isfile(m)]
+
+
+def _expand_uri(pattern: str, where: str) -> list[str]:
+    """A URI, a URI prefix ("folder") or a URI glob, listed through pyarrow. Globs go through
+    fsspec's wrapper of the pyarrow filesystem, for the same `*`/`**`/`?`/`[...]` rules as local
+    globs (pyarrow's listings have no pattern matching)."""
+    import pyarrow.fs as pafs
+
+    scheme_end = pattern.index("://") + 3
+    try:
+        if _has_glob(pattern):
+            first = min(pattern.index(ch) for ch in "*?[" if ch in pattern)
+            base = pattern[: pattern.rfind("/", scheme_end, first)] if "/" in pattern[scheme_end:first] else ""
+            if not base:
+                raise CorpusError(f"{where}: '{pattern}': a glob must come after the bucket name")
+            fs, base_path = storage.filesystem(base)
+            from fsspec.implementations.arrow import ArrowFSWrapper
+
+            found = ArrowFSWrapper(fs).glob(base_path + pattern[len(base):], detail=True)
+            matched = sorted(storage.location(fs, p) for p, info in found.items() if info["type"] == "file")
             if not matched:
                 raise CorpusError(f"{where}: '{pattern}' matches no file")
-        elif os.path.isdir(pattern):
-            matched = sorted(
-                os.path.join(root, f)
-                for root, _, names in os.walk(pattern)
-                for f in names
-                if f.endswith(TEXT_SUFFIXES) or f.endswith(tuple(s + ".gz" for s in TEXT_SUFFIXES))
-            )
-            if not matched:
-                raise CorpusError(f"{where}: folder '{pattern}' holds no .txt/.jsonl/.json/.parquet file")
-        elif os.path.exists(pattern):
-            matched = [pattern]
-        else:
+            return matched
+        fs, path = storage.filesystem(pattern)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [storage.location(fs, path)]
+        if info.type == pafs.FileType.NotFound:
             raise CorpusError(f"{where}: '{pattern}' does not exist")
-        files.extend(m for m in matched if os.path.isfile(m))
-    return sorted(dict.fromkeys(os.path.abspath(f) for f in files))
+        listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        matched = sorted(storage.location(fs, i.path) for i in listed
+                         if i.type == pafs.FileType.File and _is_text_file(i.path))
+        if not matched:
+            raise CorpusError(f"{where}: folder '{pattern}' holds no .txt/.jsonl/.json/.parquet file")
+        return matched
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, CorpusError):
+            raise
+        raise CorpusError(f"{where}: cannot list '{pattern}' ({exc})") from None
+
+
+def map_files(fn: Callable[[str], Any], paths: list[str]) -> list[Any]:
+    """`fn` over files, results in order (an exception: the first in order). Object-store files from
+    16 threads: each call is a request or two, so one file at a time costs a network round trip per
+    file on the driver (~4-6 ms each against a local S3 server, more against a remote one)."""
+    if len(paths) < 2 or not any(storage.is_uri(p) for p in paths):
+        return [fn(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16, thread_name_prefix="raylm-source") as pool:
+        return list(pool.map(fn, paths))
+
+
+def file_size(path: str) -> int:
+    if storage.is_uri(path):
+        fs, p = storage.filesystem(path)
+        return fs.get_file_info(p).size
+    return os.path.getsize(path)
 
 
 def base_suffix(path: str) -> str:
@@ -202,7 +273,8 @@ def check_file(path: str, text_column: str) -> None:
         raise CorpusError(f"{path}: unsupported file type '{suffix}' (use .txt, .jsonl, .json, .parquet, .gz)")
     if suffix == ".parquet" and not path.endswith(".gz"):
         try:
-            schema = pq.read_schema(path)
+            with open_binary(path) as f:
+                schema = pq.read_schema(f)
         except Exception as exc:  # pyarrow raises several types for a non-parquet file
             raise CorpusError(f"{path}: not a readable parquet file ({exc})") from None
         if text_column not in schema.names:
@@ -216,9 +288,43 @@ def check_file(path: str, text_column: str) -> None:
             _check_first_json_object(path, head, text_column)
 
 
-def open_binary(path: str) -> io.BufferedIOBase:
-    """The file's bytes, decompressed for .gz."""
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+def check_files(files: list[str], text_column: str) -> None:
+    """`check_file` for each file; the first problem in file order is raised."""
+    map_files(lambda path: check_file(path, text_column), files)
+
+
+def _open_raw(path: str) -> BinaryIO:
+    """A seekable binary file: a local path, or an object-store URI read through pyarrow (ranged
+    GETs, buffered here: pyarrow's files have no readline)."""
+    if storage.is_uri(path):
+        fs, p = storage.filesystem(path)
+        return io.BufferedReader(fs.open_input_file(p), buffer_size=1 << 20)
+    return open(path, "rb")  # noqa: SIM115
+
+
+@contextlib.contextmanager
+def open_binary(path: str) -> Iterator[BinaryIO]:
+    """The file's bytes (local path or URI), decompressed for .gz."""
+    with _open_raw(path) as raw:
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        else:
+            yield raw
+
+
+def read_error(path: str, exc: BaseException) -> CorpusError:
+    """What a failed read of a source file says. The driver listed every file before any task ran,
+    so a file a read task cannot find is, on a multi-node cluster, a local path that exists on the
+    driver's node and not on the task's."""
+    if isinstance(exc, FileNotFoundError):
+        if not ray.is_initialized():
+            return CorpusError(f"{path}: does not exist")
+        return CorpusError(
+            f"{path}: not found on node {ray.util.get_node_ip_address()}: on a multi-node cluster every node "
+            "reads source files, so give an object-store URI (s3://...), a path on a volume mounted on every "
+            "node, or a path inside the job's --working-dir")
+    return CorpusError(f"{path}: truncated or corrupt file ({exc})")
 
 
 def _check_not_binary(path: str) -> bytes:
@@ -229,7 +335,7 @@ def _check_not_binary(path: str) -> bytes:
         with open_binary(path) as f:
             head = f.read(8192)
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
-        raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
+        raise read_error(path, exc) from None
     if b"\x00" in head:
         raise CorpusError(f"{path}: looks like a binary file (NUL bytes in its first 8 KiB)")
     return head
@@ -297,7 +403,7 @@ class _LineNumbers:
         if self._before is None:
             # The part's first line is the one after the line holding byte start - 1.
             self._before = 1
-            with open(self.path, "rb") as f:
+            with _open_raw(self.path) as f:
                 left = self.start - 1
                 while left > 0 and (chunk := f.read(min(left, 1 << 20))):
                     self._before += chunk.count(b"\n")
@@ -336,7 +442,7 @@ def _lines(path: str, max_line_bytes: int, start: int = 0, end: int | None = Non
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
         if isinstance(exc, CorpusError):
             raise
-        raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
+        raise read_error(path, exc) from None
 
 
 def _decode(raw: bytes, where: Callable[[], str]) -> tuple[str, str, str]:
@@ -385,7 +491,7 @@ def _json_array_docs(path: str, column: str) -> Iterator[tuple[int, str, str, st
         with open_binary(path) as f:
             raw = f.read()
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
-        raise CorpusError(f"{path}: truncated or corrupt file ({exc})") from None
+        raise read_error(path, exc) from None
     text, drop, note = _decode(raw.removeprefix(b"\xef\xbb\xbf"), lambda: path)
     if drop:
         yield 0, "", drop, note
@@ -431,8 +537,11 @@ def _file_docs(part: dict[str, Any], text_column: str, txt_mode: str, max_line_b
     end = None if end is None or int(end) < 0 else int(end)
     suffix = base_suffix(path)
     if suffix == ".parquet":
-        with open_binary(path) as f:
-            table = pq.read_table(f, columns=[text_column])
+        try:
+            with open_binary(path) as f:
+                table = pq.read_table(f, columns=[text_column])
+        except FileNotFoundError as exc:
+            raise read_error(path, exc) from None
         for i, value in enumerate(table.column(text_column).to_pylist()):
             yield (i, value, "", "") if isinstance(value, str) else (i, "", "empty", "")
     elif suffix in (".jsonl", ".json"):
@@ -474,8 +583,7 @@ def file_parts(files: list[str], source: SourceConfig, source_id: int, part_byte
     read, cleaned and tokenized by one core); other files are one part each. A line belongs to the
     part it starts in."""
     parts = []
-    for file_id, path in enumerate(files):
-        size = os.path.getsize(path)
+    for file_id, (path, size) in enumerate(zip(files, map_files(file_size, files), strict=True)):
         row = {"path": path, "source_id": source_id, "file_id": file_id, "source": source.label}
         if path.endswith(".gz") or not is_line_based(path, source.txt_mode) or size <= part_bytes:
             parts.append({**row, "start": 0, "end": -1})
@@ -487,12 +595,11 @@ def file_parts(files: list[str], source: SourceConfig, source_id: int, part_byte
 
 
 def file_dataset(source: SourceConfig, source_id: int, max_line_bytes: int) -> ray.data.Dataset:
+    """The source's files as documents; `check_files` has checked them (prepare does, before Ray starts)."""
     where = f"source '{source.label}'"
     files = expand_paths(source.paths, where)
     if len(files) >= 1 << _FILE_BITS:
         raise CorpusError(f"{where}: {len(files)} files; at most {(1 << _FILE_BITS) - 1} per source")
-    for path in files:
-        check_file(path, source.text_column)
     parts = file_parts(files, source, source_id, int(source.part_mb * 2**20))
     # Parts of files are the unit of parallelism; errors name the file and line.
     return ray.data.from_items(parts, override_num_blocks=max(1, len(parts))).map_batches(

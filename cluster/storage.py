@@ -71,7 +71,9 @@ def makedirs(path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
-    with fs.open_input_stream(p) as f:
+    # compression=None: pyarrow's default ('detect') would decompress a .gz on an object store
+    # only, where a local read returns the file's own bytes.
+    with fs.open_input_stream(p, compression=None) as f:
         return f.read()
 
 
@@ -95,7 +97,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, p)
     else:
-        with fs.open_output_stream(p) as f:
+        with fs.open_output_stream(p, compression=None) as f:  # as in read_bytes: the bytes as given
             f.write(data)
 
 

@@ -1,10 +1,11 @@
-"""The pipeline with its storage in S3 (`RAYLM_STORAGE=s3://...`, moto's S3 server: tests/conftest.py
-s3_env): prepare -> pretrain -> fine-tune the pretrain run by name -> evaluate the fine-tune by name.
+"""The pipeline with its storage and its data in S3 (`RAYLM_STORAGE=s3://...`, moto's S3 server:
+tests/conftest.py s3_env): prepare raw files in the bucket -> pretrain -> fine-tune the pretrain run
+by name on labelled files in the bucket -> evaluate the fine-tune by name on a file there.
 
 The jobs run in a subprocess that starts its own embedded Ray, as a laptop user's would: Ray's
 workers take the AWS settings from the environment Ray starts in, which the shared test Ray started
 without. Before this test, pretraining on a corpus in S3 failed at its first worker (the tokenizer
-copy), and summaries named checkpoints without their s3://."""
+copy), and summaries named checkpoints without their s3://; source and task files had to be local."""
 
 from __future__ import annotations
 
@@ -19,19 +20,23 @@ PIPELINE = """
 import sys
 from jobs import evaluate, finetune, prepare, pretrain
 
+raw, local_raw, topic = sys.argv[1:4]
+corpus = ["--config", "configs/prepare-synthetic.yaml", "--set", "sources.0.part_mb=0.1",
+          "--set", "output.shard_mb=0.05", "--set", "split.validation_fraction=0.1"]
 steps = [
-    (prepare, ["--config", "configs/prepare-synthetic.yaml", "--set", "name=c", "--set", "sources.0.num_docs=1500",
-               "--set", "output.shard_mb=0.05", "--set", "split.validation_fraction=0.1"]),
+    (prepare, [raw, "--name", "c", *corpus]),
+    (prepare, [local_raw, "--name", "c-local", *corpus]),
     (pretrain, ["--config", "configs/gpt-tiny.yaml", "--set", "name=p", "--set", "corpus=c",
                 "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4",
                 "--set", "train.eval_batches=2", "--set", "train.log_every=4", "--set", "optim.warmup_steps=2",
                 "--set", "train.trace_data=true"]),
     (finetune, ["--config", "configs/finetune-topic-tiny.yaml", "--set", "name=f", "--set", "model.checkpoint=p",
-                "--set", "data.train_examples=200", "--set", "data.validation_examples=64",
+                "--set", "data.kind=files", "--set", f"data.train={topic}/train.jsonl",
+                "--set", f"data.validation={topic}/validation.jsonl",
                 "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.checkpoint_every=3",
                 "--set", "train.eval_batches=2", "--set", "optim.warmup_steps=2"]),
     (evaluate, ["--config", "configs/evaluate-topic-tiny.yaml", "--set", "name=e", "--set", "model=f",
-                "--set", "data.validation_examples=64"]),
+                "--set", "data.kind=files", "--set", f"data.validation={topic}/valid*.jsonl"]),
 ]
 for job, args in steps:
     rc = job.main(args)
@@ -40,15 +45,47 @@ for job, args in steps:
 """
 
 
-def test_the_pipeline_runs_with_its_storage_in_s3(s3_env, tmp_path):
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def _upload_data(root: str, local: str) -> None:
+    """Raw text (a JSONL file read in several byte-range parts, and a gzipped one), the same files
+    in a local folder, and labelled topic rows; all from the synthetic generator."""
+    import gzip
+
+    from cluster import synthetic
+
+    docs = [{"text": synthetic.document(0, i).text} for i in range(1500)]
+    files = {"raw/docs.jsonl": _jsonl(docs[:1200]), "raw/more/docs.jsonl.gz": gzip.compress(_jsonl(docs[1200:]))}
+    for rel, data in files.items():
+        storage.write_bytes_atomic(storage.join(root, rel), data)
+        storage.write_bytes_atomic(storage.join(local, rel), data)
+    storage.write_bytes_atomic(storage.join(root, "topic", "train.jsonl"), _jsonl(synthetic.topic_classification(200)))
+    storage.write_bytes_atomic(storage.join(root, "topic", "validation.jsonl"),
+                               _jsonl(synthetic.topic_classification(64, seed=7)))
+
+
+def test_the_pipeline_runs_with_its_storage_and_data_in_s3(s3_env, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     root = f"s3://{S3_BUCKET}/pipeline-{uuid.uuid4().hex[:8]}"
+    _upload_data(root, str(tmp_path / "data"))
     env = {**subprocess_env(), **s3_env, "RAYLM_STORAGE": root, "RAYLM_DASHBOARD": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([PYTHON, "-c", PIPELINE], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    args = [storage.join(root, "raw"), str(tmp_path / "data" / "raw"), storage.join(root, "topic")]
+    proc = subprocess.run([PYTHON, "-c", PIPELINE, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == storage.join(root, "evaluate", "e", "summary.json")
+
+    # the corpus read from the bucket is the one read from the local copy, shard for shard
+    manifests = [storage.read_json(storage.join(root, "prepare", name, "manifest.json")) for name in ("c", "c-local")]
+    assert manifests[0]["sources"][0]["paths"] == [storage.join(root, "raw")]
+    assert manifests[0]["documents"] == manifests[1]["documents"] and manifests[0]["documents"]["in"] == 1500
+    assert manifests[0]["splits"] == manifests[1]["splits"]
+    assert manifests[0]["tokenizer"]["hash"] == manifests[1]["tokenizer"]["hash"]
+    assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]
 
     pre = storage.read_json(storage.join(root, "pretrain", "p", "summary.json"))
     assert pre["final"]["checkpoint"] == storage.join(root, "pretrain", "p", "checkpoint_0000008")
@@ -72,6 +109,8 @@ def test_the_pipeline_runs_with_its_storage_in_s3(s3_env, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
     assert model.config.num_labels == 4
 
+    assert fine["data"]["validation_from"] == "files"
+    assert (fine["data"]["train"]["rows"], fine["data"]["validation"]["rows"]) == (200, 64)
     ev = storage.read_json(storage.join(root, "evaluate", "e", "summary.json"))
     assert ev["checkpoint"] == best and ev["rows"] == 64
     assert 0.0 <= ev["metrics"]["accuracy"] <= 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 
 import pyarrow.fs as pafs
@@ -140,3 +141,136 @@ def test_a_storage_that_cannot_be_written_is_named_when_a_run_begins(s3_env, tmp
     for root in ("s3://no-such-bucket/runs", str(tmp_path / "file" / "runs")):
         with pytest.raises(JobError, match=r"storage '.*/runs/tune/r' is not writable"):
             RunDir("tune", "r", root).begin(Section())
+
+
+# ---------------------------------------------------------------- corpus sources in an object store
+
+
+def _write(root: str, rel: str, data: bytes) -> str:
+    path = storage.join(root, *rel.split("/"))
+    storage.write_bytes_atomic(path, data)
+    return path
+
+
+def _parquet_bytes(column: str, values: list) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({column: values}), buf)
+    return buf.getvalue()
+
+
+JSONL = b"".join(b'{"text": "document %d, a line of its own", "id": %d}\n' % (i, i) for i in range(60))
+TXT = b"first paragraph\nstill the first\n\nsecond paragraph\n\n\nthird \xe4 paragraph\n"
+
+
+def _source_tree(root: str) -> None:
+    import gzip
+
+    _write(root, "raw/a/x.jsonl", JSONL)
+    _write(root, "raw/a/sub/y.jsonl.gz", gzip.compress(b"".join(JSONL.splitlines(keepends=True)[:5])))
+    _write(root, "raw/b.txt", TXT)
+    _write(root, "raw/c.parquet", _parquet_bytes("text", ["one", None, "three"]))
+    _write(root, "raw/notes.csv", b"a,b\n")  # not a corpus file kind: folders skip it
+
+
+def test_corpus_sources_in_s3_are_listed_as_the_same_files_are_locally(s3_root, tmp_path):
+    from cluster.sources import CorpusError, expand_paths
+
+    for root in (s3_root, str(tmp_path)):
+        _source_tree(root)
+
+        def rel(patterns: list[str], root: str = root) -> list[str]:
+            return [f[len(root) + 1:] for f in expand_paths([storage.join(root, p) for p in patterns], "source 'w'")]
+
+        assert rel(["raw"]) == ["raw/a/sub/y.jsonl.gz", "raw/a/x.jsonl", "raw/b.txt", "raw/c.parquet"]
+        assert rel(["raw/*/*.jsonl"]) == ["raw/a/x.jsonl"]
+        assert rel(["raw/**/*.jsonl*"]) == ["raw/a/sub/y.jsonl.gz", "raw/a/x.jsonl"]
+        assert rel(["raw/?.txt", "raw/b.txt", "raw/[bc].parquet"]) == ["raw/b.txt", "raw/c.parquet"]
+        for pattern, error in (("raw/none.txt", "does not exist"), ("raw/*.md", "matches no file"),
+                               ("raw/a/sub/y.jsonl.gz/*", "matches no file")):
+            with pytest.raises(CorpusError, match=re.escape(f"source 'w': '{storage.join(root, pattern)}' {error}")):
+                expand_paths([storage.join(root, pattern)], "source 'w'")
+    with pytest.raises(CorpusError, match="after the bucket name"):
+        expand_paths([f"s3://{S3_BUCKET[:3]}*/raw"], "source 'w'")
+
+
+def _documents(path: str, part_bytes: int, txt_mode: str = "file") -> tuple[int, list[tuple[int, str, str]]]:
+    from cluster.sources import SourceConfig, file_parts, read_file_docs
+
+    source = SourceConfig(kind="files", paths=[path], txt_mode=txt_mode)
+    parts = file_parts([path], source, 0, part_bytes)
+    columns = {key: [part[key] for part in parts] for key in parts[0]}
+    docs = []
+    for table in read_file_docs(columns, "text", txt_mode, 1 << 20):
+        docs += zip(table["key"].to_pylist(), table["text"].to_pylist(), table["drop"].to_pylist(), strict=True)
+    return len(parts), docs
+
+
+def test_a_corpus_file_in_s3_reads_as_the_same_documents_as_its_local_copy(s3_root, tmp_path):
+    """Byte-range parts (ranged reads), gzip, parquet, .txt paragraphs and invalid UTF-8 alike."""
+    for rel, part_bytes, mode in (("raw/a/x.jsonl", 500, "file"), ("raw/a/sub/y.jsonl.gz", 100, "file"),
+                                  ("raw/b.txt", 1 << 20, "paragraph"), ("raw/c.parquet", 1 << 20, "file")):
+        read = []
+        for root in (s3_root, str(tmp_path)):
+            _source_tree(root)
+            read.append(_documents(storage.join(root, *rel.split("/")), part_bytes, mode))
+        assert read[0] == read[1], rel
+    parts, docs = _documents(storage.join(s3_root, "raw", "a", "x.jsonl"), 500)
+    assert parts == len(JSONL) // 500 + 1 and [text for _, text, _ in docs] == [
+        f"document {i}, a line of its own" for i in range(60)]
+    _, docs = _documents(storage.join(s3_root, "raw", "b.txt"), 1 << 20, "paragraph")
+    assert [(text, drop) for _, text, drop in docs] == [
+        ("first paragraph\nstill the first\n", ""), ("second paragraph\n", ""), ("", "undecodable")]
+
+
+def test_bad_corpus_files_in_s3_are_refused_by_their_uri(s3_root):
+    import gzip
+
+    from cluster.sources import CorpusError, check_file
+
+    cases = {
+        "bad/bin.txt": (b"abc\x00def", "looks like a binary file"),
+        "bad/cut.jsonl.gz": (gzip.compress(JSONL)[:-20], "truncated or corrupt file"),
+        "bad/cols.parquet": (_parquet_bytes("body", ["x"]), "parquet file has no column 'text'"),
+        "bad/key.jsonl": (b'{"body": "x"}\n', "JSON object has no key 'text'"),
+    }
+    for rel, (data, error) in cases.items():
+        path = _write(s3_root, rel, data)
+        with pytest.raises(CorpusError, match=rf"^{re.escape(path)}(:1)?: {error}"):
+            check_file(path, "text")
+
+
+def test_a_source_file_missing_where_it_is_read_says_what_a_cluster_needs(monkeypatch, tmp_path):
+    """A local source path exists on the driver's node only: a read task on another node used to
+    report it as 'truncated or corrupt'."""
+    import ray
+
+    from cluster.sources import CorpusError, read_file_docs
+
+    gone = str(tmp_path / "gone.jsonl")
+    part = {"path": [gone], "source_id": [0], "file_id": [0], "source": ["w"], "start": [0], "end": [-1]}
+    with pytest.raises(CorpusError, match=rf"^{re.escape(gone)}: does not exist$"):
+        list(read_file_docs(part, "text", "file", 1 << 20))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    with pytest.raises(CorpusError, match=rf"^{re.escape(gone)}: not found on node 10.0.0.7: .*object-store URI"):
+        list(read_file_docs(part, "text", "file", 1 << 20))
+
+
+def test_a_gz_file_in_s3_reads_back_as_the_bytes_written(s3_root, tmp_path):
+    """pyarrow's streams detect compression from the name by default: a .gz written through storage
+    was compressed a second time in S3 (and read back decompressed), unlike the same file on disk."""
+    import gzip
+
+    data = gzip.compress(b"hello")
+    for root in (s3_root, str(tmp_path)):
+        path = _write(root, "x.jsonl.gz", data)
+        assert storage.read_bytes(path) == data
+    fs, path = storage.filesystem(storage.join(s3_root, "x.jsonl.gz"))
+    with fs.open_input_file(path) as f:
+        assert f.read() == data
+
