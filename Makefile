@@ -32,6 +32,7 @@ bench: install
 	$(PY) -m bench.prepare
 	$(PY) -m bench.train_overhead
 	$(PY) -m bench.ingest
+	$(PY) -m bench.source_checks
 	$(PY) -m bench.serve
 	$(PY) -m bench.tune_efficiency
 	$(PY) -m bench.evaluate
