@@ -320,8 +320,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def tensorboard_writer(path: str) -> Any:
+    """A TensorBoard SummaryWriter for a local folder or an object-store URI, or None where
+    TensorBoard cannot write. Its own file layer writes s3:// through boto3 (the same credentials
+    and AWS_ENDPOINT_URL as pyarrow), rewriting the event file whole at each flush as S3 cannot
+    append; other schemes go through fsspec and need its filesystem package (gcsfs for gs://)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        return SummaryWriter(path)
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("no TensorBoard event files in %s (%s: %s); metrics.jsonl has every row",
+                    path, type(exc).__name__, exc)
+        return None
+
+
 class MetricsSink:
-    """metrics.jsonl always; TensorBoard for local run dirs; MLflow when MLFLOW_TRACKING_URI is set;
+    """metrics.jsonl always; TensorBoard where it can write (`tensorboard_writer`); MLflow when MLFLOW_TRACKING_URI is set;
     a progress line per train/validation row when `max_steps` is given, logged at INFO: in a Ray
     Train worker the root logger goes to the console (which Ray forwards to the driver and to
     `ray job logs`) and to Train's worker log file. Not `print`: Ray Train patches it into the same
@@ -334,10 +349,7 @@ class MetricsSink:
         self.mlflow = None
         if not enabled:
             return
-        if not storage.is_uri(run_dir):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.tb = tensorboard_writer(storage.join(run_dir, "tensorboard"))
         if os.environ.get("MLFLOW_TRACKING_URI"):
             import mlflow
 

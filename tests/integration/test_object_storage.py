@@ -96,6 +96,8 @@ def test_the_pipeline_runs_with_its_storage_and_data_in_s3(s3_env, tmp_path):
     assert [r["step"] for r in rows if r["split"] == "validation"] == [4, 8]
     trace = storage.read_text(storage.join(root, "pretrain", "p", "data_trace", "rank-0.jsonl")).splitlines()
     assert [json.loads(line)["batch"] for line in trace] == list(range(8))
+    assert [n for n in storage.listdir(storage.join(root, "pretrain", "p", "tensorboard"))
+            if n.startswith("events.out.tfevents.")]
 
     fine = storage.read_json(storage.join(root, "finetune", "f", "summary.json"))
     assert fine["base_checkpoint"] == pre["best"]["checkpoint"]

@@ -274,3 +274,26 @@ def test_a_gz_file_in_s3_reads_back_as_the_bytes_written(s3_root, tmp_path):
     with fs.open_input_file(path) as f:
         assert f.read() == data
 
+
+def test_a_run_in_s3_gets_tensorboard_event_files(s3_root):
+    """TensorBoard was written for local run folders only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cluster.train import MetricsSink
+
+    run = storage.join(s3_root, "pretrain", "tb")
+    sink = MetricsSink(run, "tb", enabled=True)
+    for step, loss in ((10, 3.0), (20, 2.5)):
+        sink.log({"step": step, "split": "train", "train_loss": loss})
+    sink.close()
+    events = EventAccumulator(storage.join(run, "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(10, 3.0), (20, 2.5)]
+
+
+def test_a_storage_tensorboard_cannot_write_to_costs_the_event_files_only(caplog):
+    from cluster.train import tensorboard_writer
+
+    with caplog.at_level("WARNING", logger="cluster.train"):
+        assert tensorboard_writer("nosuchscheme://bucket/run/tensorboard") is None
+    assert "no TensorBoard event files in nosuchscheme://bucket/run/tensorboard" in caplog.text
