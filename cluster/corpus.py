@@ -415,7 +415,12 @@ def _empty(cfg: PrepareConfig, counts: _Counts) -> CorpusError:
 
 def _tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str):
     if cfg.tokenizer.path:
-        tok = load_tokenizer(cfg.tokenizer.path)
+        path = cfg.tokenizer.path
+        if storage.is_uri(path):  # e.g. the tokenizer of a corpus in S3: transformers loads local folders
+            path = os.path.join(workdir, "reused-tokenizer")
+            os.makedirs(path)
+            pafs.copy_files(cfg.tokenizer.path, path, destination_filesystem=pafs.LocalFileSystem())
+        tok = load_tokenizer(path)
         log.info("reusing tokenizer %s", cfg.tokenizer.path)
     else:
         assert kept is not None, "training a tokenizer needs the kept documents"
@@ -442,7 +447,7 @@ def check_sources(cfg: PrepareConfig) -> None:
     for source in cfg.sources:
         if source.kind == "files":
             check_files(expand_paths(source.paths, f"source '{source.label}'"), source.text_column)
-    if cfg.tokenizer.path and not os.path.isfile(os.path.join(cfg.tokenizer.path, "tokenizer.json")):
+    if cfg.tokenizer.path and not storage.exists(storage.join(cfg.tokenizer.path, "tokenizer.json")):
         raise CorpusError(f"config key 'tokenizer.path': '{cfg.tokenizer.path}' is not a tokenizer "
                           "directory (no tokenizer.json in it)")
 

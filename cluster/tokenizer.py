@@ -35,7 +35,7 @@ class TokenizerConfig(Section):
     train_docs: int = Field(20000, ge=1, description="documents sampled (in corpus order) to train on")
     min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
     model_max_length: int = Field(2048, ge=8, description="context length recorded in the tokenizer")
-    path: str | None = Field(None, description="reuse this saved tokenizer directory instead of training")
+    path: str | None = Field(None, description="reuse this saved tokenizer directory (a path or URI) instead of training")
 
 
 def _train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokenizer, dict[str, str]]:

@@ -17,6 +17,7 @@ from cluster import storage
 from tests.conftest import PYTHON, REPO, S3_BUCKET, subprocess_env
 
 PIPELINE = """
+import os
 import sys
 from jobs import evaluate, finetune, prepare, pretrain
 
@@ -26,6 +27,7 @@ corpus = ["--config", "configs/prepare-synthetic.yaml", "--set", "sources.0.part
 steps = [
     (prepare, [raw, "--name", "c", *corpus]),
     (prepare, [local_raw, "--name", "c-local", *corpus]),
+    (prepare, [local_raw, "--name", "c-reuse", *corpus, "--set", f"tokenizer.path={os.environ['RAYLM_STORAGE']}/prepare/c/tokenizer"]),
     (pretrain, ["--config", "configs/gpt-tiny.yaml", "--set", "name=p", "--set", "corpus=c",
                 "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4",
                 "--set", "train.eval_batches=2", "--set", "train.log_every=4", "--set", "optim.warmup_steps=2",
@@ -86,6 +88,10 @@ def test_the_pipeline_runs_with_its_storage_and_data_in_s3(s3_env, tmp_path):
     assert manifests[0]["splits"] == manifests[1]["splits"]
     assert manifests[0]["tokenizer"]["hash"] == manifests[1]["tokenizer"]["hash"]
     assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]
+    # ... and its tokenizer, in the bucket, is reused by a third (same tokens, same split)
+    reused = storage.read_json(storage.join(root, "prepare", "c-reuse", "manifest.json"))
+    assert reused["tokenizer"]["hash"] == manifests[0]["tokenizer"]["hash"]
+    assert {k: v["tokens"] for k, v in reused["splits"].items()} == {k: v["tokens"] for k, v in manifests[0]["splits"].items()}
 
     pre = storage.read_json(storage.join(root, "pretrain", "p", "summary.json"))
     assert pre["final"]["checkpoint"] == storage.join(root, "pretrain", "p", "checkpoint_0000008")

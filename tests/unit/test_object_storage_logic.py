@@ -297,3 +297,26 @@ def test_a_storage_tensorboard_cannot_write_to_costs_the_event_files_only(caplog
     with caplog.at_level("WARNING", logger="cluster.train"):
         assert tensorboard_writer("nosuchscheme://bucket/run/tensorboard") is None
     assert "no TensorBoard event files in nosuchscheme://bucket/run/tensorboard" in caplog.text
+
+
+def test_a_tokenizer_in_s3_is_reused_by_prepare(s3_root, tmp_path):
+    """tokenizer.path took local folders only: the tokenizer of a corpus in S3 could not be reused."""
+    import pyarrow.fs as pafs
+
+    from cluster.corpus import PrepareConfig, _tokenizer, check_sources
+    from cluster.sources import CorpusError
+    from cluster.tokenizer import TokenizerConfig, save_tokenizer, tokenizer_hash, train_tokenizer
+
+    tok = train_tokenizer(["a few words to learn from", "and a few more"] * 20, TokenizerConfig(vocab_size=300))
+    save_tokenizer(tok, str(tmp_path / "tok"))
+    uri = storage.join(s3_root, "prepare", "c", "tokenizer")
+    fs, path = storage.filesystem(uri)
+    pafs.copy_files(str(tmp_path / "tok"), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    cfg = PrepareConfig(sources=[{"kind": "synthetic"}], tokenizer={"path": uri})
+    check_sources(cfg)
+    reused, local = _tokenizer(cfg, None, str(tmp_path / "work"))
+    assert tokenizer_hash(reused) == tokenizer_hash(tok) and os.path.isfile(os.path.join(local, "tokenizer.json"))
+    missing = storage.join(s3_root, "prepare", "none", "tokenizer")
+    with pytest.raises(CorpusError, match=re.escape(f"'tokenizer.path': '{missing}' is not a tokenizer directory")):
+        check_sources(PrepareConfig(sources=[{"kind": "synthetic"}], tokenizer={"path": missing}))
