@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Literal
 
@@ -313,6 +314,12 @@ def open_binary(path: str) -> Iterator[BinaryIO]:
             yield raw
 
 
+# What reading a source file can raise besides CorpusError: a truncated .gz (EOFError), a corrupt
+# one (gzip.BadGzipFile, an OSError, for its header or checksum; zlib.error inside the stream), a
+# file that went away or cannot be opened (OSError), a store that does not answer (OSError).
+READ_ERRORS = (EOFError, zlib.error, OSError)
+
+
 def read_error(path: str, exc: BaseException) -> CorpusError:
     """What a failed read of a source file says. The driver listed every file before any task ran,
     so a file a read task cannot find is, on a multi-node cluster, a local path that exists on the
@@ -324,6 +331,8 @@ def read_error(path: str, exc: BaseException) -> CorpusError:
             f"{path}: not found on node {ray.util.get_node_ip_address()}: on a multi-node cluster every node "
             "reads source files, so give an object-store URI (s3://...), a path on a volume mounted on every "
             "node, or a path inside the job's --working-dir")
+    if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and storage.is_uri(path):
+        return CorpusError(f"{path}: cannot be read ({exc})")
     return CorpusError(f"{path}: truncated or corrupt file ({exc})")
 
 
@@ -334,7 +343,7 @@ def _check_not_binary(path: str) -> bytes:
     try:
         with open_binary(path) as f:
             head = f.read(8192)
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+    except READ_ERRORS as exc:
         raise read_error(path, exc) from None
     if b"\x00" in head:
         raise CorpusError(f"{path}: looks like a binary file (NUL bytes in its first 8 KiB)")
@@ -439,7 +448,7 @@ def _lines(path: str, max_line_bytes: int, start: int = 0, end: int | None = Non
                     )
                 yield lineno, offset, line
                 offset += len(line)
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+    except READ_ERRORS as exc:
         if isinstance(exc, CorpusError):
             raise
         raise read_error(path, exc) from None
@@ -490,7 +499,7 @@ def _json_array_docs(path: str, column: str) -> Iterator[tuple[int, str, str, st
     try:
         with open_binary(path) as f:
             raw = f.read()
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+    except READ_ERRORS as exc:
         raise read_error(path, exc) from None
     text, drop, note = _decode(raw.removeprefix(b"\xef\xbb\xbf"), lambda: path)
     if drop:
@@ -540,7 +549,7 @@ def _file_docs(part: dict[str, Any], text_column: str, txt_mode: str, max_line_b
         try:
             with open_binary(path) as f:
                 table = pq.read_table(f, columns=[text_column])
-        except FileNotFoundError as exc:
+        except (*READ_ERRORS, pa.ArrowException) as exc:  # ArrowInvalid: a corrupt page past the footer
             raise read_error(path, exc) from None
         for i, value in enumerate(table.column(text_column).to_pylist()):
             yield (i, value, "", "") if isinstance(value, str) else (i, "", "empty", "")

@@ -3,6 +3,7 @@ integration tests check the same errors surface through jobs.prepare)."""
 
 import gzip
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,6 +90,30 @@ def test_truncated_gzip_is_named(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorpusError, match="docs.jsonl.gz: truncated or corrupt file"):
         read(path)
+
+
+def _damaged(data: bytes, at: int) -> bytes:
+    flipped = bytearray(data)
+    for i in range(at, at + 30):
+        flipped[i] ^= 0x5A
+    return bytes(flipped)
+
+
+def test_corrupt_gzip_and_parquet_past_what_the_driver_checks_are_named(tmp_path):
+    """Damage inside a gzip stream (zlib.error) or a Parquet data page (OSError; the footer the
+    driver reads is intact) escaped the read task as a bare exception naming no file."""
+    rng = random.Random(0)
+    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "eps"]) for _ in range(50000)).encode()
+    gz = tmp_path / "docs.txt.gz"
+    gz.write_bytes(_damaged(gzip.compress(words), 1000))
+    pq_path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(3000)]}), pq_path)
+    pq_path.write_bytes(_damaged(pq_path.read_bytes(), 200))
+    check_file(str(pq_path), "text")  # the footer is fine
+    for path in (gz, pq_path):
+        part = {"path": str(path), "source_id": 0, "file_id": 0, "source": "s", "start": 0, "end": -1}
+        with pytest.raises(CorpusError, match=rf"{path.name}: truncated or corrupt file \("):
+            read_parts([part])
 
 
 def test_json_without_key_and_invalid_json(tmp_path):
