@@ -174,7 +174,10 @@ def expand_paths(patterns: list[str], where: str) -> list[str]:
     volume (or inside the job's working_dir)."""
     files: list[str] = []
     for pattern in patterns:
-        matched = _expand_uri(pattern, where) if storage.is_uri(pattern) else _expand_local(pattern, where)
+        if storage.is_uri(pattern):
+            matched = _expand_uri(pattern, where)
+        else:
+            matched = _expand_local(pattern.removeprefix("file://"), where)
         files.extend(matched)
     return sorted(dict.fromkeys(files))
 

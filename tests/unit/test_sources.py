@@ -39,6 +39,11 @@ def read(path, **kw):
     return read_parts([part], **kw)
 
 
+def test_a_file_uri_is_a_local_path(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    assert expand_paths([f"file://{tmp_path}/*.txt", str(tmp_path / "a.txt")], "source 's'") == [str(tmp_path / "a.txt")]
+
+
 def test_missing_path_and_empty_glob_are_named(tmp_path):
     with pytest.raises(CorpusError, match="nope.txt' does not exist"):
         expand_paths([str(tmp_path / "nope.txt")], "source 's'")
