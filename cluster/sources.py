@@ -55,7 +55,7 @@ class SourceConfig(Section):
     num_docs: int = Field(20000, ge=1, description="synthetic: number of documents")
     seed: int = Field(0, description="synthetic: generator seed")
     # files
-    paths: StrList = Field(default_factory=list, description="files: paths, folders or globs")
+    paths: StrList = Field(default_factory=list, description="files: paths, folders or globs, local or object-store URIs (s3://...)")
     text_column: str = Field("text", description="files/hf: column or JSON key holding the text")
     txt_mode: Literal["file", "paragraph", "line"] = Field(
         "file", description="files: what one document is in a .txt file"

@@ -67,7 +67,7 @@ class TaskData(Section):
     train_examples: int = Field(2000, ge=1, description="synthetic: training rows")
     validation_examples: int = Field(400, ge=1, description="synthetic: validation rows")
     seed: int = Field(0, description="synthetic rows, and the split when validation is carved from train")
-    train: StrList = Field(default_factory=list, description="files: CSV/JSONL/Parquet paths or globs")
+    train: StrList = Field(default_factory=list, description="files: CSV/JSONL/Parquet paths or globs, local or URIs (s3://...)")
     validation: StrList = Field(default_factory=list, description="files: validation paths (else a split)")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out when no validation")
     dataset: str | None = Field(None, description="hf: dataset name, or a builder (json, csv, parquet) for files")

@@ -2,6 +2,7 @@
 
     python -m jobs.prepare --config configs/prepare-synthetic.yaml [--set name=mycorpus]
     raylm prepare notes/*.txt books.jsonl --name mycorpus
+    raylm prepare 's3://bucket/raw/**/*.jsonl.gz' --name web
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def run(cfg: PrepareConfig) -> str:
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", help="files, folders or globs to prepare (instead of a config's sources)")
+    p.add_argument("inputs", nargs="*", help="files, folders or globs to prepare, local or object-store URIs (s3://...) "
+                   "(instead of a config's sources)")
     p.add_argument("--name", help="corpus name (default: the config's, or 'corpus')")
     p.add_argument("--text-column", default=None, help="JSON key / parquet column holding the text")
 
