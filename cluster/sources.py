@@ -209,7 +209,7 @@ def _expand_local(pattern: str, where: str) -> list[str]:
 def _expand_uri(pattern: str, where: str) -> list[str]:
     """A URI, a URI prefix ("folder") or a URI glob, listed through pyarrow. Globs go through
     fsspec's wrapper of the pyarrow filesystem, for the same `*`/`**`/`?`/`[...]` rules as local
-    globs (pyarrow's listings have no pattern matching)."""
+    globs (pyarrow's listings have no pattern matching; fsspec's matches dot-names too)."""
     import pyarrow.fs as pafs
 
     scheme_end = pattern.index("://") + 3
@@ -222,8 +222,11 @@ def _expand_uri(pattern: str, where: str) -> list[str]:
             fs, base_path = storage.filesystem(base)
             from fsspec.implementations.arrow import ArrowFSWrapper
 
-            found = ArrowFSWrapper(fs).glob(base_path + pattern[len(base):], detail=True)
-            matched = sorted(storage.location(fs, p) for p, info in found.items() if info["type"] == "file")
+            rest = pattern[len(base):]
+            found = ArrowFSWrapper(fs).glob(base_path + rest, detail=True)
+            # As local globs: a wildcard does not match a name that starts with a dot.
+            matched = sorted(storage.location(fs, p) for p, info in found.items() if info["type"] == "file"
+                             and ("/." not in p[len(base_path):] or "/." in rest))
             if not matched:
                 raise CorpusError(f"{where}: '{pattern}' matches no file")
             return matched

@@ -175,6 +175,7 @@ def _source_tree(root: str) -> None:
     _write(root, "raw/b.txt", TXT)
     _write(root, "raw/c.parquet", _parquet_bytes("text", ["one", None, "three"]))
     _write(root, "raw/notes.csv", b"a,b\n")  # not a corpus file kind: folders skip it
+    _write(root, "raw/.hidden.jsonl", JSONL)  # in a folder, but no wildcard matches it
 
 
 def test_corpus_sources_in_s3_are_listed_as_the_same_files_are_locally(s3_root, tmp_path):
@@ -186,10 +187,12 @@ def test_corpus_sources_in_s3_are_listed_as_the_same_files_are_locally(s3_root, 
         def rel(patterns: list[str], root: str = root) -> list[str]:
             return [f[len(root) + 1:] for f in expand_paths([storage.join(root, p) for p in patterns], "source 'w'")]
 
-        assert rel(["raw"]) == ["raw/a/sub/y.jsonl.gz", "raw/a/x.jsonl", "raw/b.txt", "raw/c.parquet"]
+        assert rel(["raw"]) == ["raw/.hidden.jsonl", "raw/a/sub/y.jsonl.gz", "raw/a/x.jsonl", "raw/b.txt",
+                                "raw/c.parquet"]
         assert rel(["raw/*/*.jsonl"]) == ["raw/a/x.jsonl"]
         assert rel(["raw/**/*.jsonl*"]) == ["raw/a/sub/y.jsonl.gz", "raw/a/x.jsonl"]
         assert rel(["raw/?.txt", "raw/b.txt", "raw/[bc].parquet"]) == ["raw/b.txt", "raw/c.parquet"]
+        assert rel(["raw/.*"]) == ["raw/.hidden.jsonl"]
         for pattern, error in (("raw/none.txt", "does not exist"), ("raw/*.md", "matches no file"),
                                ("raw/a/sub/y.jsonl.gz/*", "matches no file")):
             with pytest.raises(CorpusError, match=re.escape(f"source 'w': '{storage.join(root, pattern)}' {error}")):
