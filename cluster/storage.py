@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -110,15 +111,23 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 class Appender:
-    """Lines appended to a file. A local file is appended to; an object store cannot append, so
-    there the file is rewritten whole at each line, starting from what it held: a resumed run (or
-    a restarted worker) keeps the rows written before, as a local file would."""
+    """Lines appended to a file. A local file is appended to at once. An object store cannot
+    append, so there the file is rewritten whole, starting from what it held (a resumed run or a
+    restarted worker keeps the rows written before, as a local file would), at most every
+    `every_s` seconds and at `flush()`, with the lines in between held here. Against an S3 server
+    30 ms away a rewrite per line cost the writer ~140 ms a line (four requests: the folder's
+    checks, then the PUT); a metrics row per log step, or a data-trace row per batch, paid that in
+    the training loop."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, every_s: float = 0.0) -> None:
         self.path = path
+        self.every_s = every_s
         self._lines: list[str] | None = None
+        self._pending = False
         if is_uri(path):
+            self._fs, self._path = filesystem(path)
             self._lines = read_text(path).splitlines(keepends=True) if exists(path) else []
+            self._written = time.monotonic()
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -126,9 +135,20 @@ class Appender:
         if self._lines is None:
             with open(self.path, "a") as f:
                 f.write(line)
-        else:
-            self._lines.append(line)
-            write_text_atomic(self.path, "".join(self._lines))
+            return
+        self._lines.append(line)
+        self._pending = True
+        if time.monotonic() - self._written >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held lines now (object stores; a local file has them already)."""
+        if self._lines is None or not self._pending:
+            return
+        with self._fs.open_output_stream(self._path, compression=None) as f:  # one PUT: atomic there
+            f.write("".join(self._lines).encode("utf-8"))
+        self._pending = False
+        self._written = time.monotonic()
 
 
 def delete_dir(path: str) -> None:

@@ -320,6 +320,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# How often metrics.jsonl and the data trace are rewritten on an object store (which cannot append),
+# besides before every checkpoint and at the end: a tail of a run's rows shows up this late there.
+REMOTE_FLUSH_S = 30.0
+
+
 def tensorboard_writer(path: str) -> Any:
     """A TensorBoard SummaryWriter for a local folder or an object-store URI, or None where
     TensorBoard cannot write. Its own file layer writes s3:// through boto3 (the same credentials
@@ -356,7 +361,8 @@ class MetricsSink:
             mlflow.set_experiment("raylm")
             mlflow.start_run(run_name=run_name)
             self.mlflow = mlflow
-        self._rows = storage.Appender(storage.join(run_dir, "metrics.jsonl"))
+        self._remote = storage.is_uri(run_dir)
+        self._rows = storage.Appender(storage.join(run_dir, "metrics.jsonl"), every_s=REMOTE_FLUSH_S)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -367,14 +373,28 @@ class MetricsSink:
         if self.tb:
             for k, v in numeric.items():
                 self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            if not self._remote:  # on an object store a flush rewrites the event file: see flush()
+                self.tb.flush()
         if self.mlflow:
             self.mlflow.log_metrics(numeric, step=step)
         line = progress_line(row, self.max_steps) if self.max_steps else None
         if line:
             log.info(line)
 
+    def flush(self) -> None:
+        """Rows held for an object store written now: before each checkpoint, so that a run resumed
+        from it has every row up to it. Otherwise they go every REMOTE_FLUSH_S (TensorBoard's own
+        writer: every 2 minutes)."""
+        if not self.enabled:
+            return
+        self._rows.flush()
+        if self.tb and self._remote:
+            self.tb.flush()
+
     def close(self) -> None:
+        if not self.enabled:
+            return
+        self._rows.flush()
         if self.tb:
             self.tb.close()
         if self.mlflow:
@@ -565,6 +585,9 @@ class Loop:
         if not checkpoint:
             self.session.report(metrics)
             return
+        self.sink.flush()
+        if self._trace is not None:
+            self._trace.flush()
         tmp = tempfile.mkdtemp(prefix="raylm-ckpt-")
         try:
             if self.rank == 0 or is_fsdp(self.model):
@@ -598,10 +621,19 @@ class Loop:
         rows = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in batch["input_ids"]])
         digest = hashlib.sha1(rows.tobytes()).hexdigest()[:16]
         if self._trace is None:
-            self._trace = storage.Appender(storage.join(self.plan.run_dir, "data_trace", f"rank-{self.rank}.jsonl"))
+            self._trace = storage.Appender(storage.join(self.plan.run_dir, "data_trace", f"rank-{self.rank}.jsonl"),
+                                           every_s=REMOTE_FLUSH_S)
         self._trace.write(json.dumps({"epoch": epoch, "batch": index, "step": self.state.step, "hash": digest}) + "\n")
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:  # rows held for an object store are written even when the loop raises
+            if self._trace is not None:
+                self._trace.flush()
+            self.sink.close()
+
+    def _run(self) -> None:
         cfg, plan, st = self.cfg.train, self.plan, self.state
         accum = cfg.grad_accum
         t_start = time.perf_counter()
@@ -650,7 +682,6 @@ class Loop:
             self.optimizer.zero_grad(set_to_none=True)
         if stopped_for_nan is None:
             self.finish()
-        self.sink.close()
 
     def after_step(self, window: dict, t_start: float) -> int | None:
         cfg, st = self.cfg.train, self.state

@@ -80,8 +80,50 @@ def test_metrics_in_s3_keep_the_rows_of_the_attempt_a_run_resumes(s3_root):
     first.close()
     resumed = MetricsSink(run, "m", enabled=True)
     resumed.log({"step": 30, "split": "train", "train_loss": 2.0})
+    resumed.flush()
     rows = [json.loads(line) for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30]
+
+
+def test_metrics_in_s3_are_held_between_rewrites_and_written_at_a_flush(s3_root, monkeypatch):
+    """Each row used to rewrite metrics.jsonl (and the TensorBoard file) in the training loop: four
+    requests a row. Rows are now held until REMOTE_FLUSH_S has passed or the loop flushes (before
+    each checkpoint, and at the end)."""
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cluster import train
+
+    monkeypatch.setattr(train, "REMOTE_FLUSH_S", math.inf)
+    run = storage.join(s3_root, "pretrain", "held")
+    sink = train.MetricsSink(run, "held", enabled=True)
+    for step in (10, 20):
+        sink.log({"step": step, "split": "train", "train_loss": 3.0})
+    assert not storage.exists(storage.join(run, "metrics.jsonl"))
+    sink.flush()
+    assert [json.loads(r)["step"] for r in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()] == [10, 20]
+    events = EventAccumulator(storage.join(run, "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [10, 20]
+    sink.log({"step": 30, "split": "train", "train_loss": 2.0})
+    sink.close()
+    assert len(storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()) == 3
+
+
+def test_an_appender_in_s3_writes_at_most_every_so_often(s3_root, tmp_path):
+    import math
+
+    held = storage.Appender(storage.join(s3_root, "held.jsonl"), every_s=math.inf)
+    held.write("1\n")
+    held.write("2\n")
+    assert not storage.exists(held.path)
+    held.flush()
+    held.flush()  # a second flush changes nothing
+    assert storage.read_text(held.path) == "1\n2\n"
+    local = storage.Appender(str(tmp_path / "held.jsonl"), every_s=math.inf)
+    local.write("1\n")
+    assert storage.read_text(local.path) == "1\n"  # a local file is appended to at once
 
 
 def test_the_tokenizer_of_a_corpus_in_s3_is_copied_to_a_local_folder_once(s3_root, tmp_path, monkeypatch):
@@ -256,6 +298,7 @@ def test_a_source_file_missing_where_it_is_read_says_what_a_cluster_needs(monkey
 
     gone = str(tmp_path / "gone.jsonl")
     part = {"path": [gone], "source_id": [0], "file_id": [0], "source": ["w"], "start": [0], "end": [-1]}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as on a driver before Ray starts
     with pytest.raises(CorpusError, match=rf"^{re.escape(gone)}: does not exist$"):
         list(read_file_docs(part, "text", "file", 1 << 20))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
