@@ -64,11 +64,12 @@ MULTIPLEXED = "multiplexed"  # the deployment that the `multiplex` models share
 
 # Every default in one place; `AppArgs` merges user args (YAML `args:` or `serve run k=v`) over it.
 DEFAULTS: dict[str, Any] = {
-    "ingress": {"num_replicas": 1, "num_cpus": 0.1, "max_ongoing_requests": 256},
+    "ingress": {"num_replicas": 1, "num_cpus": 0.1, "max_ongoing_requests": 256, "access_log": True},
     "model": {
         "num_replicas": 1, "autoscaling": None, "num_cpus": 1.0, "num_gpus": 0.0,
         "max_ongoing_requests": 32, "max_queued_requests": -1,
         "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "compute_in_thread": False,
+        "access_log": False,
     },
     "per_model": {},
     "request_timeout_s": 60.0,
@@ -120,15 +121,26 @@ class DeploymentOptions(Section):
                                          "replica's replacement starts at the next check")
     health_check_timeout_s: float = Field(10.0, gt=0, description="an unanswered health check after this "
                                           "long marks the replica unhealthy")
+    # Serve's access log is a line per call in the replica's log file. The ingress's lines already
+    # record every HTTP request (method, route, status, latency, request id); a model replica's
+    # "CALL encode OK" repeats each of them, and writing it cost ~5% of the requests per second at
+    # concurrency 32 on the 2-core box (BENCHMARKS.md, Serve). Off for model deployments by default.
+    access_log: bool = Field(True, description="Serve's access log line per request in this deployment's replica "
+                             "logs (default: on for the ingress, off for model deployments; with `colocate`, "
+                             "ingress.access_log applies)")
 
-    def serve_options(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+    def serve_options(self, env: dict[str, str] | None = None, access_log: bool | None = None) -> dict[str, Any]:
+        """Ray Serve deployment options; `access_log` overrides the field (a colocated model's
+        replicas are the ingress and log as the ingress does)."""
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if env:
             actor["runtime_env"] = {"env_vars": env}
         opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests,
                                 "max_queued_requests": self.max_queued_requests,
                                 "health_check_period_s": self.health_check_period_s,
-                                "health_check_timeout_s": self.health_check_timeout_s}
+                                "health_check_timeout_s": self.health_check_timeout_s,
+                                "logging_config": {"enable_access_log":
+                                                   self.access_log if access_log is None else access_log}}
         if self.autoscaling:
             opts["autoscaling_config"] = self.autoscaling.to_dict()
             opts["num_replicas"] = "auto"
@@ -757,7 +769,8 @@ def build_app(args: AppArgs, entries: list[dict[str, Any]] | None = None) -> App
     colocated = args.colocated_model(entries)
     if colocated:  # one deployment, named for the model, that is also the ingress
         name = colocated["name"]
-        return Gateway.options(name=deployment_name(name), **args.options_for(name).serve_options(env)).bind(
+        return Gateway.options(name=deployment_name(name), **args.options_for(name).serve_options(
+            env, access_log=args.ingress.access_log)).bind(
             {}, cards, limits, colocated=(colocated, args.model_runtime(name)))
     handles, shared, multiplexed = {}, None, args.multiplexed()
     for entry in entries:

@@ -42,11 +42,12 @@ def config_for(sets: list[str], host: str = "0.0.0.0", port: int = 8000, proxy_l
     args = _args(sets)
     entries = select_models(args)
     # with `colocate` the one model's deployment is the ingress
-    deployments = [] if args.colocated_model(entries) else [{"name": "Gateway", **_deployment_yaml(args.ingress)}]
+    colocated = args.colocated_model(entries)
+    deployments = [] if colocated else [{"name": "Gateway", **_deployment_yaml(args.ingress)}]
     for entry in entries:
         if entry["name"] not in args.multiplexed():
-            deployments.append({"name": deployment_name(entry["name"]),
-                                **_deployment_yaml(args.options_for(entry["name"]))})
+            deployments.append({"name": deployment_name(entry["name"]), **_deployment_yaml(
+                args.options_for(entry["name"]), access_log=args.ingress.access_log if colocated else None)})
     if args.multiplex:  # the multiplexed models' one shared deployment
         deployments.append({"name": MULTIPLEXED, **_deployment_yaml(args.shared_options())})
     return {
@@ -62,8 +63,8 @@ def config_for(sets: list[str], host: str = "0.0.0.0", port: int = 8000, proxy_l
     }
 
 
-def _deployment_yaml(opts: Any) -> dict[str, Any]:
-    out = opts.serve_options()
+def _deployment_yaml(opts: Any, access_log: bool | None = None) -> dict[str, Any]:
+    out = opts.serve_options(access_log=access_log)
     if out["num_replicas"] == "auto":
         out.pop("num_replicas")
     return out

@@ -249,3 +249,29 @@ def test_those_parameters_set_to_off_and_newer_names_are_accepted():
         "model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": False, "tools": [],
         "tool_choice": "none", "response_format": {"type": "text"}, "max_tokens": 50, "max_completion_tokens": 7})
     assert chat.sampling()["max_tokens"] == 7 and chat.stream_options is None
+
+
+def test_only_the_ingress_writes_an_access_line_per_request_by_default():
+    """Serve's access log: the ingress's line per HTTP request stays; a model replica's line per call
+    repeated it and cost ~5% of the throughput under load. A colocated model is the ingress, and
+    logs as the ingress does; either can be switched."""
+    from cluster.config import build
+    from serve.app import AppArgs, build_app
+
+    def access_logs(app) -> dict[str, bool]:
+        ingress = app._bound_deployment
+        found = {ingress.name: ingress._deployment_config.logging_config["enable_access_log"]}
+        for model in ingress.init_args[0].values():
+            found[model._bound_deployment.name] = model._bound_deployment._deployment_config.logging_config[
+                "enable_access_log"]
+        return found
+
+    entries = [{"name": "gpt", "task": "generation", "path": "/nowhere"},
+               {"name": "cls", "task": "classification", "path": "/nowhere"}]
+    assert access_logs(build_app({}, entries)) == {"Gateway": True, "model-gpt": False, "model-cls": False}
+    switched = {"ingress": {"access_log": False}, "per_model": {"cls": {"access_log": True}}}
+    assert access_logs(build_app(switched, entries)) == {"Gateway": False, "model-gpt": False, "model-cls": True}
+    assert access_logs(build_app({"colocate": True}, entries[:1])) == {"model-gpt": True}
+    assert access_logs(build_app({"colocate": True, "ingress": {"access_log": False}}, entries[:1])) == {
+        "model-gpt": False}
+    assert build(AppArgs, {}).model.access_log is False and build(AppArgs, {}).ingress.access_log is True
