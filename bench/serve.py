@@ -1,8 +1,10 @@
 """Serve latency and throughput against baselines in the same run.
 
     python -m bench.serve [--requests 64] [--max-tokens 16] [--concurrency 1 8 32] [--pairs 1] [--batch-wait S]
+                          [--classifier-size mini|small|124m]
 
-For generation (tiny GPT-2) and classification (tiny BERT), at each concurrency: p50/p99 latency
+For generation (tiny GPT-2) and classification (tiny BERT, or BERT with a preset's layers), at each
+concurrency: p50/p99 latency
 and requests/s for (1) the engine called in-process (threads), (2) a plain FastAPI + uvicorn server
 of the same engine in its own process, (3) Ray Serve with dynamic batching and (4) without it,
 (5) Ray Serve with batching and `colocate` (each model in its own app, inside the ingress replica);
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--pairs", type=int, default=1,
                    help="times the batching and colocated Serve rows run, alternately (medians printed)")
+    p.add_argument("--classifier-size", choices=["mini", "small", "124m"], default=None,
+                   help="the classifier's layers as this cluster.models preset (default: serve.tiny's 2 layers "
+                        "of width 32, whose compute is small next to a request's overhead)")
     p.add_argument("--batch-wait", type=float, default=None,
                    help="Serve rows' batch_wait_timeout_s (default: serve.app's default)")
     ns = p.parse_args(argv)
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAYLM_STORAGE"] = root
     os.environ.setdefault("RAYLM_DASHBOARD", "0")
     registry.publish(tiny.save_gpt(os.path.join(root, "ck-gpt")), "gpt", "generation")
-    registry.publish(tiny.save_bert(os.path.join(root, "ck-cls"), "classification"), "cls", "classification")
+    registry.publish(tiny.save_bert(os.path.join(root, "ck-cls"), "classification",
+                                      size=ns.classifier_size), "cls", "classification")
     entries = {m["name"]: m for m in registry.list_models()}
     gen_body = {"model": "gpt", "prompt": PROMPT, "max_tokens": ns.max_tokens, "temperature": 0}
     cls_body = {"model": "cls", "inputs": TEXT}

@@ -16,7 +16,7 @@ from transformers import (
     BertForTokenClassification,
 )
 
-from cluster.models import ModelConfig, build_model, special_ids
+from cluster.models import SIZES, ModelConfig, build_model, special_ids
 from cluster.tokenizer import TokenizerConfig, train_tokenizer
 
 CLASS_LABELS = ["negative", "positive"]
@@ -45,16 +45,19 @@ def save_gpt(path: str, max_len: int = 128) -> str:
     return path
 
 
-def save_bert(path: str, task: str, max_len: int = 64) -> str:
-    """task: fill-mask | classification | tagging."""
+def save_bert(path: str, task: str, max_len: int = 64, size: str | None = None) -> str:
+    """task: fill-mask | classification | tagging. `size`: a cluster.models preset (mini, small,
+    124m) for the layers, where the model's compute should weigh as in real use; default: 2 layers
+    of width 32, for tests."""
     tok = train_tokenizer(sentences(), TokenizerConfig(kind="wordpiece", vocab_size=400, min_frequency=1,
                                                        model_max_length=max_len))
     torch.manual_seed(0)
     labels = {"classification": CLASS_LABELS, "tagging": TAG_LABELS}.get(task)
     extra = {"id2label": dict(enumerate(labels)), "label2id": {v: k for k, v in enumerate(labels)}} if labels else {}
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=max_len, pad_token_id=tok.pad_token_id,
-                        **extra)
+    n_layer, n_head, d_model, d_ff = SIZES[size] if size else (2, 2, 32, 64)
+    config = BertConfig(vocab_size=len(tok), hidden_size=d_model, num_hidden_layers=n_layer,
+                        num_attention_heads=n_head, intermediate_size=d_ff, max_position_embeddings=max_len,
+                        pad_token_id=tok.pad_token_id, **extra)
     cls = {"fill-mask": BertForMaskedLM, "classification": BertForSequenceClassification,
            "tagging": BertForTokenClassification}[task]
     model = cls(config)
