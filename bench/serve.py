@@ -4,11 +4,11 @@
                           [--classifier-size mini|small|124m]
 
 For generation (tiny GPT-2) and classification (tiny BERT, or BERT with a preset's layers), at each
-concurrency: p50/p99 latency
-and requests/s for (1) the engine called in-process (threads), (2) a plain FastAPI + uvicorn server
-of the same engine in its own process, (3) Ray Serve with dynamic batching and (4) without it,
-(5) Ray Serve with batching and `colocate` (each model in its own app, inside the ingress replica);
-(3) and (5) alternate `--pairs` times and the table shows medians with each run's figures.
+concurrency: p50/p99 latency and requests/s for (1) the engine called in-process (threads), (2) a
+plain FastAPI + uvicorn server of the same engine in its own process, (3) Ray Serve with dynamic
+batching and (4) without it, (5) Ray Serve with batching and `colocate` (each model in its own app,
+inside the ingress replica); (3) and (5) alternate `--pairs` times and the table shows medians with
+each run's figures.
 Prints a table; timings on a shared machine are indicative only.
 """
 

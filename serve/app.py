@@ -123,8 +123,8 @@ class DeploymentOptions(Section):
                                           "long marks the replica unhealthy")
     # Serve's access log is a line per call in the replica's log file. The ingress's lines already
     # record every HTTP request (method, route, status, latency, request id); a model replica's
-    # "CALL encode OK" repeats each of them, and writing it cost ~5% of the requests per second at
-    # concurrency 32 on the 2-core box (BENCHMARKS.md, Serve). Off for model deployments by default.
+    # "CALL encode OK" repeats each of them. Without it the 2-core box served classification at
+    # concurrency 32 ~12% faster, generation the same (BENCHMARKS.md, Serve). Off for model deployments by default.
     access_log: bool = Field(True, description="Serve's access log line per request in this deployment's replica "
                              "logs (default: on for the ingress, off for model deployments; with `colocate`, "
                              "ingress.access_log applies)")
