@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -516,8 +517,8 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
 
             log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
             shards_dir = run.file("shards")
-            shards: list[dict] = []
-            for split in SPLITS:
+
+            def write(split: str) -> list[dict]:
                 part = tokenized.map_batches(
                     _select_batch, batch_size=4096, batch_format="pyarrow",
                     fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split,
@@ -533,7 +534,13 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
                     rows = part.map_batches(_segment_rows, batch_size=1024)
                     row_bytes = cfg.pack.max_segment_tokens * 8
                 rows_per_shard = max(1, int(cfg.output.shard_mb * 2**20 // row_bytes))
-                shards += _write_split(rows, shards_dir, split, rows_per_shard)
+                return _write_split(rows, shards_dir, split, rows_per_shard)
+
+            # The splits are written concurrently: each is a few short Ray Data executions (pack,
+            # count, repartition + write) whose cost is mostly scheduling latency, not CPU. Shards do
+            # not depend on it (each split's executions keep their own order).
+            with ThreadPoolExecutor(len(SPLITS), thread_name_prefix="raylm-write") as pool:
+                shards = [shard for written in pool.map(write, SPLITS) for shard in written]
             if not any(sh["rows"] for sh in shards if sh["split"] == "train"):
                 # A corpus no training job can read is a failure, not a finished corpus.
                 train = stats["train"]
