@@ -24,7 +24,7 @@ from cluster.corpus import Corpus
 from cluster.entry import JobError
 from cluster.models import ModelConfig
 from cluster.runs import RunDir, check_name
-from cluster.sources import RankSlice, quiet_data_logs, read_parquet
+from cluster.sources import RankSlice, quiet_data_logs, read_parquet, start_data_actors
 from cluster.train import NONFINITE_FILE, STATE_DIR, Plan
 
 log = logging.getLogger(__name__)
@@ -304,10 +304,13 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
         datasets=train_datasets(corpus, plan, cfg.train.seed),
         dataset_config=data_config(),
     )
+    warmup = start_data_actors()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise JobError(f"training failed: {exc}") from None
+    finally:
+        warmup.join(timeout=30)
     return summarize(cfg, run, plan, corpus, result, t0)
 
 
