@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -133,30 +134,73 @@ def test_importing_app_needs_no_registry(tmp_path, monkeypatch):
     assert app is not None
 
 
-def test_batch_wait_applies_only_while_other_requests_are_in_the_replica():
-    """A model replica's batch waits to fill only when other requests are in it; alone, a request
-    starts at once, and the count comes back down whatever happened to a request."""
+class FakeBatchMethod:
+    """Stands in for a bound `@serve.batch` method: records which requests went through the
+    batcher (and with what wait) and which ran the undecorated body directly."""
+
+    def __init__(self, fail: bool = False):
+        self.wait, self.queued, self.direct, self.fail = None, [], [], fail
+
+    def set_batch_wait_timeout_s(self, seconds: float) -> None:
+        self.wait = seconds
+
+    async def __call__(self, item):
+        self.queued.append(item)
+        await asyncio.sleep(0)
+        return f"batched {item}"
+
+    async def __wrapped__(self, server, items):  # the body Serve wraps: a batch -> its results
+        if self.fail:
+            raise RuntimeError("a request that failed in its batch")
+        self.direct.append(list(items))
+        return [f"direct {i}" for i in items]
+
+
+def _server(compute_in_thread: bool = False):
     from serve.app import ModelServer
 
     cls = ModelServer.func_or_class
     server = cls.__new__(cls)
-    server.batch_wait_s, server.in_flight = 0.02, 0
+    server.batch_wait_s, server.in_flight, server.compute_in_thread = 0.02, 0, compute_in_thread
+    return server
 
-    class Batcher:  # stands in for a `@serve.batch` method: records the wait Serve would use
-        wait = None
 
-        def set_batch_wait_timeout_s(self, seconds: float) -> None:
-            self.wait = seconds
+def test_a_lone_request_on_an_idle_replica_skips_the_batcher():
+    """Alone on the replica, a one-item request runs the batch body itself, as a batch of one."""
+    server, fn = _server(), FakeBatchMethod()
+    assert asyncio.run(server._batched(fn, ["a"])) == ["direct a"]
+    assert fn.direct == [["a"]] and fn.queued == [] and server.in_flight == 0
 
-    batcher = Batcher()
-    with server._batching(batcher) as alone:
-        assert alone.wait == 0.0
-        with server._batching(batcher) as second:
-            assert second.wait == 0.02
-    with pytest.raises(RuntimeError), server._batching(batcher):
-        raise RuntimeError("a request that failed in its batch")
-    with server._batching(batcher) as again:
-        assert again.wait == 0.0
+
+def test_requests_that_arrive_together_are_batched_with_the_wait():
+    """Two requests delivered together both queue for one batch, which waits to fill: the first
+    does not run alone just because it counted itself before the second arrived."""
+    server, fn = _server(), FakeBatchMethod()
+
+    async def both():
+        return await asyncio.gather(server._batched(fn, ["a"]), server._batched(fn, ["b"]))
+
+    assert asyncio.run(both()) == [["batched a"], ["batched b"]]
+    assert fn.direct == [] and sorted(fn.queued) == ["a", "b"] and fn.wait == 0.02
+    assert server.in_flight == 0
+
+
+@pytest.mark.parametrize(("items", "in_thread"), [(["a", "b"], False), (["a"], True)])
+def test_several_items_or_compute_in_a_thread_go_through_the_batcher_without_waiting(items, in_thread):
+    """A request of several items batches them together; with compute_in_thread the loop stays free
+    during a batch, so requests always meet in the batcher. Alone, neither waits to fill."""
+    server, fn = _server(in_thread), FakeBatchMethod()
+    assert asyncio.run(server._batched(fn, items)) == [f"batched {i}" for i in items]
+    assert fn.direct == [] and fn.queued == items and fn.wait == 0.0
+
+
+def test_the_in_flight_count_comes_back_down_after_a_failure():
+    server = _server()
+    with pytest.raises(RuntimeError):
+        asyncio.run(server._batched(FakeBatchMethod(fail=True), ["a"]))
+    assert server.in_flight == 0
+    fn = FakeBatchMethod()
+    assert asyncio.run(server._batched(fn, ["b"])) == ["direct b"]
 
 
 def test_colocate_needs_exactly_one_model(tmp_path, monkeypatch):
