@@ -414,7 +414,8 @@ class ModelServer:
         (a batch runs or just finished, and more are arriving) does a batch wait to fill. Serve
         reads the wait when a batch opens. A lone one-item request on an idle replica skips the
         batcher's queue and tasks and runs `fn`'s body on the event loop itself: the same call a
-        batch of one makes, ~0.7 ms sooner on the 2-core box (BENCHMARKS.md, Serve)."""
+        batch of one makes, ~1 ms sooner on the 2-core box (BENCHMARKS.md, Serve). Serve's batch
+        metrics (serve_batch_*) count only the requests that went through the batcher."""
         self.in_flight += 1
         try:
             if len(items) == 1 and self.in_flight == 1 and not self.compute_in_thread:

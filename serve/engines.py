@@ -197,12 +197,14 @@ class EncoderEngine(Engine):
 
     def _encode(self, texts: list[str], pairs: list[str | None] | None = None) -> Any:
         pairs = pairs or [None] * len(texts)
-        # items are encoded one by one because a batch may mix single texts and pairs
-        items = [self.tokenizer(t, p) if p is not None else self.tokenizer(t) for t, p in zip(texts, pairs, strict=False)]
-        self.check_length(max(len(e["input_ids"]) for e in items), param="inputs")
         if all(p is None for p in pairs):
-            return self.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True)
-        return self.tokenizer.pad(items, return_tensors="pt")
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True)
+        else:  # items are encoded one by one because a batch may mix single texts and pairs
+            items = [self.tokenizer(t, p) if p is not None else self.tokenizer(t) for t, p in zip(texts, pairs, strict=False)]
+            enc = self.tokenizer.pad(items, return_tensors="pt")
+        # padded to the longest input, so the width is its length (checked before the model sees it)
+        self.check_length(enc["input_ids"].shape[-1], param="inputs")
+        return enc
 
     def validate(self, texts: list[str], pairs: list[str | None] | None = None) -> None:
         """Check one request's inputs before they join a batch, so a bad one fails alone."""

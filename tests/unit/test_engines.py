@@ -80,3 +80,36 @@ def test_greedy_decoding_answers_n_identical_choices(gpt):
     one = gpt.generate(prompts, {**params, "n": 1})
     three = gpt.generate(prompts, {**params, "n": 3})
     assert three == [choices * 3 for choices in one]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cls")
+    path = tiny.save_bert(str(base / "ckpt"), "classification", max_len=32)
+    registry.publish(path, "c", "classification", root=str(base / "reg"))
+    return engines.load(registry.load_entry("c", str(base / "reg")))
+
+
+def test_an_input_longer_than_the_context_is_a_400_before_the_model_runs(classifier):
+    """Called directly (as jobs and benchmarks do, without the replica's per-request check), the
+    engine refuses a batch whose longest input, single or pair, exceeds the 32-token context."""
+    long = "the cat sat " * 10
+    for texts, pairs in (([long], [None]), (["a dog", long], [None, None]), (["a dog", "a cat"], ["ok", long])):
+        with pytest.raises(engines.ApiError) as err:
+            classifier.classify(texts, pairs)
+        assert err.value.status == 400 and "context length of 32 tokens" in str(err.value.body())
+    assert len(classifier.classify(["a dog", "a cat"], ["ok", None])) == 2
+
+
+def test_batched_inputs_score_as_they_do_alone(classifier):
+    """Inputs of different lengths in one padded batch, singles and pairs mixed, get the scores
+    each gets alone."""
+    texts, pairs = ["a dog", "the cat sat on the mat", "rain"], [None, None, "in Paris"]
+    batched = classifier.classify(texts, pairs)
+    for text, pair, got in zip(texts, pairs, batched, strict=True):
+        alone = classifier.classify([text], [pair])[0]
+        assert got["label"] == alone["label"]
+        assert [s["score"] for s in got["scores"]] == pytest.approx([s["score"] for s in alone["scores"]], abs=1e-5)
+    singles = classifier.classify(texts[:2], [None, None])
+    assert [s["score"] for s in singles[1]["scores"]] == pytest.approx(
+        [s["score"] for s in batched[1]["scores"]], abs=1e-5)
