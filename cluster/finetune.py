@@ -458,9 +458,9 @@ def epoch_datasets(train: Any, validation: Any, epochs: int, seed: int) -> dict[
 
 def finetune(cfg: FinetuneConfig, root: str | None = None) -> dict[str, Any]:
     t0 = time.time()
+    run = RunDir("finetune", cfg.name, root).check_writable()  # before the data setup's seconds
     ts = setup(cfg, root)
     check_resources(cfg)
-    run = RunDir("finetune", cfg.name, root)
     run.begin(cfg)
     plan = plan_run(cfg, ts.meta, run.path, cfg.scaling.num_workers)
     log.info("plan: %d steps (%d per epoch, %d epochs)", plan.max_steps, plan.steps_per_epoch, plan.epochs)

@@ -4,6 +4,7 @@ summary.json written last. No summary.json means the run did not finish."""
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -30,7 +31,8 @@ class RunDir:
     def __init__(self, job: str, name: str, root: str | None = None):
         self.job = job
         self.name = check_name(name)
-        self.path = storage.join(root or storage_root(), job, name)
+        self.job_dir = storage.join(root or storage_root(), job)
+        self.path = storage.join(self.job_dir, self.name)
 
     @property
     def summary_path(self) -> str:
@@ -56,6 +58,24 @@ class RunDir:
                 elif kind != pafs.FileType.NotFound:
                     fs.delete_file(path)
             self.write_config(config)
+        except OSError as exc:
+            raise JobError(f"storage '{self.path}' is not writable: {exc}") from None
+        return self
+
+    def check_writable(self) -> RunDir:
+        """Fail at once, with `begin`'s message, when the run's storage cannot be written. Jobs whose
+        setup takes a while before `begin` (fine-tuning and sweeps start Ray, then read and tokenize
+        their data: ~10 s on 2 cores) call it first. It writes and removes one probe file in the
+        job's folder (`<storage>/<job>/`): bad input found later still leaves no run folder, and an
+        earlier run's files are not touched."""
+        from cluster.entry import JobError
+
+        probe = storage.join(self.job_dir, f".write-check-{uuid.uuid4().hex[:12]}")
+        try:
+            storage.makedirs(self.job_dir)
+            storage.write_bytes_atomic(probe, b"")
+            fs, path = storage.filesystem(probe)
+            fs.delete_file(path)
         except OSError as exc:
             raise JobError(f"storage '{self.path}' is not writable: {exc}") from None
         return self

@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from cluster import storage
-from tests.conftest import S3_BUCKET
+from tests.conftest import REPO, S3_BUCKET
 
 
 @pytest.fixture
@@ -366,3 +366,51 @@ def test_a_tokenizer_in_s3_is_reused_by_prepare(s3_root, tmp_path):
     missing = storage.join(s3_root, "prepare", "none", "tokenizer")
     with pytest.raises(CorpusError, match=re.escape(f"'tokenizer.path': '{missing}' is not a tokenizer directory")):
         check_sources(PrepareConfig(sources=[{"kind": "synthetic"}], tokenizer={"path": missing}))
+
+
+def test_a_writable_storage_passes_the_probe_and_keeps_an_earlier_run(s3_root, tmp_path):
+    """check_writable leaves nothing behind: an earlier run's files stay as they were, a new run
+    gets no folder (bad input found later must leave none) and no probe file remains (local
+    folder and object store alike)."""
+    from cluster.runs import RunDir
+
+    for root in (s3_root, str(tmp_path / "runs")):
+        run = RunDir("finetune", "r", root)
+        storage.write_text_atomic(run.file("summary.json"), "{}")
+        assert RunDir("finetune", "r", root).check_writable().path == run.path
+        assert RunDir("finetune", "new", root).check_writable()
+        assert storage.listdir(run.path) == ["summary.json"]
+        assert storage.listdir(run.job_dir) == ["r"]
+
+
+def test_an_unwritable_storage_is_named_by_the_probe(s3_env, tmp_path):
+    from cluster.entry import JobError
+    from cluster.runs import RunDir
+
+    (tmp_path / "file").write_text("not a folder")
+    for root in ("s3://no-such-bucket/runs", str(tmp_path / "file" / "runs")):
+        with pytest.raises(JobError, match=r"storage '.*/runs/finetune/r' is not writable"):
+            RunDir("finetune", "r", root).check_writable()
+
+
+@pytest.mark.parametrize("job", ["finetune", "sweep"])
+def test_fine_tuning_and_sweeps_check_their_storage_before_the_data_setup(job, tmp_path, monkeypatch):
+    """Both read and tokenize their data (and start Ray) before their run begins: an unwritable
+    storage was reported only after that, ~10 s in. Now it fails before any of it."""
+    import cluster.finetune as ft
+    import cluster.sweep as sw
+    from cluster.config import load_config
+    from cluster.entry import JobError
+
+    def setup(*args, **kwargs):
+        raise AssertionError("the data setup ran before the storage check")
+
+    monkeypatch.setattr(ft, "setup", setup)
+    monkeypatch.setattr(sw, "setup", setup)
+    (tmp_path / "file").write_text("not a folder")
+    root = str(tmp_path / "file" / "runs")
+    with pytest.raises(JobError, match="is not writable"):
+        if job == "finetune":
+            ft.finetune(load_config(ft.FinetuneConfig, os.path.join(REPO, "configs/finetune-topic-tiny.yaml")), root)
+        else:
+            sw.sweep(load_config(sw.SweepConfig, os.path.join(REPO, "configs/tune-topic-tiny.yaml")), root)
