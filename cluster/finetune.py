@@ -398,7 +398,10 @@ class TaskSetup:
     baseline: dict[str, Any]
 
 
-def setup(cfg: FinetuneConfig, root: str | None = None) -> TaskSetup:
+def setup(cfg: FinetuneConfig, root: str | None = None, run: RunDir | None = None) -> TaskSetup:
+    """Check the inputs, then start Ray and read, check and tokenize the data (seconds). `run`, the
+    run folder the job will write: its storage is checked between the two, so neither an
+    unwritable storage waits for the data nor bad input leaves a folder behind."""
     t0 = time.time()
     quiet_data_logs()
     base = resolve_checkpoint(cfg.model.checkpoint, root)
@@ -407,6 +410,8 @@ def setup(cfg: FinetuneConfig, root: str | None = None) -> TaskSetup:
     check_strategy(cfg, config)
     data_cfg = cfg.data.resolved(cfg.task)
     tasks.check_file_columns(data_cfg, cfg.task)
+    if run is not None:
+        run.check_writable()
     # Ray starts (or is joined) only now: a wrong checkpoint, strategy or column fails in seconds.
     runtime.connect()
     token_types = cfg.task == "classification" and config.get("type_vocab_size", 0) >= 2
@@ -458,8 +463,8 @@ def epoch_datasets(train: Any, validation: Any, epochs: int, seed: int) -> dict[
 
 def finetune(cfg: FinetuneConfig, root: str | None = None) -> dict[str, Any]:
     t0 = time.time()
-    run = RunDir("finetune", cfg.name, root).check_writable()  # before the data setup's seconds
-    ts = setup(cfg, root)
+    run = RunDir("finetune", cfg.name, root)
+    ts = setup(cfg, root, run)
     check_resources(cfg)
     run.begin(cfg)
     plan = plan_run(cfg, ts.meta, run.path, cfg.scaling.num_workers)

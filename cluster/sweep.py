@@ -390,8 +390,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
     if restoring and previous is not None and not same_config(previous, cfg):
         raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
                        "name, or delete that folder to start over")
-    run.check_writable()  # before the data setup's seconds
-    ts = setup(cfg.finetune, root)
+    ts = setup(cfg.finetune, root, run)
     run.begin(cfg)
     base_plan = plan_run(cfg.finetune, ts.meta, run.path, cfg.trial.workers)
     trainable = tune.with_parameters(

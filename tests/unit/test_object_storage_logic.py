@@ -393,24 +393,49 @@ def test_an_unwritable_storage_is_named_by_the_probe(s3_env, tmp_path):
             RunDir("finetune", "r", root).check_writable()
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt(tmp_path_factory) -> str:
+    from serve import tiny
+
+    return tiny.save_gpt(str(tmp_path_factory.mktemp("gpt") / "ckpt"))
+
+
 @pytest.mark.parametrize("job", ["finetune", "sweep"])
-def test_fine_tuning_and_sweeps_check_their_storage_before_the_data_setup(job, tmp_path, monkeypatch):
-    """Both read and tokenize their data (and start Ray) before their run begins: an unwritable
-    storage was reported only after that, ~10 s in. Now it fails before any of it."""
+def test_fine_tuning_and_sweeps_check_their_storage_before_ray_and_the_data(job, tiny_gpt, tmp_path, monkeypatch):
+    """Both start Ray and read and tokenize their data before their run begins: an unwritable
+    storage was reported only after that, ~15 s in. Now it fails right after the input checks."""
     import cluster.finetune as ft
     import cluster.sweep as sw
+    from cluster import runtime
     from cluster.config import load_config
     from cluster.entry import JobError
 
-    def setup(*args, **kwargs):
-        raise AssertionError("the data setup ran before the storage check")
+    def connect(*args, **kwargs):
+        raise AssertionError("Ray started (and the data setup with it) before the storage check")
 
-    monkeypatch.setattr(ft, "setup", setup)
-    monkeypatch.setattr(sw, "setup", setup)
+    monkeypatch.setattr(runtime, "connect", connect)
     (tmp_path / "file").write_text("not a folder")
     root = str(tmp_path / "file" / "runs")
-    with pytest.raises(JobError, match="is not writable"):
+    with pytest.raises(JobError, match=f"storage '{root}/{'finetune' if job == 'finetune' else 'tune'}/topic-tiny' "
+                                       "is not writable"):
         if job == "finetune":
-            ft.finetune(load_config(ft.FinetuneConfig, os.path.join(REPO, "configs/finetune-topic-tiny.yaml")), root)
+            cfg = load_config(ft.FinetuneConfig, os.path.join(REPO, "configs/finetune-topic-tiny.yaml"),
+                              [f"model.checkpoint={tiny_gpt}"])
+            ft.finetune(cfg, root)
         else:
-            sw.sweep(load_config(sw.SweepConfig, os.path.join(REPO, "configs/tune-topic-tiny.yaml")), root)
+            cfg = load_config(sw.SweepConfig, os.path.join(REPO, "configs/tune-topic-tiny.yaml"),
+                              [f"finetune.model.checkpoint={tiny_gpt}"])
+            sw.sweep(cfg, root)
+
+
+def test_bad_input_is_refused_before_the_storage_probe_leaves_a_job_folder(tiny_gpt, tmp_path):
+    """The probe comes after the input checks: a missing checkpoint leaves the storage as it was."""
+    import cluster.finetune as ft
+    from cluster.config import load_config
+    from cluster.entry import JobError
+
+    cfg = load_config(ft.FinetuneConfig, os.path.join(REPO, "configs/finetune-topic-tiny.yaml"),
+                      [f"model.checkpoint={tmp_path / 'no-such-ckpt'}"])
+    with pytest.raises(JobError, match="does not exist"):
+        ft.finetune(cfg, str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
