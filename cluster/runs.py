@@ -65,9 +65,9 @@ class RunDir:
     def check_writable(self) -> RunDir:
         """Fail at once, with `begin`'s message, when the run's storage cannot be written. Jobs whose
         setup takes a while before `begin` (fine-tuning and sweeps start Ray, then read and tokenize
-        their data: ~10 s on 2 cores) call it first. It writes and removes one probe file in the
-        job's folder (`<storage>/<job>/`): bad input found later still leaves no run folder, and an
-        earlier run's files are not touched."""
+        their data: ~10 s on 2 cores) call it after their input checks, before that setup. It writes
+        and removes one probe file in the job's folder (`<storage>/<job>/`): bad input found later
+        still leaves no run folder, and an earlier run's files are not touched."""
         from cluster.entry import JobError
 
         probe = storage.join(self.job_dir, f".write-check-{uuid.uuid4().hex[:12]}")

@@ -500,7 +500,7 @@ class ModelServer:
             results = await self._batched(self._encode_batch, [(engine, *item) for item in items])
         except Exception as exc:  # noqa: BLE001
             return _error(exc)
-        return {"results": list(results)}
+        return {"results": results}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, items: list[tuple[Any, str, str | None, int]]) -> list[Any]:
