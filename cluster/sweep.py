@@ -14,6 +14,7 @@ import copy
 import csv
 import io
 import logging
+import numbers
 import os
 import time
 from collections.abc import MutableMapping
@@ -454,13 +455,19 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
         row |= {k: (result.config or {}).get(k) for k in searched}
         start = history[history["step"] == 0] if history is not None else None
         row["untuned"] = float(start[metric].iloc[0]) if start is not None and len(start) else None
+        # steps trained: the trial's own reports, or its last result when that is further on. Under PBT a
+        # trial cloned from its source's final checkpoint restarts there with nothing left to train and
+        # reports nothing more; Tune's last result for it is then the source's, at the final step.
+        seen_steps = [(result.metrics or {}).get("step")]
+        seen_steps += [frame["step"].max() for frame in (history, df) if frame is not None and "step" in frame
+                       and len(frame)]
+        steps = int(max([s for s in seen_steps if isinstance(s, numbers.Real) and s == s], default=0))  # numpy ints too
         if history is not None and len(history):
             best_i = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
             row |= {metric: float(history.loc[best_i, metric]), "best_step": int(history.loc[best_i, "step"]),
-                    "steps": int(max(history["step"].max(), df["step"].max() if df is not None and "step" in df
-                                     else 0))}
+                    "steps": steps}
         else:
-            row |= {metric: None, "best_step": None, "steps": 0}
+            row |= {metric: None, "best_step": None, "steps": steps}
         stopped_early = row["steps"] < max_steps
         row["status"] = "ERROR" if result.error else ("STOPPED" if stopped_early else "DONE")
         row["checkpoint"] = best_checkpoint(result, metric, pick)

@@ -557,6 +557,39 @@ def test_a_pbt_trial_whose_result_file_lost_its_last_lines_is_still_done(tmp_pat
     assert row["status"] == "STOPPED" and row["steps"] == 30
 
 
+def test_a_pbt_trial_cloned_from_its_sources_final_checkpoint_is_done(tmp_path):
+    # Regression (CI, PBT sweep test): a bottom trial that PBT restarted from a top trial's checkpoint at
+    # the final step had nothing left to train and reported nothing more; its own reports ended at step
+    # 10, so it was listed as STOPPED. Tune's last result for it is its source's, at step 60 (seen in a
+    # PBT run of a plain function trainable: such trials have results up to step 10 and metrics at 60).
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from ray.tune import Checkpoint
+
+    from cluster.sweep import SweepConfig, trial_rows
+
+    cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
+                              "search": {}, "scheduler": {"kind": "pbt", "mutations": {
+                                  "optim.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    d = tmp_path / "trial_main_b_1" / "checkpoint_10"
+    d.mkdir(parents=True)
+    own = (Checkpoint(str(d)), {"val_accuracy": 0.5, "step": 10})
+    df = pd.DataFrame({"trial_id": ["b"] * 2, "step": [0, 10], "val_accuracy": [0.25, 0.5]})
+    result = SimpleNamespace(metrics_dataframe=df, config={"optim.lr": 4e-4}, path=str(tmp_path / "trial_main_b_1"),
+                             error=None, best_checkpoints=[own],
+                             metrics={"trial_id": "a", "step": 60, "val_accuracy": 1.0})  # a's final result
+    (row,) = trial_rows(cfg, [result], max_steps=60)
+    assert row["status"] == "DONE" and row["steps"] == 60, row
+    # the row stays the trial's own: its id, its best evaluation and checkpoint
+    assert row["trial_id"] == "b" and row["val_accuracy"] == 0.5 and row["best_step"] == 10
+    assert row["checkpoint"] == own[0].path
+    # a trial stopped at step 10 (its last result there) stays STOPPED
+    result.metrics = {"trial_id": "b", "step": 10, "val_accuracy": 0.5}
+    (row,) = trial_rows(cfg, [result], max_steps=60)
+    assert row["status"] == "STOPPED" and row["steps"] == 10
+
+
 def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
     # Regression (found by the sweep drill): a run folder's path was taken as a checkpoint and refused
     # with "has no config.json"; its name already resolved to its best checkpoint, its path now does too.
