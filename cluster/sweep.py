@@ -464,10 +464,10 @@ def trial_rows(cfg: SweepConfig, results: Any, max_steps: int) -> list[dict[str,
         steps = int(max([s for s in seen_steps if isinstance(s, numbers.Real) and s == s], default=0))  # numpy ints too
         if history is not None and len(history):
             best_i = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
-            row |= {metric: float(history.loc[best_i, metric]), "best_step": int(history.loc[best_i, "step"]),
-                    "steps": steps}
+            row |= {metric: float(history.loc[best_i, metric]), "best_step": int(history.loc[best_i, "step"])}
         else:
-            row |= {metric: None, "best_step": None, "steps": steps}
+            row |= {metric: None, "best_step": None}
+        row["steps"] = steps
         stopped_early = row["steps"] < max_steps
         row["status"] = "ERROR" if result.error else ("STOPPED" if stopped_early else "DONE")
         row["checkpoint"] = best_checkpoint(result, metric, pick)
