@@ -85,6 +85,8 @@ def main() -> None:
     if args.steps < FIRST_WINDOW_END + WINDOW:
         p.error(f"--steps must be at least {FIRST_WINDOW_END + WINDOW}: steady state is measured from step "
                 f"{FIRST_WINDOW_END}, before the last step")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     root = tempfile.mkdtemp(prefix="raylm-bench-train-")
     env = {**os.environ, "RAYLM_STORAGE": root, "RAYLM_DASHBOARD": "1", "PYTHONPATH": REPO}
     env.pop("RAY_ADDRESS", None)
