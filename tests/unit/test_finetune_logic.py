@@ -269,7 +269,8 @@ def test_lora_export_is_merged_and_matches_the_adapter_model(tmp_path, task, bas
 def test_lora_resume_restores_the_adapter_and_config_hyperparameters(tmp_path, gpt_base, bpe_tok):
     trained = _perturbed_lora_model(gpt_base, "classification", META)
     opt, sched = _optimizer(trained)
-    for _ in range(4):
+    for _ in range(4):  # four steps of the schedule; no gradients, so the weights stay as they are
+        opt.step()
         sched.step()
     save_checkpoint(str(tmp_path), trained, bpe_tok, opt, sched, TrainState(step=4), {})
     fresh = _perturbed_lora_model(gpt_base, "classification", META)
