@@ -4,7 +4,8 @@ embedded default and the data-wait fraction.
 
     python -m bench.train_overhead [--steps 300] [--threads 2] [--repeat 3]
 
-Both sides report the same statistic: the median of 20-step windows from step 60 on. The pairs run
+Both sides report the same statistic: the median of the 20-step windows that end at step 60 and
+later, the last step's excluded (it also evaluates and checkpoints). The pairs run
 alternately (jobs.pretrain, then the plain loop) and the medians are reported, because this VM's
 speed drifts by 10-30% within minutes and a drift that hits one side of a single pair moves its
 ratio more than Ray's overhead does.
