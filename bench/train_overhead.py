@@ -36,6 +36,37 @@ def steady_windows(steps: int) -> list[int]:
     return list(range(FIRST_WINDOW_END, steps, WINDOW))
 
 
+def bench_corpus() -> tuple[str, dict[str, str]]:
+    """A fresh storage root holding the synthetic bench corpus (`configs/prepare-synthetic.yaml`, name
+    `bench`), and the environment the jobs run in there: embedded Ray with its dashboard, as by default."""
+    root = tempfile.mkdtemp(prefix="raylm-bench-train-")
+    env = {**os.environ, "RAYLM_STORAGE": root, "RAYLM_DASHBOARD": "1", "PYTHONPATH": REPO}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([sys.executable, "-m", "jobs.prepare", "--config", "configs/prepare-synthetic.yaml",
+                    "--set", "name=bench"], cwd=REPO, env=env, check=True, capture_output=True)
+    return root, env
+
+
+def pretrain_command(name: str, steps: int, threads: int, batch_size: int, extra: list[str]) -> list[str]:
+    """jobs.pretrain on the bench corpus, one worker, logging every WINDOW steps, evaluating and
+    checkpointing only at the last step."""
+    sets = ["corpus=bench", f"name={name}", f"train.max_steps={steps}", f"train.log_every={WINDOW}",
+            f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.eval_batches=2",
+            f"train.batch_size={batch_size}", f"scaling.threads_per_worker={threads}", *extra]
+    return [sys.executable, "-m", "jobs.pretrain", "--config", "configs/gpt-tiny.yaml",
+            *sum([["--set", s] for s in sets], [])]
+
+
+def train_rows(root: str, name: str) -> list[dict]:
+    """The train rows of run `name`'s metrics.jsonl so far ([] before the file exists); a line still
+    being written (no newline yet) is left for the next call."""
+    try:
+        with open(os.path.join(root, "pretrain", name, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if line.endswith("\n") and '"train"' in line]
+    except FileNotFoundError:
+        return []
+
+
 def plain_loop(corpus_path: str, steps: int, threads: int, batch_size: int) -> float:
     """The same model/optimizer/batches in one process, no Ray: steady-state tokens/s, the median of
     the same windows jobs.pretrain's median is taken over."""
@@ -88,24 +119,15 @@ def main() -> None:
                 f"{FIRST_WINDOW_END}, before the last step")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
-    root = tempfile.mkdtemp(prefix="raylm-bench-train-")
-    env = {**os.environ, "RAYLM_STORAGE": root, "RAYLM_DASHBOARD": "1", "PYTHONPATH": REPO}
-    env.pop("RAY_ADDRESS", None)
-    py = sys.executable
-    subprocess.run([py, "-m", "jobs.prepare", "--config", "configs/prepare-synthetic.yaml", "--set", "name=bench"],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+    root, env = bench_corpus()
     ends = set(steady_windows(args.steps))
     pairs = []
     for i in range(1, args.repeat + 1):
         name = f"bench-{i}"
-        sets = ["corpus=bench", f"name={name}", f"train.max_steps={args.steps}", f"train.log_every={WINDOW}",
-                f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}", "train.eval_batches=2",
-                f"train.batch_size={args.batch_size}", f"scaling.threads_per_worker={args.threads}", *args.set]
         launched = time.time()
-        subprocess.run([py, "-m", "jobs.pretrain", "--config", "configs/gpt-tiny.yaml",
-                        *sum([["--set", s] for s in sets], [])], cwd=REPO, env=env, check=True, capture_output=True)
-        with open(os.path.join(root, "pretrain", name, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if '"train"' in line]
+        subprocess.run(pretrain_command(name, args.steps, args.threads, args.batch_size, args.set),
+                       cwd=REPO, env=env, check=True, capture_output=True)
+        rows = train_rows(root, name)
         first = next(r for r in rows if r["step"] == 1)
         steady = [r for r in rows if r["step"] in ends]
         ray_tok_s = float(np.median([r["tokens_per_s_worker"] for r in steady]))
