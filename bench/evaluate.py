@@ -30,8 +30,8 @@ def make_model(corpus_path: str, out: str) -> str:
     from transformers import PreTrainedTokenizerFast
 
     from cluster.config import load_config
-    from cluster.corpus import Corpus
-    from cluster.models import ModelConfig, build_model, special_ids
+    from cluster.data.corpus import Corpus
+    from cluster.train.models import ModelConfig, build_model, special_ids
 
     corpus = Corpus.open(corpus_path)
     tok = PreTrainedTokenizerFast.from_pretrained(corpus.tokenizer_path)
@@ -48,7 +48,7 @@ def plain_loop(corpus_path: str, model_dir: str, rows: int, threads: int, batch_
     import torch
     from transformers import GPT2LMHeadModel
 
-    from cluster.corpus import Corpus
+    from cluster.data.corpus import Corpus
 
     torch.set_num_threads(threads)
     corpus = Corpus.open(corpus_path)

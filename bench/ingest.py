@@ -37,9 +37,9 @@ def pyarrow_epochs(corpus_path: str, epochs: int, batch_size: int, seed: int) ->
     """The baseline: per epoch, tokens delivered, seconds, and the first batch's wait."""
     import pyarrow.parquet as pq
 
-    from cluster.corpus import Corpus
-    from cluster.losses import CausalLM
-    from cluster.pretrain import shard_order
+    from cluster.data.corpus import Corpus
+    from cluster.data.ingest import shard_order
+    from cluster.objectives.lm import CausalLM
 
     corpus = Corpus.open(corpus_path)
     shards = corpus.shard_paths("train")
@@ -72,10 +72,10 @@ def ingest_worker(config: dict) -> None:
     there. Every rank reports (Ray Train's report is a barrier); each writes its figures to a file."""
     import ray.train
 
-    from cluster.losses import CausalLM
-    from cluster.pretrain import PretrainConfig
-    from cluster.session import TrainSession
-    from cluster.train import epoch_batches
+    from cluster.objectives.lm import CausalLM
+    from cluster.stages.pretrain import PretrainConfig
+    from cluster.train.batches import epoch_batches
+    from cluster.train.session import TrainSession
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     session = TrainSession()
@@ -101,8 +101,9 @@ def ray_epochs(corpus_path: str, epochs: int, batch_size: int, shuffle_buffer: i
     from ray.train.torch import TorchTrainer
 
     from cluster.config import load_config
-    from cluster.corpus import Corpus
-    from cluster.pretrain import PretrainConfig, data_config, plan_run, train_datasets
+    from cluster.data.corpus import Corpus
+    from cluster.data.ingest import data_config, train_datasets
+    from cluster.stages.pretrain import PretrainConfig, plan_run
 
     cfg = load_config(PretrainConfig, None, [
         f"corpus={corpus_path}", f"train.batch_size={batch_size}", f"train.shuffle_buffer={shuffle_buffer}",
@@ -165,7 +166,7 @@ def main() -> None:
     corpus = os.path.abspath(corpus)
 
     from cluster import runtime
-    from cluster.corpus import Corpus
+    from cluster.data.corpus import Corpus
 
     info = Corpus.open(corpus)
     runtime.connect()

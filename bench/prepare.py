@@ -21,7 +21,7 @@ import time
 
 
 def write_corpus(path: str, docs: int) -> int:
-    from cluster import synthetic
+    from cluster.data import synthetic
 
     with open(path, "w") as f:
         for d in synthetic.documents(docs, seed=123):
@@ -66,8 +66,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAYLM_DASHBOARD", "0")
     from cluster import runtime
-    from cluster.corpus import PrepareConfig, prepare
-    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.stages.prepare import PrepareConfig, prepare
 
     work = tempfile.mkdtemp(prefix="raylm-bench-prepare-")
     data = os.path.join(work, "corpus.jsonl")

@@ -59,7 +59,8 @@ def main() -> None:
         import boto3
 
         from cluster import storage
-        from cluster.sources import SourceConfig, check_file, check_files, expand_paths, file_parts, file_size
+        from cluster.data.files import check_file, check_files, file_size
+        from cluster.data.sources import SourceConfig, expand_paths, file_parts
 
         boto3.client("s3").create_bucket(Bucket="raylm-bench")
         for i in range(args.files):

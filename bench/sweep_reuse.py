@@ -28,7 +28,8 @@ def main() -> None:
     os.environ.setdefault("RAYLM_STORAGE", tempfile.mkdtemp(prefix="raylm-bench-reuse-"))
     from cluster import runtime
     from cluster.config import load_config
-    from cluster.sweep import SweepConfig, sweep
+    from tune.config import SweepConfig
+    from tune.driver import sweep
 
     runtime.connect()
     base = ensure_base(args.base)

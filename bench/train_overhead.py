@@ -75,9 +75,9 @@ def plain_loop(corpus_path: str, steps: int, threads: int, batch_size: int) -> f
     from transformers import PreTrainedTokenizerFast
 
     from cluster.config import load_config
-    from cluster.corpus import Corpus
-    from cluster.models import ModelConfig, build_model, special_ids
-    from cluster.train import param_groups
+    from cluster.data.corpus import Corpus
+    from cluster.train.models import ModelConfig, build_model, special_ids
+    from cluster.train.optim import param_groups
 
     torch.set_num_threads(threads)
     corpus = Corpus.open(corpus_path)

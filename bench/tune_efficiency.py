@@ -25,10 +25,10 @@ STRATEGIES = ["full", "frozen", "lora"]
 
 def ensure_base(base: str | None) -> str:
     """A pretrained tiny GPT to fine-tune: the given one, or one made now in this storage."""
+    from cluster.checkpoints import resolve_checkpoint
     from cluster.config import load_config
-    from cluster.corpus import PrepareConfig
-    from cluster.finetune import resolve_checkpoint
-    from cluster.pretrain import PretrainConfig
+    from cluster.stages.prepare import PrepareConfig
+    from cluster.stages.pretrain import PretrainConfig
     from jobs import prepare as prepare_job
     from jobs import pretrain as pretrain_job
 
@@ -43,7 +43,7 @@ def ensure_base(base: str | None) -> str:
 
 def sweep_config(name: str, base: str, steps: int, eval_every: int, scheduler: dict, metric: str, concurrency: int):
     from cluster.config import load_config
-    from cluster.sweep import SweepConfig
+    from tune.config import SweepConfig
 
     return load_config(SweepConfig, os.path.join(REPO, "configs/tune-topic-tiny.yaml"), [
         f"name={name}", f"finetune.model.checkpoint={base}", f"finetune.train.max_steps={steps}",
@@ -65,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAYLM_STORAGE", tempfile.mkdtemp(prefix="raylm-bench-tune-"))
     from cluster import runtime
-    from cluster.sweep import sweep
+    from tune.driver import sweep
 
     runtime.connect()
     base = ensure_base(args.base)

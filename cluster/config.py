@@ -56,7 +56,7 @@ class Section(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """Set `a.b.0.c` in nested dicts/lists; a numeric part indexes into an existing list."""
     node: Any = tree
     parts = key.split(".")
@@ -95,7 +95,7 @@ def parse_overrides(sets: list[str] | None) -> dict[str, Any]:
     """`["optim.lr=3e-4", "data.seed=1"]` -> nested dict; values parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}
     for key, value in parse_overrides_flat(sets):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return tree
 
 
@@ -183,5 +183,5 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
     """YAML file (optional) + dotted overrides -> validated config of type `cls`."""
     data = read_yaml(path) if path else {}
     for key, value in parse_overrides_flat(sets):
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return build(cls, data, source=str(path) if path else "config")

@@ -14,13 +14,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cluster.config import ConfigError, Section, load_config
+from cluster.errors import JobError
 
 T = TypeVar("T", bound=Section)
 log = logging.getLogger("raylm")
-
-
-class JobError(RuntimeError):
-    """A job failed for a reason the user can act on; the message says what and where."""
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -98,7 +95,7 @@ def follow_replaced_cwd(interval_s: float = 0.2) -> threading.Thread | None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from cluster.sources import CorpusError
+    from cluster.errors import CorpusError
 
     return (ConfigError, JobError, CorpusError, FileNotFoundError, PermissionError)
 

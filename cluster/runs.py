@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 
 from cluster import storage
 from cluster.config import Section
-from cluster.metrics import DEFAULT_METRIC, METRICS
+from cluster.objectives.metrics import DEFAULT_METRIC, METRICS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -46,7 +46,7 @@ class RunDir:
         folders named (what says an earlier attempt finished), then write the resolved config. From
         here until the new summary the run is unfinished. A storage that cannot be written fails
         here with one message naming the folder, before any work."""
-        from cluster.entry import JobError
+        from cluster.errors import JobError
 
         try:
             storage.makedirs(self.path)
@@ -68,7 +68,7 @@ class RunDir:
         their data: ~10 s on 2 cores) call it after their input checks, before that setup. It writes
         and removes one probe file in the job's folder (`<storage>/<job>/`): bad input found later
         still leaves no run folder, and an earlier run's files are not touched."""
-        from cluster.entry import JobError
+        from cluster.errors import JobError
 
         probe = storage.join(self.job_dir, f".write-check-{uuid.uuid4().hex[:12]}")
         try:

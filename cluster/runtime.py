@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import ray
 
-from cluster.entry import JobError
+from cluster.errors import JobError
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +171,12 @@ def resource_shortfall(need: Mapping[str, float]) -> str | None:
     have = ray.cluster_resources()
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
     return ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or None
+
+
+def require(need: Mapping[str, float], what: str, fix: str) -> None:
+    """A JobError naming `what`, the shortfall and `fix` when the connected cluster cannot hold
+    `need`, instead of Ray waiting for resources that never come; RAYLM_WAIT_FOR_RESOURCES=1 waits
+    (an autoscaling cluster adds the nodes)."""
+    detail = resource_shortfall(need)
+    if detail and os.environ.get("RAYLM_WAIT_FOR_RESOURCES") != "1":
+        raise JobError(f"{what} need more than the cluster has ({detail}); {fix}")

@@ -17,10 +17,10 @@ import urllib.request
 
 from cluster import registry, runtime, storage
 from cluster.config import load_config
-from cluster.corpus import PrepareConfig
 from cluster.entry import setup_logging, user_errors
-from cluster.pretrain import PretrainConfig
-from cluster.sweep import SweepConfig
+from cluster.stages.prepare import PrepareConfig
+from cluster.stages.pretrain import PretrainConfig
+from tune.config import SweepConfig
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROMPTS = ["The", "In the match", "The market"]
@@ -32,7 +32,7 @@ def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 40, seed: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.finetune import local_copy
+    from cluster.checkpoints import local_copy
 
     checkpoint = local_copy(checkpoint)
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="HTTP port for the serve stage (default: a free one)")
     args = p.parse_args(argv)
     setup_logging()
-    from cluster.evaluate import EvaluateConfig
+    from cluster.stages.evaluate import EvaluateConfig
     from jobs import evaluate as evaluate_job
     from jobs import prepare as prepare_job
     from jobs import pretrain as pretrain_job

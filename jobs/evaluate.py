@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 from cluster.entry import run_job
-from cluster.evaluate import EvaluateConfig, evaluate
 from cluster.runs import RunDir
+from cluster.stages.evaluate import EvaluateConfig, evaluate
 
 
 def run(cfg: EvaluateConfig) -> str:

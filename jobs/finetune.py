@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 from cluster.entry import run_job
-from cluster.finetune import FinetuneConfig, finetune
 from cluster.runs import RunDir
+from cluster.stages.finetune import FinetuneConfig, finetune
 
 
 def run(cfg: FinetuneConfig) -> str:

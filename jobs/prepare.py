@@ -11,9 +11,9 @@ import argparse
 import json
 import sys
 
-from cluster.corpus import PrepareConfig, prepare
 from cluster.entry import run_job
 from cluster.runs import RunDir
+from cluster.stages.prepare import PrepareConfig, prepare
 
 
 def run(cfg: PrepareConfig) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 from cluster.entry import run_job
-from cluster.pretrain import PretrainConfig, pretrain
 from cluster.runs import RunDir
+from cluster.stages.pretrain import PretrainConfig, pretrain
 
 
 def run(cfg: PretrainConfig) -> str:

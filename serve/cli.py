@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from cluster.config import ConfigError, build, parse_overrides
-from cluster.entry import JobError
+from cluster.errors import JobError
 
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly")
 

@@ -16,8 +16,8 @@ from transformers import (
     BertForTokenClassification,
 )
 
-from cluster.models import SIZES, ModelConfig, build_model, special_ids
-from cluster.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.data.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.train.models import SIZES, ModelConfig, build_model, special_ids
 
 CLASS_LABELS = ["negative", "positive"]
 TAG_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]

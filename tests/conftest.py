@@ -33,7 +33,8 @@ def ray_session(storage_root):
 
 def _prepare(name: str, config: str, sets: list[str]):
     from cluster.config import load_config
-    from cluster.corpus import Corpus, PrepareConfig
+    from cluster.data.corpus import Corpus
+    from cluster.stages.prepare import PrepareConfig
     from jobs.prepare import run
 
     cfg = load_config(PrepareConfig, os.path.join(REPO, "configs", config), [f"name={name}", *sets])
@@ -69,7 +70,7 @@ def bert_corpus(ray_session):
 def _pretrain(name: str, config: str, corpus: str, sets: list[str]) -> str:
     """A short pretraining run on the shared Ray; returns its run name (fine-tuning resolves it)."""
     from cluster.config import load_config
-    from cluster.pretrain import PretrainConfig
+    from cluster.stages.pretrain import PretrainConfig
     from jobs.pretrain import run
 
     cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", config),

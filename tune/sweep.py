@@ -11,7 +11,8 @@ import sys
 
 from cluster.entry import run_job
 from cluster.runs import RunDir
-from cluster.sweep import SweepConfig, sweep
+from tune.config import SweepConfig
+from tune.driver import sweep
 
 
 def run(cfg: SweepConfig) -> str:

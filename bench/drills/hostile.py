@@ -97,8 +97,9 @@ def corpus_files(workdir: str) -> list[Finding]:
     """Each hostile file beside good ones: prepare either fails naming the file, or keeps going and
     counts the bad documents by reason, naming file and line; counts always reconcile."""
     from cluster.config import build
-    from cluster.corpus import Corpus, PrepareConfig, prepare
-    from cluster.sources import CorpusError
+    from cluster.data.corpus import Corpus
+    from cluster.errors import CorpusError
+    from cluster.stages.prepare import PrepareConfig, prepare
 
     findings = []
     src = os.path.join(workdir, "hostile-src")

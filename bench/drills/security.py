@@ -71,7 +71,7 @@ def planted_pickle(checkpoint: str, workdir: str) -> list[Finding]:
     serving and fine-tuning from it must never unpickle it; with only the .bin it is refused."""
     from cluster import registry
     from cluster.config import build
-    from cluster.finetune import FinetuneConfig, build_task_model
+    from cluster.stages.finetune import FinetuneConfig, build_task_model
     from serve import engines
 
     marker = os.path.join(workdir, "pickle-was-executed")

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cluster import synthetic
+from cluster.checkpoints import prepare_tokenizer, resolve_checkpoint
 from cluster.config import load_config
-from cluster.evaluate import EvaluateConfig
-from cluster.finetune import prepare_tokenizer, resolve_checkpoint
+from cluster.data import synthetic_tasks as synthetic
+from cluster.stages.evaluate import EvaluateConfig
 from jobs import evaluate as evaluate_job
 from tests.conftest import PYTHON, REPO, subprocess_env
 

@@ -12,10 +12,12 @@ import textwrap
 import pandas as pd
 import pytest
 
-from cluster import synthetic
+from cluster.checkpoints import prepare_tokenizer
 from cluster.config import load_config
-from cluster.finetune import FinetuneConfig, prepare_tokenizer
-from cluster.tasks import TaskData, TaskDataError, prepare_data
+from cluster.data import synthetic_tasks as synthetic
+from cluster.data.task_prep import prepare_data
+from cluster.data.tasks import TaskData, TaskDataError
+from cluster.stages.finetune import FinetuneConfig
 from jobs import finetune as finetune_job
 from tests.conftest import PYTHON, REPO, subprocess_env
 
@@ -107,7 +109,7 @@ def labelled_files(tmp_path_factory):
 
 
 def test_csv_jsonl_parquet_and_hf_sources_give_the_same_rows(gpt_base, labelled_files, ray_session):
-    from cluster.finetune import resolve_checkpoint
+    from cluster.checkpoints import resolve_checkpoint
 
     tok = prepare_tokenizer(resolve_checkpoint(gpt_base), "classification", pair=False)
     d = labelled_files
@@ -133,7 +135,7 @@ def test_hf_source_reads_its_data_files_and_nothing_in_the_working_directory(lab
     # Regression: ray.data.from_huggingface re-ran load_dataset("json") without data files to look
     # for the dataset on the Hub, which globbed and parsed every JSON file under the working
     # directory (200 s in this repository) before handing over the split already loaded.
-    from cluster.tasks import load_splits
+    from cluster.data.tasks import load_splits
 
     cwd = tmp_path / "job-working-dir"
     (cwd / "logs").mkdir(parents=True)
@@ -159,7 +161,7 @@ def test_hf_source_reads_its_data_files_and_nothing_in_the_working_directory(lab
 
 
 def test_validation_carved_from_train_when_none_is_given(gpt_base, labelled_files, ray_session):
-    from cluster.finetune import resolve_checkpoint
+    from cluster.checkpoints import resolve_checkpoint
 
     tok = prepare_tokenizer(resolve_checkpoint(gpt_base), "classification", pair=False)
     p = prepare_data("classification", TaskData(kind="files", train=[str(labelled_files / "train.csv")],
@@ -171,7 +173,7 @@ def test_validation_carved_from_train_when_none_is_given(gpt_base, labelled_file
 def test_a_column_missing_from_both_splits_is_named_once(ray_session):
     import ray
 
-    from cluster.tasks import check_columns
+    from cluster.data.tasks import check_columns
 
     rows = ray.data.from_items([{"question": "q", "answer": "a"}])
     with pytest.raises(TaskDataError) as err:

@@ -51,7 +51,7 @@ def ray_cli() -> str:
 
 
 def raylm_cluster(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "cluster.cli", "cluster", *args], env, timeout)
+    return run([sys.executable, "-m", "jobs.cli", "cluster", *args], env, timeout)
 
 
 def clean_env(base: Path) -> dict[str, str]:

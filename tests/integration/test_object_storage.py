@@ -56,16 +56,16 @@ def _upload_data(root: str, local: str) -> None:
     in a local folder, and labelled topic rows; all from the synthetic generator."""
     import gzip
 
-    from cluster import synthetic
+    from cluster.data import synthetic, synthetic_tasks
 
     docs = [{"text": synthetic.document(0, i).text} for i in range(1500)]
     files = {"raw/docs.jsonl": _jsonl(docs[:1200]), "raw/more/docs.jsonl.gz": gzip.compress(_jsonl(docs[1200:]))}
     for rel, data in files.items():
         storage.write_bytes_atomic(storage.join(root, rel), data)
         storage.write_bytes_atomic(storage.join(local, rel), data)
-    storage.write_bytes_atomic(storage.join(root, "topic", "train.jsonl"), _jsonl(synthetic.topic_classification(200)))
+    storage.write_bytes_atomic(storage.join(root, "topic", "train.jsonl"), _jsonl(synthetic_tasks.topic_classification(200)))
     storage.write_bytes_atomic(storage.join(root, "topic", "validation.jsonl"),
-                               _jsonl(synthetic.topic_classification(64, seed=7)))
+                               _jsonl(synthetic_tasks.topic_classification(64, seed=7)))
 
 
 def test_the_pipeline_runs_with_its_storage_and_data_in_s3(s3_env, tmp_path):

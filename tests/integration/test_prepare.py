@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import storage
-from cluster.corpus import Corpus
+from cluster.data.corpus import Corpus
 from jobs import prepare as prepare_job
 
 
@@ -110,8 +110,8 @@ def test_a_few_files_still_hold_out_a_validation_row(tmp_path, ray_session):
 
     from transformers import AutoTokenizer
 
-    from cluster.packing import split_of
-    from cluster.text import content_hash, hash_unit
+    from cluster.data.packing import split_of
+    from cluster.data.text import content_hash, hash_unit
 
     rng, texts = random.Random(0), []
     words = "cluster model token shard worker replica metric batch corpus layer".split()
@@ -142,9 +142,9 @@ def test_a_corpus_weighted_away_entirely_fails_clearly(tmp_path, ray_session, re
     """Selection is fused into tokenization (not materialised on its own), so a corpus whose every
     kept document has weight 0 is found empty later than the drop filters; it must still fail by
     name and leave no manifest."""
-    from cluster.corpus import PrepareConfig, prepare
-    from cluster.sources import CorpusError
-    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.errors import CorpusError
+    from cluster.stages.prepare import PrepareConfig, prepare
 
     texts = [f"Document {i} tells a long enough story about clusters." for i in range(30)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -166,7 +166,7 @@ def test_reused_tokenizer_and_file_parts_count_the_same_corpus(tmp_path, ray_ses
     duplicates are dropped only at packing; a JSONL file read in ~40 parts must still give exactly
     the counts of the run that read it whole and trained the tokenizer (every document once, the
     same drops, duplicates, problems, weighted copies, tokens and bytes per split)."""
-    from cluster.corpus import PrepareConfig, prepare
+    from cluster.stages.prepare import PrepareConfig, prepare
 
     lines = [json.dumps({"text": f"Document {i} says {'more ' * (i % 7)}about clusters, models and data."}).encode()
              for i in range(300)]
@@ -202,8 +202,8 @@ def test_reused_tokenizer_and_file_parts_count_the_same_corpus(tmp_path, ray_ses
 def test_hf_dataset_source_in_parts_counts_like_the_same_file(tmp_path, ray_session):
     """A Hugging Face dataset (the `json` builder on a local file) is cut into blocks of about
     part_mb for the fused read/clean/tokenize stage; it must count the same corpus as the file."""
-    from cluster.corpus import PrepareConfig, prepare
-    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.stages.prepare import PrepareConfig, prepare
 
     texts = [f"Record {i} holds {'several ' * (i % 5)}words about Ray Data and tokenizers." for i in range(200)]
     texts += texts[:10]

@@ -16,7 +16,7 @@ import pytest
 import ray.data
 
 from cluster.config import load_config
-from cluster.pretrain import PretrainConfig
+from cluster.stages.pretrain import PretrainConfig
 from jobs import pretrain as pretrain_job
 from tests.conftest import PYTHON, REPO, subprocess_env
 
@@ -56,8 +56,7 @@ def test_validation_read_by_the_workers_matches_ray_datas_read_row_for_row(gpt_c
     rows in batches of the same format, and equal, disjoint, in-order shares over the ranks."""
     import numpy as np
 
-    from cluster.pretrain import local_validation
-    from cluster.sources import RankSlice, read_parquet
+    from cluster.data.ingest import RankSlice, local_validation, read_parquet
 
     ctx = ray.data.DataContext.get_current()
     before, order = ctx.use_datasource_v2, ctx.execution_options.preserve_order
@@ -207,7 +206,7 @@ def test_next_epoch_started_ahead_feeds_two_workers_the_same_batches(gpt_corpus,
     pretrain_job.run(config("t-ahead", *sets))
     # The second run also evaluates the way a large validation split is read: a Ray Dataset split
     # over the ranks by Ray Train, instead of each worker reading its share itself.
-    monkeypatch.setattr("cluster.pretrain.local_validation", lambda corpus: {})
+    monkeypatch.setattr("cluster.stages.pretrain.local_validation", lambda corpus: {})
     pretrain_job.run(config("t-no-ahead", *sets, "train.next_epoch_ahead=false"))
     for rank in (0, 1):
         ahead, plain = _trace("t-ahead", rank), _trace("t-no-ahead", rank)
@@ -304,7 +303,7 @@ def test_nan_loss_stops_and_names_last_good_checkpoint(gpt_corpus, capsys):
 
 def test_resuming_with_another_tokenizer_is_refused(gpt_corpus, two_worker_run, capsys):
     from cluster.config import load_config as lc
-    from cluster.corpus import PrepareConfig
+    from cluster.stages.prepare import PrepareConfig
     from jobs import prepare as prepare_job
 
     other = lc(PrepareConfig, os.path.join(REPO, "configs/prepare-synthetic.yaml"),
@@ -335,8 +334,8 @@ def test_each_epoch_streams_without_an_all_to_all_stage(gpt_corpus, ray_session,
     stage (`randomize_block_order` was one) read the whole epoch into the object store first."""
     from types import SimpleNamespace
 
-    from cluster.corpus import Corpus
-    from cluster.pretrain import train_datasets
+    from cluster.data.corpus import Corpus
+    from cluster.data.ingest import train_datasets
 
     corpus = Corpus.open("t-gpt")
     datasets = train_datasets(corpus, SimpleNamespace(epochs=2, validation={}), seed=0)

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from cluster.config import load_config
-from cluster.models import ModelConfig, build_model, count_parameters
-from cluster.pretrain import PretrainConfig
+from cluster.stages.pretrain import PretrainConfig
+from cluster.train.models import ModelConfig, build_model, count_parameters
 from jobs import pretrain as pretrain_job
 from tests.conftest import REPO
 
@@ -46,9 +46,9 @@ def fill_mask(ckpt: str, n_docs: int = 150) -> tuple[list[int], list[int]]:
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from cluster import synthetic
-    from cluster.objectives import word_start_table
-    from cluster.packing import split_sentences
+    from cluster.data import synthetic
+    from cluster.data.packing import split_sentences
+    from cluster.objectives.masking import word_start_table
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForMaskedLM.from_pretrained(ckpt).eval()

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from cluster.config import load_config
-from cluster.sweep import SweepConfig
 from tests.conftest import PYTHON, REPO, subprocess_env
 from tune import sweep as sweep_job
+from tune.config import SweepConfig
 
 TOPIC = os.path.join(REPO, "configs", "tune-topic-tiny.yaml")
 # small trials: 600 training rows, evaluations on 5 batches

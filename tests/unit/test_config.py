@@ -4,10 +4,10 @@ import os
 import pytest
 
 from cluster.config import ConfigError, build, load_config, parse_overrides, same_config
-from cluster.corpus import PrepareConfig
-from cluster.finetune import FinetuneConfig
-from cluster.pretrain import PretrainConfig
-from cluster.sweep import SweepConfig, check_sweep
+from cluster.stages.finetune import FinetuneConfig
+from cluster.stages.prepare import PrepareConfig
+from cluster.stages.pretrain import PretrainConfig
+from tune.config import SweepConfig, check_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,7 +60,7 @@ def config_class(filename: str):
     if stem.startswith("tune-"):
         return SweepConfig
     if stem.startswith("evaluate-"):
-        from cluster.evaluate import EvaluateConfig
+        from cluster.stages.evaluate import EvaluateConfig
 
         return EvaluateConfig
     raise AssertionError(f"{stem}: no job claims this config; add it to config_class()")
@@ -129,8 +129,8 @@ def test_one_string_stands_for_a_list_of_one(tmp_path):
 def test_fsdp_across_cpu_workers_is_refused_when_the_config_is_read():
     # Regression: Ray Train's prepare_model raises "FSDP is only available with GPU-enabled
     # training" once the workers are up: the run failed about a minute in, with 3 tracebacks.
-    from cluster.pretrain import PretrainConfig
-    from cluster.sweep import SweepConfig, check_sweep
+    from cluster.stages.pretrain import PretrainConfig
+    from tune.config import SweepConfig, check_sweep
 
     with pytest.raises(ConfigError, match="strategy 'fsdp' shards the model across GPU workers"):
         load_config(PretrainConfig, None, ["corpus=c", "scaling.num_workers=2", "scaling.strategy=fsdp"])

@@ -7,11 +7,12 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from cluster.corpus import _clean_batch, _copies, _pack_batch, _select_batch, _tokenize_batch, _top_up
-from cluster.packing import pack_blocks
-from cluster.sources import DOC_SCHEMA
-from cluster.text import content_hash
-from cluster.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.data.files import DOC_SCHEMA
+from cluster.data.packing import pack_blocks
+from cluster.data.pipeline import clean_batch, pack_batch, select_batch, tokenize_batch, weight_copies
+from cluster.data.tally import top_up
+from cluster.data.text import content_hash
+from cluster.data.tokenizer import TokenizerConfig, train_tokenizer
 
 CLEAN = {"min_chars": 3, "max_chars": 1000, "charsets": None, "min_charset_fraction": 0.9}
 SPLIT = {"validation_fraction": 0.5, "seed": 0}
@@ -24,7 +25,7 @@ def docs(texts, drops=None, source="s"):
 
 
 def test_clean_keeps_other_columns_and_types_new_ones():
-    out = _clean_batch(docs(["  Caf\u0065\u0301 au lait  ", "ab", "x" * 5, "kept text"], ["", "", "undecodable", ""]),
+    out = clean_batch(docs(["  Caf\u0065\u0301 au lait  ", "ab", "x" * 5, "kept text"], ["", "", "undecodable", ""]),
                        CLEAN, SPLIT)
     assert out.column("text").to_pylist() == ["Café au lait", "ab", "", "kept text"]
     assert out.column("drop").to_pylist() == ["", "too_short", "undecodable", ""]
@@ -37,9 +38,9 @@ def test_clean_keeps_other_columns_and_types_new_ones():
 def test_tokenize_counts_utf8_bytes_of_kept_documents_only():
     texts = ["héllo wörld", "日本語のテキスト", "a filtered document"]
     tok = train_tokenizer(texts * 20, TokenizerConfig(vocab_size=300))
-    batch = _clean_batch(docs(texts), CLEAN, SPLIT)
+    batch = clean_batch(docs(texts), CLEAN, SPLIT)
     batch = batch.set_column(batch.schema.get_field_index("drop"), "drop", pa.array(["", "", "too_long"]))
-    out = _tokenize_batch(batch, tok.backend_tokenizer.to_str(), "blocks", 128)
+    out = tokenize_batch(batch, tok.backend_tokenizer.to_str(), "blocks", 128)
     assert out.column("n_bytes").to_pylist() == [len(texts[0].encode()), len(texts[1].encode()), 0]
     ids = out.column("ids").to_pylist()
     assert ids[2] == [] and out.column("n_tokens").to_pylist() == [len(i) for i in ids]
@@ -52,18 +53,18 @@ def test_select_drops_filtered_duplicates_and_other_splits():
     batch = pa.table({"key": pa.array([10, 11, 12, 13], pa.int64()), "source": ["s"] * 4,
                       "hash": pa.array([bytes([i]) * 16 for i in range(4)], pa.binary(16)),
                       "drop": ["", "too_short", "", ""], "split": ["train", "train", "validation", "train"]})
-    assert _select_batch(batch, set(), {"s": 1.0}).column("key").to_pylist() == [10, 12, 13]
-    assert _select_batch(batch, {13}, {"s": 1.0}, "train").column("key").to_pylist() == [10]
-    assert _select_batch(batch, {13}, {"s": 1.0}, "validation").column("key").to_pylist() == [12]
+    assert select_batch(batch, set(), {"s": 1.0}).column("key").to_pylist() == [10, 12, 13]
+    assert select_batch(batch, {13}, {"s": 1.0}, "train").column("key").to_pylist() == [10]
+    assert select_batch(batch, {13}, {"s": 1.0}, "validation").column("key").to_pylist() == [12]
 
 
 def test_select_counts_documents_moved_to_validation_there():
     batch = pa.table({"key": pa.array([10, 11, 12, 13], pa.int64()), "source": ["s"] * 4,
                       "hash": pa.array([bytes([i]) * 16 for i in range(4)], pa.binary(16)),
                       "drop": [""] * 4, "split": ["train", "train", "validation", "train"]})
-    assert _select_batch(batch, set(), {"s": 1.0}, "validation", {13}).column("key").to_pylist() == [12, 13]
-    assert _select_batch(batch, set(), {"s": 1.0}, "train", {13}).column("key").to_pylist() == [10, 11]
-    assert _select_batch(batch, set(), {"s": 1.0}, None, {13}).column("key").to_pylist() == [10, 11, 12, 13]
+    assert select_batch(batch, set(), {"s": 1.0}, "validation", {13}).column("key").to_pylist() == [12, 13]
+    assert select_batch(batch, set(), {"s": 1.0}, "train", {13}).column("key").to_pylist() == [10, 11]
+    assert select_batch(batch, set(), {"s": 1.0}, None, {13}).column("key").to_pylist() == [10, 11, 12, 13]
 
 
 TRAIN, VAL = 0, 1
@@ -74,24 +75,24 @@ def test_top_up_moves_the_next_documents_by_split_hash_until_validation_holds_a_
     units = np.array([0.5, 0.1, 0.9, 0.05, 0.3])  # the order a growing validation_fraction takes them: 3, 1, 4, 0, 2
     cost = np.array([10, 10, 10, 10, 10])
     by_unit = lambda idx: units[idx]  # noqa: E731
-    assert _top_up(split, np.ones(5, np.int64), by_unit, cost, need=10).tolist() == [3]
-    assert _top_up(split, np.ones(5, np.int64), by_unit, cost, need=11).tolist() == [3, 1]
+    assert top_up(split, np.ones(5, np.int64), by_unit, cost, need=10).tolist() == [3]
+    assert top_up(split, np.ones(5, np.int64), by_unit, cost, need=11).tolist() == [3, 1]
     # a duplicate (no copies) is never moved; a document copied twice by its weight counts twice
-    assert _top_up(split, np.array([0, 1, 1, 1, 1]), by_unit, cost, need=11).tolist() == [3, 1]
-    assert _top_up(split, np.array([1, 1, 1, 2, 1]), by_unit, cost, need=20).tolist() == [3]
-    assert _top_up(split, np.ones(5, np.int64), by_unit, np.array([10, 0, 10, 10, 10]), need=11).tolist() == [3, 4]
+    assert top_up(split, np.array([0, 1, 1, 1, 1]), by_unit, cost, need=11).tolist() == [3, 1]
+    assert top_up(split, np.array([1, 1, 1, 2, 1]), by_unit, cost, need=20).tolist() == [3]
+    assert top_up(split, np.ones(5, np.int64), by_unit, np.array([10, 0, 10, 10, 10]), need=11).tolist() == [3, 4]
 
 
 def test_top_up_leaves_a_validation_split_that_holds_a_row_and_a_train_split_that_cannot_spare_one():
     by_index = lambda idx: idx / 10  # noqa: E731
     ones = np.ones(4, np.int64)
-    assert _top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.full(4, 10), need=10).tolist() == []
+    assert top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.full(4, 10), need=10).tolist() == []
     # validation weighs 5 of 10: one more document; train keeps 20
-    assert _top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.array([10, 5, 10, 10]), 10).tolist() == [0]
+    assert top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.array([10, 5, 10, 10]), 10).tolist() == [0]
     # moving enough would leave train less than a row: nothing moves (pretraining then says why)
-    assert _top_up(np.array([TRAIN, TRAIN]), ones[:2], by_index, np.array([10, 5]), need=10).tolist() == []
-    assert _top_up(np.array([TRAIN]), ones[:1], by_index, np.array([100]), need=10).tolist() == []
-    assert _top_up(np.zeros(0, np.int64), ones[:0], by_index, np.zeros(0, np.int64), need=10).tolist() == []
+    assert top_up(np.array([TRAIN, TRAIN]), ones[:2], by_index, np.array([10, 5]), need=10).tolist() == []
+    assert top_up(np.array([TRAIN]), ones[:1], by_index, np.array([100]), need=10).tolist() == []
+    assert top_up(np.zeros(0, np.int64), ones[:0], by_index, np.zeros(0, np.int64), need=10).tolist() == []
 
 
 def test_select_applies_source_weights_as_copies_in_order():
@@ -102,8 +103,8 @@ def test_select_applies_source_weights_as_copies_in_order():
     batch = pa.table({"key": pa.array(np.arange(n), pa.int64()), "source": sources,
                       "hash": pa.array(hashes, pa.binary(16)), "drop": [""] * n, "split": ["train"] * n})
     weights = {"a": 2.0, "b": 0.25}
-    keys = _select_batch(batch, set(), weights).column("key").to_pylist()
-    expected = [i for i in range(n) for _ in range(_copies(hashes[i], weights[sources[i]]))]
+    keys = select_batch(batch, set(), weights).column("key").to_pylist()
+    expected = [i for i in range(n) for _ in range(weight_copies(hashes[i], weights[sources[i]]))]
     assert keys == expected
     assert keys.count(1) == 2  # weight 2: every document twice
     assert abs(sum(1 for k in set(keys) if k % 2 == 0) / (n / 2) - 0.25) < 0.05  # weight 0.25: about a quarter
@@ -112,10 +113,10 @@ def test_select_applies_source_weights_as_copies_in_order():
 def test_pack_blocks_the_selected_documents_of_a_tokenized_batch():
     texts = [f"document {i} says {'word ' * (i % 7)}end" for i in range(60)]
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
-    tokenized = _tokenize_batch(_clean_batch(docs(texts), CLEAN, SPLIT), tok.backend_tokenizer.to_str(), "blocks", 128)
+    tokenized = tokenize_batch(clean_batch(docs(texts), CLEAN, SPLIT), tok.backend_tokenizer.to_str(), "blocks", 128)
     # selection takes rows out of the middle of the list column (and repeats some): offsets no longer start at 0
-    part = _select_batch(tokenized.slice(5), {7, 8}, {"s": 1.5}, "train")
+    part = select_batch(tokenized.slice(5), {7, 8}, {"s": 1.5}, "train")
     selected = [np.asarray(ids, dtype=np.int32) for ids in part.column("ids").to_pylist()]
-    blocks = _pack_batch(part, 16, eod_id=1)["input_ids"]
+    blocks = pack_batch(part, 16, eod_id=1)["input_ids"]
     np.testing.assert_array_equal(blocks, pack_blocks(selected, 16, eod_id=1)[0])
     assert blocks.dtype == np.int32 and blocks.shape[1] == 16 and len(blocks) > 3

@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_pretrain_driver_does_not_import_transformers():
-    code = ("import sys, jobs.pretrain, cluster.pretrain; "
-            "cfg = cluster.pretrain.PretrainConfig.model_validate({'corpus': 'c', 'model': {'family': 'bert'}}); "
+    code = ("import sys, jobs.pretrain, cluster.stages.pretrain; "
+            "cfg = cluster.stages.pretrain.PretrainConfig.model_validate({'corpus': 'c', 'model': {'family': 'bert'}}); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=REPO).stdout

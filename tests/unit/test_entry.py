@@ -85,7 +85,7 @@ def test_ray_data_s_report_of_a_raylm_error_raised_in_a_task_is_dropped():
     import logging
 
     from cluster.entry import RAY_DATA_ERROR_LOGGERS, setup_logging
-    from cluster.sources import CorpusError
+    from cluster.errors import CorpusError
 
     setup_logging()
     setup_logging()  # idempotent: one filter per logger
@@ -118,7 +118,7 @@ def test_a_ray_address_nothing_answers_at_fails_at_once(monkeypatch):
     import time
 
     from cluster import runtime
-    from cluster.entry import JobError
+    from cluster.errors import JobError
 
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))

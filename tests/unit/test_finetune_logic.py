@@ -12,31 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from cluster import metrics as M
-from cluster import synthetic, tasks
+from cluster.checkpoints import check_family, prepare_tokenizer
 from cluster.config import ConfigError, build
-from cluster.entry import JobError
-from cluster.finetune import (
-    FinetuneConfig,
-    StrategyConfig,
-    apply_strategy,
-    build_task_model,
-    check_family,
-    check_strategy,
-    prepare_tokenizer,
-)
-from cluster.models import ModelConfig, build_model, special_ids
-from cluster.task_losses import IGNORE_INDEX, Completion, TokenClassification
-from cluster.tokenizer import TokenizerConfig, train_tokenizer
-from cluster.train import (
-    STATE_DIR,
-    TrainState,
-    apply_hyperparameters,
-    lr_lambda,
-    param_groups,
-    restore,
-    save_checkpoint,
-)
+from cluster.data import synthetic, synthetic_tasks, task_prep, tasks
+from cluster.data.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.errors import JobError
+from cluster.objectives import metrics as M
+from cluster.objectives.tasks import IGNORE_INDEX, Completion, TokenClassification
+from cluster.stages.finetune import FinetuneConfig, build_task_model
+from cluster.train.checkpoint import STATE_DIR, TrainState, restore, save_checkpoint
+from cluster.train.models import ModelConfig, build_model, special_ids
+from cluster.train.optim import apply_hyperparameters, lr_lambda, param_groups
+from cluster.train.strategies import StrategyConfig, apply_strategy, check_strategy
 
 TEXTS = [d.text for d in synthetic.documents(400, seed=3)]
 
@@ -71,7 +58,7 @@ def bert_base(tmp_path_factory, wp_tok):
 
 
 def files_json(tok) -> str:
-    return json.dumps(tasks.tokenizer_files(tok))
+    return json.dumps(task_prep.tokenizer_files(tok))
 
 
 # ---------------------------------------------------------------- metrics
@@ -126,12 +113,12 @@ def test_generation_scores_bound_identical_and_disjoint_texts():
 @pytest.mark.parametrize("which", ["bpe", "wordpiece"])
 def test_each_word_labels_exactly_its_first_sub_token(which, bpe_tok, wp_tok):
     tok = bpe_tok if which == "bpe" else wp_tok
-    rows = synthetic.entity_tagging(30, seed=2)
+    rows = synthetic_tasks.entity_tagging(30, seed=2)
     labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     label2id = {t: i for i, t in enumerate(labels)}
     for row in rows:
         words, tags = row["tokens"], row["tags"]
-        ids, lab, cut = tasks.align_word_labels(words, [label2id[t] for t in tags], tok, 512)
+        ids, lab, cut = task_prep.align_word_labels(words, [label2id[t] for t in tags], tok, 512)
         assert not cut
         scored = np.flatnonzero(lab != IGNORE_INDEX)
         assert [labels[i] for i in lab[scored]] == tags  # one label per word, in order
@@ -142,7 +129,7 @@ def test_each_word_labels_exactly_its_first_sub_token(which, bpe_tok, wp_tok):
 def test_tagging_truncation_is_reported_and_keeps_whole_labels(bpe_tok):
     words = ["Ada", "Okafor", "met", "Ben", "Lind", "in", "Calder", "."] * 10
     tags = ["B-PER", "I-PER", "O", "B-PER", "I-PER", "O", "B-LOC", "O"] * 10
-    ids, lab, cut = tasks.align_word_labels(words, [0] * len(tags), bpe_tok, 16)
+    ids, lab, cut = task_prep.align_word_labels(words, [0] * len(tags), bpe_tok, 16)
     assert cut and len(ids) == 16 and (lab != IGNORE_INDEX).sum() < len(words)
 
 
@@ -152,7 +139,7 @@ def test_completion_loss_covers_completion_and_eos_only(bpe_tok):
     cfg = tasks.TaskData(max_length=24).resolved("completion")
     batch = pd.DataFrame([{"prompt": "Ada Okafor scored in Tarn.\nTopic and names:", "completion": " sports: Ada Okafor."},
                           {"prompt": "x " * 40, "completion": " travel: none."}])
-    out = tasks._tokenize(batch, "completion", files_json(bpe_tok), cfg.model_dump(), None, False)
+    out = task_prep._tokenize(batch, "completion", files_json(bpe_tok), cfg.model_dump(), None, False)
     objective = Completion(bpe_tok, sample_limit=0, max_new_tokens=4)
     inputs = objective.collate({k: np.array(v, dtype=object) if k == "input_ids" else v for k, v in out.items()},
                                (0,))
@@ -318,12 +305,13 @@ def test_tagging_objective_scores_entities_in_eval_mode_only(bert_base):
 def test_a_new_head_is_reported_in_one_line_not_as_a_table(bert_base, capfd, caplog):
     # transformers printed a LOAD REPORT table of every new and unused tensor (~20 lines per worker
     # and per sweep trial) and a progress bar; one line of module names says the same.
-    from cluster.finetune import build_task_model, module_names
+    from cluster.stages.finetune import build_task_model
+    from cluster.train.strategies import module_names
 
     assert module_names(["classifier.weight", "classifier.bias", "predictions.bias", "predictions.dense.bias",
                          "albert.pooler.weight"]) == ["albert.pooler", "classifier", "predictions"]
     cfg = build(FinetuneConfig, {"task": "tagging", "model": {"checkpoint": bert_base}})
-    with caplog.at_level("INFO", logger="cluster.finetune"):
+    with caplog.at_level("INFO", logger="cluster.stages.finetune"):
         model = build_task_model(cfg, {"labels": ["O", "B-X", "I-X"], "pad_id": 0}, bert_base)
     assert model.config.num_labels == 3
     err = capfd.readouterr().err
@@ -362,17 +350,17 @@ def test_lora_with_fsdp_is_refused_by_the_config():
 
 def test_label_problems_name_the_split_and_column():
     cfg = tasks.TaskData(label_column="topic")
-    stats = {"train": tasks.SplitStats(rows=10, labels={"a": 5, "b": 5}),
-             "validation": tasks.SplitStats(rows=4, missing=1, labels={"a": 1, "c": 2})}
+    stats = {"train": task_prep.SplitStats(rows=10, labels={"a": 5, "b": 5}),
+             "validation": task_prep.SplitStats(rows=4, missing=1, labels={"a": 1, "c": 2})}
     with pytest.raises(tasks.TaskDataError) as err:
-        tasks.infer_labels("classification", cfg, stats)
+        task_prep.infer_labels("classification", cfg, stats)
     assert "1 row(s) of the validation split have no label in 'topic'" in str(err.value)
     assert "validation labels ['c'] never occur in the training split" in str(err.value)
     assert StrategyConfig().kind == "full"
 
 
 def test_sweep_mode_against_the_metric_direction_is_refused():
-    from cluster.sweep import SweepConfig, check_sweep
+    from tune.config import SweepConfig, check_sweep
 
     base = {"name": "s", "finetune": {"task": "completion", "model": {"checkpoint": "x"}},
             "search": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
@@ -385,7 +373,7 @@ def test_sweep_mode_against_the_metric_direction_is_refused():
 
 
 def test_trial_config_sets_dotted_values_and_checkpoints_every_evaluation():
-    from cluster.sweep import trial_config
+    from tune.config import trial_config
 
     base = build(FinetuneConfig, {"task": "tagging", "model": {"checkpoint": "x"},
                                   "train": {"eval_every": 7, "checkpoint_every": 50}}).to_dict()
@@ -401,7 +389,8 @@ def test_a_seeded_search_holds_trials_to_max_concurrent_trials(tmp_path, search_
     # trial that fitted the CPUs ran at once.
     from ray.tune.experiment import Experiment
 
-    from cluster.sweep import SweepConfig, build_search
+    from tune.config import SweepConfig
+    from tune.search import build_search
 
     cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
                               "search": {"optim.lr": {"grid" if search_alg == "grid" else "loguniform": [1e-4, 1e-2]}},
@@ -423,7 +412,8 @@ def test_every_trial_shape_asks_tune_for_resources_it_accepts(workers):
     # trial.workers > 1 failed before its first trial.
     from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
 
-    from cluster.sweep import TrialConfig, trial_resources
+    from tune.config import TrialConfig
+    from tune.trial import trial_resources
 
     wanted = resource_dict_to_pg_factory(trial_resources(TrialConfig(workers=workers, cpus=2))).required_resources
     # one worker reserves its own CPUs; N workers reserve theirs in the TorchTrainer the trial drives
@@ -439,7 +429,7 @@ def test_pbt_pruning_keeps_the_best_the_latest_and_what_a_clone_will_restore(tmp
     from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
 
-    from cluster.sweep import PBTCheckpointPruner, prunable
+    from tune.search import PBTCheckpointPruner, prunable
 
     # oldest first; keep the best 1 (max), the latest 2 and what is in use
     saved = [("c0", 0.5), ("c1", 0.9), ("c2", 0.6), ("c3", None), ("c4", 0.7), ("c5", 0.8)]
@@ -478,7 +468,8 @@ def test_a_sweep_whose_best_is_the_untuned_model_publishes_nothing(tmp_path, mon
     # Found running a tagging sweep on a barely pretrained ALBERT: every trial's best evaluation was
     # the one before any step, and the sweep published that checkpoint, the base model with a
     # randomly initialised head, as its best.
-    from cluster.sweep import SweepConfig, publish_best
+    from tune.config import SweepConfig
+    from tune.driver import publish_best
 
     monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path))
     cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "tagging", "model": {"checkpoint": "x"}},
@@ -502,7 +493,8 @@ def test_a_pbt_trial_row_carries_the_values_that_trained_its_best_checkpoint(tmp
     import pandas as pd
     from ray.tune import Checkpoint
 
-    from cluster.sweep import SweepConfig, trial_rows
+    from tune.config import SweepConfig
+    from tune.results import trial_rows
 
     cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
                               "search": {}, "scheduler": {"kind": "pbt", "mutations": {
@@ -535,7 +527,8 @@ def test_a_pbt_trial_whose_result_file_lost_its_last_lines_is_still_done(tmp_pat
     import pandas as pd
     from ray.tune import Checkpoint
 
-    from cluster.sweep import SweepConfig, trial_rows
+    from tune.config import SweepConfig
+    from tune.results import trial_rows
 
     cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
                               "search": {}, "scheduler": {"kind": "pbt", "mutations": {
@@ -568,7 +561,8 @@ def test_a_pbt_trial_cloned_from_its_sources_final_checkpoint_is_done(tmp_path):
     import pandas as pd
     from ray.tune import Checkpoint
 
-    from cluster.sweep import SweepConfig, trial_rows
+    from tune.config import SweepConfig
+    from tune.results import trial_rows
 
     cfg = build(SweepConfig, {"name": "s", "finetune": {"task": "classification", "model": {"checkpoint": "x"}},
                               "search": {}, "scheduler": {"kind": "pbt", "mutations": {
@@ -594,7 +588,7 @@ def test_a_pbt_trial_cloned_from_its_sources_final_checkpoint_is_done(tmp_path):
 def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
     # Regression (found by the sweep drill): a run folder's path was taken as a checkpoint and refused
     # with "has no config.json"; its name already resolved to its best checkpoint, its path now does too.
-    from cluster.finetune import resolve_checkpoint
+    from cluster.checkpoints import resolve_checkpoint
 
     run = tmp_path / "pretrain" / "r"
     for step in ("0000010", "0000020"):
@@ -612,7 +606,7 @@ def test_a_pretraining_run_folder_stands_for_its_best_checkpoint(tmp_path):
 def test_classification_collate_takes_read_only_label_arrays_without_a_warning():
     # Ray Data hands Arrow columns over zero-copy, so they are read-only; torch.from_numpy on one
     # warned once per worker (regression). The labels are now a copy.
-    from cluster.task_losses import SequenceClassification
+    from cluster.objectives.tasks import SequenceClassification
 
     labels = np.array([1, 0], dtype=np.int64)
     labels.flags.writeable = False
@@ -670,7 +664,7 @@ def test_activation_checkpointing_trains_without_deprecation_or_cache_warnings(f
 
     import torch
 
-    from cluster.losses import CausalLM
+    from cluster.objectives.lm import CausalLM
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -697,7 +691,7 @@ def test_activation_checkpointing_trains_without_deprecation_or_cache_warnings(f
 def test_sweeps_set_tune_s_snapshot_settings_unless_the_user_did():
     # Regression: a 4-trial sweep printed Tune's 4-line "Experiment state snapshotting has been
     # triggered multiple times" warning 14 times (the demo too): trials checkpoint every evaluation.
-    from cluster.sweep import tune_env_defaults
+    from tune.driver import tune_env_defaults
 
     env: dict[str, str] = {}
     tune_env_defaults(env)
@@ -714,7 +708,7 @@ def test_a_hub_id_on_a_machine_without_network_is_looked_up_in_the_local_cache_a
 
     from huggingface_hub import constants
 
-    from cluster.finetune import base_config
+    from cluster.checkpoints import base_config
 
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.raylm-test.invalid")  # .invalid never resolves
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
@@ -739,7 +733,8 @@ def test_a_cached_hub_model_loads_offline_without_retrying_each_file(tmp_path, m
 
     from huggingface_hub import constants
 
-    from cluster.finetune import build_task_model, prepare_tokenizer
+    from cluster.checkpoints import prepare_tokenizer
+    from cluster.stages.finetune import build_task_model
     from serve import tiny
 
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.raylm-test.invalid")  # .invalid never resolves

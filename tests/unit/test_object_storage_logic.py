@@ -37,7 +37,7 @@ def test_a_ray_checkpoint_in_s3_is_summarised_with_its_scheme(s3_root):
     fine-tuning a pretrain run by name took it for a hub id."""
     from ray.train import Checkpoint
 
-    from cluster.pretrain import checkpoint_location
+    from cluster.train.checkpoint import checkpoint_location
 
     fs, path = storage.filesystem(storage.join(s3_root, "checkpoint_0000010"))
     assert checkpoint_location(Checkpoint(path, filesystem=fs)) == storage.join(s3_root, "checkpoint_0000010")
@@ -57,7 +57,7 @@ def test_listdir_names_the_entries_of_local_and_s3_folders(s3_root, tmp_path):
 def test_a_resumed_run_in_s3_finds_its_latest_checkpoint_state(s3_root):
     """The driver checks a resumed run's tokenizer against the corpus's from the latest checkpoint's
     state; on a URI it used to find none, so the check never ran there."""
-    from cluster.pretrain import latest_checkpoint_state
+    from cluster.train.checkpoint import latest_checkpoint_state
 
     run = storage.join(s3_root, "pretrain", "r")
     assert latest_checkpoint_state(run) is None
@@ -71,7 +71,7 @@ def test_a_resumed_run_in_s3_finds_its_latest_checkpoint_state(s3_root):
 def test_metrics_in_s3_keep_the_rows_of_the_attempt_a_run_resumes(s3_root):
     """An object store cannot append, so metrics.jsonl is rewritten whole; a resumed run (or a
     restarted worker) used to start from no rows and erase the earlier attempt's."""
-    from cluster.train import MetricsSink
+    from cluster.train.sink import MetricsSink
 
     run = storage.join(s3_root, "pretrain", "m")
     first = MetricsSink(run, "m", enabled=True)
@@ -93,7 +93,7 @@ def test_metrics_in_s3_are_held_between_rewrites_and_written_at_a_flush(s3_root,
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cluster import train
+    from cluster.train import sink as train
 
     monkeypatch.setattr(train, "REMOTE_FLUSH_S", math.inf)
     run = storage.join(s3_root, "pretrain", "held")
@@ -131,7 +131,7 @@ def test_the_tokenizer_of_a_corpus_in_s3_is_copied_to_a_local_folder_once(s3_roo
     so pretraining on any corpus in S3 failed at its first worker."""
     import tempfile
 
-    from cluster.corpus import Corpus
+    from cluster.data.corpus import Corpus
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     corpus_uri = storage.join(s3_root, "prepare", "c")
@@ -176,7 +176,7 @@ def test_a_run_begins_by_removing_what_says_an_earlier_attempt_finished(s3_root,
 
 def test_a_storage_that_cannot_be_written_is_named_when_a_run_begins(s3_env, tmp_path):
     from cluster.config import Section
-    from cluster.entry import JobError
+    from cluster.errors import JobError
     from cluster.runs import RunDir
 
     (tmp_path / "file").write_text("not a folder")
@@ -221,7 +221,8 @@ def _source_tree(root: str) -> None:
 
 
 def test_corpus_sources_in_s3_are_listed_as_the_same_files_are_locally(s3_root, tmp_path):
-    from cluster.sources import CorpusError, expand_paths
+    from cluster.data.sources import expand_paths
+    from cluster.errors import CorpusError
 
     for root in (s3_root, str(tmp_path)):
         _source_tree(root)
@@ -244,7 +245,8 @@ def test_corpus_sources_in_s3_are_listed_as_the_same_files_are_locally(s3_root, 
 
 
 def _documents(path: str, part_bytes: int, txt_mode: str = "file") -> tuple[int, list[tuple[int, str, str]]]:
-    from cluster.sources import SourceConfig, file_parts, read_file_docs
+    from cluster.data.files import read_file_docs
+    from cluster.data.sources import SourceConfig, file_parts
 
     source = SourceConfig(kind="files", paths=[path], txt_mode=txt_mode)
     parts = file_parts([path], source, 0, part_bytes)
@@ -275,7 +277,8 @@ def test_a_corpus_file_in_s3_reads_as_the_same_documents_as_its_local_copy(s3_ro
 def test_bad_corpus_files_in_s3_are_refused_by_their_uri(s3_root):
     import gzip
 
-    from cluster.sources import CorpusError, check_file
+    from cluster.data.files import check_file
+    from cluster.errors import CorpusError
 
     cases = {
         "bad/bin.txt": (b"abc\x00def", "looks like a binary file"),
@@ -294,7 +297,8 @@ def test_a_source_file_missing_where_it_is_read_says_what_a_cluster_needs(monkey
     report it as 'truncated or corrupt'."""
     import ray
 
-    from cluster.sources import CorpusError, read_file_docs
+    from cluster.data.files import read_file_docs
+    from cluster.errors import CorpusError
 
     gone = str(tmp_path / "gone.jsonl")
     part = {"path": [gone], "source_id": [0], "file_id": [0], "source": ["w"], "start": [0], "end": [-1]}
@@ -325,7 +329,7 @@ def test_a_run_in_s3_gets_tensorboard_event_files(s3_root):
     """TensorBoard was written for local run folders only."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cluster.train import MetricsSink
+    from cluster.train.sink import MetricsSink
 
     run = storage.join(s3_root, "pretrain", "tb")
     sink = MetricsSink(run, "tb", enabled=True)
@@ -338,9 +342,9 @@ def test_a_run_in_s3_gets_tensorboard_event_files(s3_root):
 
 
 def test_a_storage_tensorboard_cannot_write_to_costs_the_event_files_only(caplog):
-    from cluster.train import tensorboard_writer
+    from cluster.train.sink import tensorboard_writer
 
-    with caplog.at_level("WARNING", logger="cluster.train"):
+    with caplog.at_level("WARNING", logger="cluster.train.sink"):
         assert tensorboard_writer("nosuchscheme://bucket/run/tensorboard") is None
     assert "no TensorBoard event files in nosuchscheme://bucket/run/tensorboard" in caplog.text
 
@@ -349,9 +353,9 @@ def test_a_tokenizer_in_s3_is_reused_by_prepare(s3_root, tmp_path):
     """tokenizer.path took local folders only: the tokenizer of a corpus in S3 could not be reused."""
     import pyarrow.fs as pafs
 
-    from cluster.corpus import PrepareConfig, _tokenizer, check_sources
-    from cluster.sources import CorpusError
-    from cluster.tokenizer import TokenizerConfig, save_tokenizer, tokenizer_hash, train_tokenizer
+    from cluster.data.tokenizer import TokenizerConfig, save_tokenizer, tokenizer_hash, train_tokenizer
+    from cluster.errors import CorpusError
+    from cluster.stages.prepare import PrepareConfig, check_sources, corpus_tokenizer
 
     tok = train_tokenizer(["a few words to learn from", "and a few more"] * 20, TokenizerConfig(vocab_size=300))
     save_tokenizer(tok, str(tmp_path / "tok"))
@@ -361,7 +365,7 @@ def test_a_tokenizer_in_s3_is_reused_by_prepare(s3_root, tmp_path):
 
     cfg = PrepareConfig(sources=[{"kind": "synthetic"}], tokenizer={"path": uri})
     check_sources(cfg)
-    reused, local = _tokenizer(cfg, None, str(tmp_path / "work"))
+    reused, local = corpus_tokenizer(cfg, None, str(tmp_path / "work"))
     assert tokenizer_hash(reused) == tokenizer_hash(tok) and os.path.isfile(os.path.join(local, "tokenizer.json"))
     missing = storage.join(s3_root, "prepare", "none", "tokenizer")
     with pytest.raises(CorpusError, match=re.escape(f"'tokenizer.path': '{missing}' is not a tokenizer directory")):
@@ -384,7 +388,7 @@ def test_a_writable_storage_passes_the_probe_and_keeps_an_earlier_run(s3_root, t
 
 
 def test_an_unwritable_storage_is_named_by_the_probe(s3_env, tmp_path):
-    from cluster.entry import JobError
+    from cluster.errors import JobError
     from cluster.runs import RunDir
 
     (tmp_path / "file").write_text("not a folder")
@@ -404,11 +408,12 @@ def tiny_gpt(tmp_path_factory) -> str:
 def test_fine_tuning_and_sweeps_check_their_storage_before_ray_and_the_data(job, tiny_gpt, tmp_path, monkeypatch):
     """Both start Ray and read and tokenize their data before their run begins: an unwritable
     storage was reported only after that, ~15 s in. Now it fails right after the input checks."""
-    import cluster.finetune as ft
-    import cluster.sweep as sw
+    import cluster.stages.finetune as ft
+    import tune.config as sw
+    import tune.driver as sw_driver
     from cluster import runtime
     from cluster.config import load_config
-    from cluster.entry import JobError
+    from cluster.errors import JobError
 
     def connect(*args, **kwargs):
         raise AssertionError("Ray started (and the data setup with it) before the storage check")
@@ -425,14 +430,14 @@ def test_fine_tuning_and_sweeps_check_their_storage_before_ray_and_the_data(job,
         else:
             cfg = load_config(sw.SweepConfig, os.path.join(REPO, "configs/tune-topic-tiny.yaml"),
                               [f"finetune.model.checkpoint={tiny_gpt}"])
-            sw.sweep(cfg, root)
+            sw_driver.sweep(cfg, root)
 
 
 def test_bad_input_is_refused_before_the_storage_probe_leaves_a_job_folder(tiny_gpt, tmp_path):
     """The probe comes after the input checks: a missing checkpoint leaves the storage as it was."""
-    import cluster.finetune as ft
+    import cluster.stages.finetune as ft
     from cluster.config import load_config
-    from cluster.entry import JobError
+    from cluster.errors import JobError
 
     cfg = load_config(ft.FinetuneConfig, os.path.join(REPO, "configs/finetune-topic-tiny.yaml"),
                       [f"model.checkpoint={tmp_path / 'no-such-ckpt'}"])

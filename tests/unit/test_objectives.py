@@ -13,18 +13,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cluster.objectives import (
+from cluster.data.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.objectives.masking import (
     IGNORE_INDEX,
     SpecialTokens,
-    build_pairs,
-    build_single,
     dynamic_mask_generator,
     mask_tokens,
     mlm_accuracy,
     static_mask_generator,
     word_start_table,
 )
-from cluster.tokenizer import TokenizerConfig, train_tokenizer
+from cluster.objectives.pairs import build_pairs, build_single
 
 WORD_RNG = np.random.default_rng(7)
 # Pseudo-words of 2-12 letters: with a 600-token vocabulary most split into several pieces.
@@ -585,7 +584,7 @@ def test_mlm_batches_are_as_wide_as_their_longest_row_not_max_len(wordpiece, pai
     """Segments far shorter than max_len must not cost max_len columns: padding columns would be
     most of the model's work (and of the MLM head's logits). Trimming happens after masking, so
     a static mask does not depend on which rows share the batch."""
-    from cluster.losses import MaskedLM
+    from cluster.objectives.lm import MaskedLM
 
     objective = MaskedLM(wordpiece, pair, max_len=128, rate=0.3, whole_word=False, static=static, seed=0)
     rng = np.random.default_rng(3)

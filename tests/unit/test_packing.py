@@ -1,7 +1,7 @@
 import numpy as np
 
-from cluster.packing import chunk_sentences, pack_blocks, pack_flat, split_of, split_sentences
-from cluster.text import content_hash
+from cluster.data.packing import chunk_sentences, pack_blocks, pack_flat, split_of, split_sentences
+from cluster.data.text import content_hash
 
 
 def test_every_token_appears_exactly_once_in_order():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from cluster.train import MetricsSink, progress_line
+from cluster.train.sink import MetricsSink, progress_line
 
 
 def _train_row(**extra):
@@ -31,7 +31,7 @@ def test_validation_and_resume_rows_and_nothing_else():
 
 
 def test_the_sink_logs_progress_only_when_given_the_run_length(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="cluster.train")
+    caplog.set_level(logging.INFO, logger="cluster.train.sink")
     for max_steps in (None, 200):
         sink = MetricsSink(str(tmp_path), "t", enabled=True, max_steps=max_steps)
         sink.log(_train_row())

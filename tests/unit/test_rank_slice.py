@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray.data.extensions import ArrowTensorArray
 
-from cluster.sources import RankSlice
+from cluster.data.ingest import RankSlice
 
 BLOCK = 4
 

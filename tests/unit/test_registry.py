@@ -103,7 +103,7 @@ def test_pickle_weights_refused_and_never_copied(ckpts, tmp_path):
 
 
 def test_publish_cli(ckpts, tmp_path, capsys):
-    from tune.publish import main
+    from jobs.publish import main
 
     root = str(tmp_path / "reg")
     assert main([ckpts["gpt"], "--name", "gpt-tiny", "--task", "generation", "--metric", "loss=2.5",
@@ -170,7 +170,7 @@ def _finished_run(storage_root, job, name, checkpoint, **summary):
 
 
 def test_publish_cli_takes_a_run_by_name_or_folder(ckpts, tmp_path, monkeypatch, capsys):
-    from tune.publish import main
+    from jobs.publish import main
 
     monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "store"))
     reg = str(tmp_path / "store" / "registry")
@@ -200,7 +200,7 @@ def test_publish_cli_takes_a_run_by_name_or_folder(ckpts, tmp_path, monkeypatch,
 def test_a_published_run_records_its_metric(ckpts, tmp_path, monkeypatch, capsys):
     # Regression: `raylm publish <run>` recorded metric null, so any later model replaced it and a
     # sweep's better-metric rule had nothing to compare with.
-    from tune.publish import main
+    from jobs.publish import main
 
     monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "store"))
     reg = str(tmp_path / "store" / "registry")

@@ -9,15 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.sources import (
-    DOC_SCHEMA,
-    CorpusError,
-    SourceConfig,
-    check_file,
-    expand_paths,
-    file_parts,
-    read_file_docs,
-)
+from cluster.data.files import DOC_SCHEMA, check_file, read_file_docs
+from cluster.data.sources import SourceConfig, expand_paths, file_parts
+from cluster.errors import CorpusError
 
 
 def read_parts(parts, **kw):
@@ -239,7 +233,7 @@ def test_a_hub_dataset_on_a_machine_without_network_fails_at_once_and_leaves_onl
     import datasets.config
     from huggingface_hub import constants
 
-    from cluster.sources import hf_dataset
+    from cluster.data.sources import hf_dataset
 
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.raylm-test.invalid")  # .invalid never resolves
     before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE

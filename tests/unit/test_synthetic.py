@@ -9,20 +9,10 @@ from fractions import Fraction
 
 import pytest
 
-from cluster import synthetic
-from cluster.synthetic import (
-    ENTITY_TYPES,
-    TOPICS,
-    bio_tokens,
-    count_derivations,
-    document,
-    documents,
-    entity_tagging,
-    entropy_bits_per_byte,
-    log_prob,
-    topic_classification,
-    topic_pairs,
-)
+from cluster.data import synthetic, synthetic_logprob
+from cluster.data.synthetic import ENTITY_TYPES, TOPICS, document, documents, entropy_bits_per_byte
+from cluster.data.synthetic_logprob import count_derivations, log_prob
+from cluster.data.synthetic_tasks import bio_tokens, entity_tagging, topic_classification, topic_pairs
 
 FLOOR_BAND = (0.75, 2.0)  # bits per byte: the corpus is designed to sit near 0.8
 
@@ -107,7 +97,7 @@ def test_word_lists_are_disjoint():
     # Each word belongs to one list (numbers aside: they only follow fixed literals), and templates'
     # literals are none of them, which together with distinct template shapes makes parses unique.
     owner: dict[str, int] = {}
-    for i, choice in enumerate(synthetic._WORD_CHOICES):
+    for i, choice in enumerate(synthetic_logprob._WORD_CHOICES):
         words = {w for option in choice.options for w in option}
         if all(w.isdigit() for w in words):
             continue
@@ -177,7 +167,7 @@ def test_entropy_floor_within_band(docs):
 
 
 def _entity_phrases(label: str) -> set[str]:
-    slot = synthetic._SHARED_SLOTS[label]
+    slot = synthetic.SHARED_SLOTS[label]
     phrases = [""]
     for part in slot.parts:
         phrases = [f"{p} {' '.join(o)}".strip() for p in phrases for o in part.options]
@@ -231,8 +221,8 @@ def test_topic_is_identifiable_from_the_text(docs):
         lp = math.log(1 / len(TOPICS)) + synthetic.SENTENCE_COUNT.logps[len(d.sentences) - 2]
         for s, e in d.sentences:
             words = d.text[s : e - 1].split(" ")
-            assert [t for t in TOPICS if synthetic._sentence_under(t, words)[0]] == [d.topic]
-            lp += synthetic._sentence_under(d.topic, words)[1]
+            assert [t for t in TOPICS if synthetic_logprob._sentence_under(t, words)[0]] == [d.topic]
+            lp += synthetic_logprob._sentence_under(d.topic, words)[1]
         assert lp == pytest.approx(d.logprob, abs=1e-9)
 
 
@@ -254,7 +244,7 @@ def test_topic_pairs_are_balanced_and_labelled_right():
 
 def _topic_of(text: str) -> str:
     first = text.split(". ")[0].rstrip(".").split(" ")
-    (topic,) = [t for t in TOPICS if synthetic._sentence_under(t, first)[0]]
+    (topic,) = [t for t in TOPICS if synthetic_logprob._sentence_under(t, first)[0]]
     return topic
 
 
@@ -280,5 +270,5 @@ def test_fine_tuning_sets_are_not_pretraining_documents(docs):
 
 def test_random_streams_are_independent_of_python_hash_seed():
     # str seeds go through SHA-512, not hash(); a known value pins that down across processes.
-    assert random.Random("raylm-synthetic:doc:0:0").random() == synthetic._rng("doc", 0, 0).random()
+    assert random.Random("raylm-synthetic:doc:0:0").random() == synthetic.seeded_rng("doc", 0, 0).random()
     assert document(0, 0).text == document(0, 0).text

@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.text import (
+from cluster.data.text import (
     DROP_CHARSET,
     DROP_EMPTY,
     DROP_TOO_LONG,
@@ -42,7 +42,7 @@ _ALPHABET = list("abcé中") * 20 + [" "] * 30 + ["\n"] * 15 + _TRICKY
 def test_the_fast_path_agrees_with_the_full_normalisation(text):
     """normalize() skips its regular expressions when is_normalized() says nothing would change;
     on text built from every character class the rules touch, that must never be wrong."""
-    from cluster.text import _normalize
+    from cluster.data.text import _normalize
 
     full = _normalize(text)
     assert normalize(text) == full
@@ -51,7 +51,7 @@ def test_the_fast_path_agrees_with_the_full_normalisation(text):
 
 
 def test_synthetic_documents_take_the_fast_path():
-    from cluster import synthetic
+    from cluster.data import synthetic
 
     docs = list(synthetic.documents(200, seed=1))
     assert all(is_normalized(d.text) for d in docs)

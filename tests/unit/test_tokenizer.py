@@ -1,6 +1,12 @@
 import pytest
 
-from cluster.tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer, tokenizer_hash, train_tokenizer
+from cluster.data.tokenizer import (
+    TokenizerConfig,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 ENGLISH = [f"The quick brown fox {i} jumps over the lazy dog near the river bank." for i in range(300)]
 CHINESE = ["这是中文文本，测试一下。", "机器学习模型在集群上训练。"]

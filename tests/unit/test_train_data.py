@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from cluster.train import FirstBatchAhead
+from cluster.train.batches import FirstBatchAhead
 
 
 class Recording:
@@ -40,7 +40,8 @@ def test_the_resume_epoch_comes_from_the_checkpoint_state_file(tmp_path):
 
     import ray.train
 
-    from cluster.train import STATE_DIR, resume_epoch
+    from cluster.train.batches import resume_epoch
+    from cluster.train.checkpoint import STATE_DIR
 
     class Session:
         def __init__(self, ckpt):
@@ -58,7 +59,7 @@ def test_the_resume_epoch_comes_from_the_checkpoint_state_file(tmp_path):
 def test_the_shard_order_of_each_epoch_is_pinned_by_seed_and_epoch():
     """A resumed run re-reads its epoch in this order and skips the batches it consumed, so the order
     must not change between versions of raylm (nor between the bench and jobs.pretrain)."""
-    from cluster.pretrain import shard_order
+    from cluster.data.ingest import shard_order
 
     assert shard_order(6, 0, 0) == [3, 2, 5, 4, 0, 1]
     assert shard_order(6, 0, 1) == [1, 4, 3, 0, 2, 5]

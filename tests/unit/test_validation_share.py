@@ -12,11 +12,11 @@ import os
 import pytest
 
 from cluster.config import load_config
-from cluster.corpus import Corpus
-from cluster.entry import JobError
-from cluster.finetune import FinetuneConfig, plan_run
-from cluster.pretrain import PretrainConfig, check_inputs
-from cluster.sources import RankSlice
+from cluster.data.corpus import Corpus
+from cluster.data.ingest import RankSlice
+from cluster.errors import JobError
+from cluster.stages.finetune import FinetuneConfig, plan_run
+from cluster.stages.pretrain import PretrainConfig, check_inputs
 from tests.conftest import REPO
 
 
@@ -58,7 +58,7 @@ def test_finetuning_refuses_fewer_validation_rows_than_workers():
 def test_an_encoder_too_short_for_the_corpus_segments_is_told_both_fixes(tmp_path):
     """The blocks case named both fixes; the segments case only said 'must hold max_segment_tokens
     + 3 special tokens' (bert-tiny, max_len 128, on a corpus prepared with the default 253)."""
-    from cluster.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+    from cluster.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
     from serve.tiny import sentences
 
     save_tokenizer(train_tokenizer(sentences(), TokenizerConfig(kind="wordpiece", vocab_size=300, min_frequency=1)),

@@ -16,32 +16,32 @@ reported.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import socket
 import time
 from typing import Any, Literal
 
-import numpy as np
 import ray
 from pydantic import Field, field_validator, model_validator
 
-from cluster import hub, registry, runtime, storage, tasks
+from cluster import registry, runtime, storage
+from cluster.checkpoints import CAUSAL_ARCHITECTURES, base_config, local_copy
 from cluster.config import Section
-from cluster.corpus import Corpus
-from cluster.entry import JobError
-from cluster.finetune import CAUSAL_ARCHITECTURES, EvalOptions, base_config, local_copy, prepare_tokenizer
-from cluster.pretrain import ObjectiveConfig
+from cluster.data import task_prep, tasks
+from cluster.data.corpus import Corpus
+from cluster.data.ingest import quiet_data_logs, read_parquet
+from cluster.errors import JobError
+from cluster.objectives.lm import ObjectiveConfig
+from cluster.objectives.tasks import EvalOptions
 from cluster.runs import RunDir, RunLookupError, check_name, is_run_dir, named_run, run_checkpoint
-from cluster.sources import quiet_data_logs, read_parquet
-from cluster.train import STATE_DIR
+from cluster.stages.scoring import model_tokenizer, score
+from cluster.train.checkpoint import STATE_DIR
 
 log = logging.getLogger(__name__)
 
+
 ENCODER_ARCHITECTURES = ("ForMaskedLM", "ForPreTraining")
-BATCHES_PER_BLOCK = 4
+
+
 TASK_ARCHITECTURES = {"ForSequenceClassification": "classification", "ForTokenClassification": "tagging"}
 
 
@@ -96,9 +96,6 @@ class EvaluateConfig(Section):
             raise ValueError("give exactly one of corpus (language-model metrics on a prepared corpus) and data "
                              "(task metrics on labelled rows)")
         return self
-
-
-# ---------------------------------------------------------------- what is scored
 
 
 def resolve_model(ref: str, root: str | None = None) -> str:
@@ -172,7 +169,7 @@ def model_labels(config: dict[str, Any], where: str) -> list[str]:
     return [str(label) for label in labels]
 
 
-def unknown_labels(task: str, cfg: tasks.TaskData, stats: tasks.SplitStats, labels: list[str], split: str) -> str | None:
+def unknown_labels(task: str, cfg: tasks.TaskData, stats: task_prep.SplitStats, labels: list[str], split: str) -> str | None:
     """Labels in the data that the model has no output for: scoring them would mean nothing."""
     unknown = sorted(set(stats.labels) - set(labels))
     if not unknown:
@@ -197,160 +194,18 @@ def masked_lm_options(checkpoint: str, arch: str, family: str, cfg: EvaluateConf
             "static_masking": objective.static_masking}
 
 
-# ---------------------------------------------------------------- scoring (Ray Data actors)
-
-
-def model_tokenizer(path: str, spec: dict[str, Any]) -> Any:
-    """The checkpoint's tokenizer, made ready for a task as jobs.finetune makes it (a fine-tuned
-    checkpoint's is ready already; a hub model's may lack a pad token or a pair template)."""
-    if spec["kind"] in ("clm", "mlm"):
-        from transformers import AutoTokenizer
-
-        return hub.from_pretrained(AutoTokenizer.from_pretrained, path)
-    return prepare_tokenizer(path, spec["kind"], pair=spec["pair"], token_types=spec["token_types"])
-
-
-def build_objective(spec: dict[str, Any], tokenizer: Any) -> Any:
-    from cluster import losses, task_losses
-
-    kind = spec["kind"]
-    if kind == "clm":
-        return losses.CausalLM(spec["bytes_per_token"])
-    if kind == "mlm":
-        m = spec["mlm"]
-        return losses.MaskedLM(tokenizer, m["pair"], m["max_len"], m["mask_rate"], m["whole_word"],
-                               m["static_masking"], spec["seed"])
-    if kind == "classification":
-        return task_losses.SequenceClassification(spec["labels"], spec["pad_id"], spec["token_types"])
-    if kind == "tagging":
-        return task_losses.TokenClassification(spec["labels"], spec["pad_id"])
-    return task_losses.Completion(tokenizer, spec["sample_cap"], spec["max_new_tokens"])
-
-
-def batch_seed(seed: int, batch: dict[str, Any]) -> tuple[int, int, int, int]:
-    """A batch's masking seed, shaped as the training loop's evaluation seed (seed, epoch -1, batch,
-    rank) with the batch named by its first row, not by which actor scores it or when: the same
-    split, batch size and seed always get the same masks."""
-    first = np.asarray(batch["input_ids"][0], dtype=np.int64).tobytes()
-    return seed, -1, int.from_bytes(hashlib.sha256(first).digest()[:6], "little"), 0
-
-
-class Scorer:
-    """One model replica in the actor pool: a batch of rows in, one row of summed statistics out
-    (and, for completion, this replica's share of generated samples)."""
-
-    def __init__(self, checkpoint: str, spec: dict[str, Any]):
-        import torch
-        import transformers
-        from transformers.utils import logging as hf_logging
-
-        from cluster.train import autocast_dtype
-
-        hf_logging.disable_progress_bar()
-        torch.set_num_threads(spec["threads"])
-        self.spec = spec
-        self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu")
-        self.amp = autocast_dtype(spec["precision"], self.device)
-        model_cls = getattr(transformers, spec["architecture"])
-        self.model = hub.from_pretrained(model_cls.from_pretrained, local_copy(checkpoint), use_safetensors=True,
-                                         trust_remote_code=False)
-        self.model.to(self.device).eval()
-        self.objective = build_objective(spec, model_tokenizer(local_copy(checkpoint), spec))
-        self.generated = 0
-        self.replica = f"{socket.gethostname()}:{os.getpid()}"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        inputs = self.objective.collate(batch, batch_seed(self.spec["seed"], batch))
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        samples: list = []
-        generate = getattr(self.objective, "generate", None)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                             enabled=self.amp is not None):
-            _, stats = self.objective.forward(self.model, inputs)
-            if generate and self.generated < self.spec["sample_cap"]:
-                samples = generate(self.model, inputs, self.spec["sample_cap"] - self.generated)
-                self.generated += len(samples)
-        sums = {k: float(v) for k, v in stats.items()}
-        return {"sums": np.array([json.dumps(sums)]), "samples": np.array([json.dumps(samples)]),
-                "rows": np.array([len(batch["input_ids"])], dtype=np.int64), "replica": np.array([self.replica])}
-
-
-def add_sums(rows: list[dict[str, Any]]) -> tuple[dict[str, float], list, int]:
-    """The scored batches' statistics added up, their samples, and the rows scored."""
-    sums: dict[str, float] = {}
-    samples: list = []
-    n = 0
-    for r in rows:
-        for k, v in json.loads(r["sums"]).items():
-            sums[k] = sums.get(k, 0.0) + v
-        samples += [tuple(p) for p in json.loads(r["samples"])]
-        n += int(r["rows"])
-    return sums, samples, n
-
-
-def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: EvaluateConfig,
-          tokenizer: Any) -> dict[str, Any]:
-    """Every row of `ds` through the actor pool; the summed statistics as the objective's metrics."""
-    if cfg.max_rows:
-        ds = ds.limit(cfg.max_rows)
-    # A few batches per block, so that a split in one or two shards still reaches every replica
-    # (one block goes to one actor).
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK)
-    # Read and re-blocked before the actors start, in split order: the actors hold their CPUs from
-    # the start, and on a cluster with no CPU beyond them the read tasks waited for the actors,
-    # which waited for the reads (2 replicas on a 2-CPU `ray start` cluster hung for good).
-    ds.context.execution_options.preserve_order = True
-    ds = ds.materialize()
-    workers = cfg.scaling.workers
-    spec = {**spec, "seed": cfg.seed, "precision": cfg.precision, "use_gpu": cfg.scaling.use_gpu,
-            "threads": cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),
-            # each replica generates its share of the samples, as each training worker does
-            "sample_cap": -(-cfg.eval.generate_examples // workers), "max_new_tokens": cfg.eval.max_new_tokens}
-    scored = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"checkpoint": checkpoint, "spec": spec}, batch_size=cfg.batch_size,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.scaling.cpus_per_worker,
-        **({"num_gpus": 1} if cfg.scaling.use_gpu else {}),
-    )
-    # Rows in split order make the same batches whichever actor scores them: masked-LM masks and
-    # NSP/SOP pairs are drawn per batch, so the metrics of a run do not depend on its scheduling.
-    scored.context.execution_options.preserve_order = True
-    t0 = time.time()
-    try:
-        rows = scored.take_all()
-    except Exception as exc:
-        raise JobError(f"scoring failed: {tasks.user_error(exc)}") from None
-    seconds = time.time() - t0
-    sums, samples, n = add_sums(rows)
-    if not n:
-        raise JobError(f"the {cfg.split} split has no rows to score")
-    objective = build_objective(spec, tokenizer)
-    metrics = objective.summarize(sums)
-    if hasattr(objective, "score_samples"):
-        metrics |= objective.score_samples(samples)
-    return {"rows": n, "replicas_used": len({r["replica"] for r in rows}), "scoring_seconds": round(seconds, 2),
-            "metrics": metrics, "samples": [{"generated": h, "reference": r} for h, r in samples[:8]]}
-
-
-# ---------------------------------------------------------------- the job
-
-
 def check_resources(cfg: EvaluateConfig) -> None:
     need = {"CPU": cfg.scaling.cpus_per_worker * cfg.scaling.workers}
     if cfg.scaling.use_gpu:
         need["GPU"] = float(cfg.scaling.workers)
-    detail = runtime.resource_shortfall(need)
-    if detail:
-        raise JobError(f"scaling: {cfg.scaling.workers} replica(s) need more than the cluster has ({detail}); "
-                       "lower scaling.workers or scaling.cpus_per_worker")
+    runtime.require(need, f"scaling: {cfg.scaling.workers} replica(s)", "lower scaling.workers or scaling.cpus_per_worker")
 
 
 def corpus_input(cfg: EvaluateConfig, corpus: Corpus, kind: str, checkpoint: str, path: str,
                  config: dict[str, Any], arch: str) -> tuple[ray.data.Dataset, dict[str, Any], Any, dict[str, Any]]:
     """The corpus split to score, the scorer's spec, the model's tokenizer and what the summary says
     about the data; refused when the corpus does not fit the model."""
-    from cluster.tokenizer import tokenizer_hash
+    from cluster.data.tokenizer import tokenizer_hash
 
     tokenizer = model_tokenizer(path, {"kind": kind})
     theirs, ours = corpus.manifest["tokenizer"]["hash"], tokenizer_hash(tokenizer)
@@ -385,16 +240,16 @@ def data_input(cfg: EvaluateConfig, data: tasks.TaskData, task: str, checkpoint:
     spec = {"kind": task, "pair": bool(data.text_pair_column), "token_types": token_types}
     tokenizer = model_tokenizer(path, spec)
     labels = model_labels(config, checkpoint) if task != "completion" else None
-    files = tasks.tokenizer_files(tokenizer)
+    files = task_prep.tokenizer_files(tokenizer)
     raw = tasks.load_split(data, cfg.split)
     tasks.check_columns(data, task, {cfg.split: raw})
-    stats = tasks.split_stats({cfg.split: raw}, task, files, data)
-    problems = tasks.row_label_problems(task, data, stats) if labels else []
+    stats = task_prep.split_stats({cfg.split: raw}, task, files, data)
+    problems = task_prep.row_label_problems(task, data, stats) if labels else []
     if labels and (unknown := unknown_labels(task, data, stats[cfg.split], labels, cfg.split)):
         problems.append(unknown)
     if problems:
         raise tasks.TaskDataError("; ".join(problems))
-    ds = tasks.tokenize_split(raw, task, files, data, labels, token_types, cfg.split)
+    ds = task_prep.tokenize_split(raw, task, files, data, labels, token_types, cfg.split)
     spec |= {"labels": labels, "pad_id": tokenizer.pad_token_id}
     return ds, spec, tokenizer, {"task": task, "labels": labels, "data": stats[cfg.split].summary()}
 

@@ -1,34 +1,20 @@
-"""What the training loop optimises: a batch from the corpus -> model inputs -> loss and summable
-statistics. The loop in cluster.train knows nothing else about the model family or the task.
-
-`stats` are sums (nats, tokens, correct, ...) so they reduce across ranks and batches by addition;
-`summarize` turns reduced sums into metrics.
-"""
+"""Language-model pretraining objectives on a prepared corpus: next-token prediction (CausalLM) and
+masked LM with an optional sentence-pair task (MaskedLM: NSP for BERT, SOP for ALBERT), and the
+`objective:` config section that sets masking and pairing."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-
-class Objective(Protocol):
-    name: str
-
-    def collate(self, batch: dict[str, np.ndarray], seed: tuple[int, ...]) -> dict[str, torch.Tensor]: ...
-
-    def forward(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-    def summarize(self, sums: dict[str, float]) -> dict[str, float]: ...
-
-
-def stack_rows(column: np.ndarray) -> np.ndarray:
-    """A list column from Parquet arrives as a 2-D array or an object array of 1-D arrays."""
-    if column.dtype == object:
-        return np.stack([np.asarray(r) for r in column])
-    return np.asarray(column)
+from cluster.config import Section
+from cluster.objectives import masking
+from cluster.objectives.base import stack_rows
+from cluster.objectives.pairs import build_pairs, build_single
 
 
 class CausalLM:
@@ -38,6 +24,10 @@ class CausalLM:
 
     def __init__(self, bytes_per_token: float):
         self.bytes_per_token = bytes_per_token
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Any) -> CausalLM:
+        return cls(spec["bytes_per_token"])
 
     def collate(self, batch: dict[str, np.ndarray], seed: tuple[int, ...]) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(stack_rows(batch["input_ids"]).astype(np.int64))  # (B, T)
@@ -80,13 +70,17 @@ class MaskedLM:
 
     def __init__(self, tokenizer: Any, pair: str | None, max_len: int, rate: float, whole_word: bool,
                  static: bool, seed: int):
-        from cluster import objectives
-
-        self.obj = objectives
-        self.special = objectives.SpecialTokens.from_tokenizer(tokenizer)
-        self.word_starts = torch.from_numpy(objectives.word_start_table(tokenizer)) if whole_word else None
+        self.special = masking.SpecialTokens.from_tokenizer(tokenizer)
+        self.word_starts = torch.from_numpy(masking.word_start_table(tokenizer)) if whole_word else None
         self.pair, self.max_len, self.rate, self.static, self.seed = pair, max_len, rate, static, seed
         self.name = "mlm" + (f"+{pair}" if pair else "")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Any) -> MaskedLM:
+        """spec["mlm"]: ObjectiveConfig.masking's dict; spec["seed"]: the run's seed."""
+        m = spec["mlm"]
+        return cls(tokenizer, m["pair"], m["max_len"], m["mask_rate"], m["whole_word"], m["static_masking"],
+                   spec["seed"])
 
     def _rows(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         return [
@@ -96,13 +90,13 @@ class MaskedLM:
 
     def _mask(self, ids: torch.Tensor, rows: list[dict], seed: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.static:
-            gen = self.obj.dynamic_mask_generator(*seed)
-            return self.obj.mask_tokens(ids, self.special, self.rate, gen, self.word_starts)
+            gen = masking.dynamic_mask_generator(*seed)
+            return masking.mask_tokens(ids, self.special, self.rate, gen, self.word_starts)
         masked, labels = [], []
         for i, row in enumerate(rows):
             key = int.from_bytes(np.asarray(row["input_ids"][:16], dtype=np.int64).tobytes()[:8], "little") ^ row["doc_id"]
-            gen = self.obj.static_mask_generator(self.seed, key)
-            m, lab = self.obj.mask_tokens(ids[i : i + 1], self.special, self.rate, gen, self.word_starts)
+            gen = masking.static_mask_generator(self.seed, key)
+            m, lab = masking.mask_tokens(ids[i : i + 1], self.special, self.rate, gen, self.word_starts)
             masked.append(m)
             labels.append(lab)
         return torch.cat(masked), torch.cat(labels)
@@ -111,9 +105,9 @@ class MaskedLM:
         rows = self._rows(batch)
         rng = np.random.default_rng([abs(s) for s in seed])
         if self.pair:
-            arrays = self.obj.build_pairs(rows, self.pair, self.max_len, rng, self.special)
+            arrays = build_pairs(rows, self.pair, self.max_len, rng, self.special)
         else:
-            arrays = self.obj.build_single(rows, self.max_len, self.special)
+            arrays = build_single(rows, self.max_len, self.special)
         ids = torch.from_numpy(arrays["input_ids"]).long()  # (B, max_len)
         masked, labels = self._mask(ids, rows, seed)
         # Drop the columns that are padding in every row: with segments much shorter than max_len,
@@ -153,3 +147,24 @@ class MaskedLM:
             out |= {f"{self.pair}_loss": pair, f"{self.pair}_accuracy": sums["pair_correct"] / max(sums["pair_count"], 1.0),
                     "loss": mlm + pair}
         return out
+
+
+class ObjectiveConfig(Section):
+    """Encoder objectives (ignored by causal LMs, which always predict the next token)."""
+
+    pair: Literal["auto", "none", "nsp", "sop"] = Field(
+        "auto", description="sentence-pair task: auto = NSP for bert, SOP for albert, none for roberta"
+    )
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="share of non-special tokens selected for MLM")
+    whole_word: bool = Field(False, description="select whole words instead of sub-word tokens")
+    static_masking: bool = Field(False, description="fixed mask per example (original BERT) instead of dynamic")
+
+    def pair_task(self, family: str) -> str | None:
+        if self.pair == "auto":
+            return {"bert": "nsp", "albert": "sop"}.get(family)
+        return None if self.pair == "none" else self.pair
+
+    def masking(self, pair: str | None, max_len: int) -> dict[str, Any]:
+        """MaskedLM's options as the plain dict an objective spec carries (`spec["mlm"]`)."""
+        return {"pair": pair, "max_len": max_len, "mask_rate": self.mask_rate, "whole_word": self.whole_word,
+                "static_masking": self.static_masking}

@@ -18,13 +18,13 @@ METRICS: dict[str, dict[str, str]] = {
                 "val_entity_recall": "max", "val_entity_f1": "max"},
     "completion": {"val_loss": "min", "val_perplexity": "min", "val_rouge_l": "max", "val_bleu": "max"},
 }
+
+
 # what a sweep optimises unless told, and what a published fine-tuning run records
 DEFAULT_METRIC = {"classification": "val_accuracy", "tagging": "val_entity_f1", "completion": "val_rouge_l"}
 
+
 IGNORE_INDEX = -100
-
-
-# ---------------------------------------------------------------- classification
 
 
 def class_counts(pred: Sequence[int], gold: Sequence[int], num_labels: int) -> dict[str, float]:
@@ -61,9 +61,6 @@ def classification_scores(sums: dict[str, float], num_labels: int) -> dict[str, 
     }
 
 
-# ---------------------------------------------------------------- tagging
-
-
 def entity_types(labels: Sequence[str]) -> list[str]:
     """Entity types named by a BIO label set, e.g. [O, B-PER, I-PER, B-LOC] -> [LOC, PER]."""
     return sorted({label.split("-", 1)[1] for label in labels if label[:2] in ("B-", "I-")})
@@ -93,9 +90,6 @@ def entity_scores(sums: dict[str, float], types: Sequence[str]) -> dict[str, flo
         "entity_recall": tp / (tp + fn) if tp + fn else 0.0,
         "entity_f1": f1(tp, fp, fn),
     }
-
-
-# ---------------------------------------------------------------- completion
 
 
 def generation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -8,35 +8,34 @@ lost); `note` says where (file and position) for the manifest's problem list.
 from __future__ import annotations
 
 import contextlib
-import glob
 import gzip
 import io
 import json
-import logging
 import math
 import os
-import threading
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from pydantic import Field, model_validator
 
 from cluster import storage
-from cluster.config import Section, StrList
-from cluster.text import DROP_EMPTY, DROP_UNDECODABLE
-
-log = logging.getLogger(__name__)
+from cluster.data.text import DROP_EMPTY, DROP_UNDECODABLE
+from cluster.errors import CorpusError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md")
+
+
 # key = source << 55 | file << 35 | position: 255 sources, 1M files each; position is a byte
 # offset for line-based files (up to 32 GiB each), else the index of the document in its file.
 _FILE_BITS = 20
+
+
 _POS_BITS = 35
+
 
 # The columns every source yields, typed up front: Ray Data infers the type of a list column by
 # scanning it in Python (for strings, every length against the 2 GiB limit); with lists from the
@@ -45,232 +44,8 @@ DOC_SCHEMA = pa.schema([("text", pa.string()), ("key", pa.int64()), ("source", p
                         ("logprob", pa.float64()), ("drop", pa.string()), ("note", pa.string())])
 
 
-class CorpusError(ValueError):
-    """Bad corpus input; the message names the file (or source) and the reason."""
-
-
-class SourceConfig(Section):
-    kind: Literal["synthetic", "files", "hf"] = Field(description="where documents come from")
-    name: str | None = Field(None, description="label used in the manifest; defaults to the kind")
-    weight: float = Field(
-        1.0, ge=0, description="mixing weight: each kept document appears floor(w) or ceil(w) times"
-    )
-    # synthetic
-    num_docs: int = Field(20000, ge=1, description="synthetic: number of documents")
-    seed: int = Field(0, description="synthetic: generator seed")
-    # files
-    paths: StrList = Field(default_factory=list, description="files: paths, folders or globs, local or object-store URIs (s3://...)")
-    text_column: str = Field("text", description="files/hf: column or JSON key holding the text")
-    txt_mode: Literal["file", "paragraph", "line"] = Field(
-        "file", description="files: what one document is in a .txt file"
-    )
-    part_mb: float = Field(
-        8, gt=0, description="files/hf: read uncompressed line-based files (.jsonl, .txt in line mode) and hf "
-        "datasets in parts of about this many MiB, one task each; the shards depend on it, not on the cluster"
-    )
-    # hf
-    dataset: str | None = Field(None, description="hf: dataset name or local builder (json, parquet, text)")
-    data_files: StrList | None = Field(None, description="hf: local data files for a builder")
-    subset: str | None = Field(None, description="hf: dataset configuration name")
-    split: str = Field("train", description="hf: split to read")
-
-    @model_validator(mode="after")
-    def _check_kind(self) -> SourceConfig:
-        if self.kind == "files" and not self.paths:
-            raise ValueError("a 'files' source needs 'paths'")
-        if self.kind == "hf" and not self.dataset:
-            raise ValueError("an 'hf' source needs 'dataset'")
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
-
-
-def quiet_data_logs() -> None:
-    """For training jobs, whose console has a progress line per log interval: no Ray Data progress
-    bars (a line per step in a job log) and no "Starting execution ... / Execution plan ..." pair
-    per epoch and per evaluation; each execution still logs its "execution finished in" line, and
-    ray-data.log in the session's logs has everything. Datasets made after this call carry it to
-    the actors that run them (Ray Train's split coordinators)."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-
-
-def start_data_actors() -> threading.Thread:
-    """Run a one-row dataset in a background thread, so that Ray Data's per-cluster actors (its
-    stats actor and autoscaling coordinator, made at a cluster's first execution) are made while Ray
-    Train starts its controller. Otherwise the first execution is the train split coordinator's, and
-    their processes start in the window where the worker waits for its first batch. Made from the
-    driver's job, the coordinator also takes a worker Ray prestarted for the driver (none matches the
-    controller's runtime environment). Time to first step on 2 cores: BENCHMARKS.md, Ray Train
-    overhead, 2026-12-05. The caller joins it before returning; a failure is only logged (the job's
-    own executions report real errors)."""
-
-    def run() -> None:
-        try:
-            ray.data.range(1).materialize()
-        except Exception as exc:  # noqa: BLE001 - a head start only
-            log.debug("starting Ray Data's actors ahead failed: %s", exc)
-
-    thread = threading.Thread(target=run, name="raylm-data-actors", daemon=True)
-    thread.start()
-    return thread
-
-
-def read_parquet(paths: list[str], columns: list[str] | None = None) -> ray.data.Dataset:
-    """`ray.data.read_parquet` through Ray Data's first Parquet datasource (V1). Ray 2.60 routes
-    Parquet through DataSourceV2 by default, which lists the files on every execution with a pool
-    of `FooterReader` actors (up to 32, each a fresh worker process): each training epoch, being its
-    own execution, paid that again. On 2 cores, reading the 1-shard benchmark corpus took 1.5-4.0 s
-    with V2 against 0.2 s with V1, 300 small files 23 s against 1.2-2.1 s, and an epoch boundary
-    stalled 2-worker training ~7 s against ~2 s. V1 reads the footers once, when the dataset is made.
-    The switch is read when the read is built, so it is set only around this call.
-
-    `columns` become `select_columns` (read_parquet's `columns=` is deprecated): Ray's optimizer
-    pushes the projection into the read, whose plan stays one ReadParquet of those columns."""
-    ctx = ray.data.DataContext.get_current()
-    if not hasattr(ctx, "use_datasource_v2"):  # a Ray without V2
-        ds = ray.data.read_parquet(paths)
-    else:
-        previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-        try:
-            ds = ray.data.read_parquet(paths)
-        finally:
-            ctx.use_datasource_v2 = previous
-    return ds.select_columns(columns) if columns is not None else ds
-
-
-class RankSlice:
-    """One rank's equal share of a small split's Parquet shards, read by the worker itself with
-    pyarrow at its first `iter_batches` and kept for the later ones. Made for the validation split,
-    which every evaluation reads again: as a Ray Dataset, materialised by the driver, every
-    evaluation was a Ray Data execution through a split coordinator actor of its own, started at the
-    first evaluation (which took 2.2-2.7 s instead of ~0.3 s on 2 cores) and idle the rest of the run.
-
-    Like `streaming_split(equal=True)`, every rank gets `total // world` rows, in order, and the
-    remainder (fewer than `world` rows) is dropped: ranks evaluate the same number of batches, which
-    FSDP's collective forward needs. Only the shards that overlap this rank's rows are read. Batches
-    are converted by Ray Data's own `BlockAccessor`, so they look exactly like `iter_batches`' own.
-
-    `shards` are `{"path", "rows"}` in split order, the rows as the corpus manifest records them."""
-
-    def __init__(self, shards: list[dict], columns: list[str] | None, rank: int, world: int) -> None:
-        self.shards, self.columns = shards, columns
-        per = sum(s["rows"] for s in shards) // world
-        self.start, self.stop = rank * per, (rank + 1) * per
-        self._table: pa.Table | None = None
-
-    def table(self) -> pa.Table | None:
-        if self._table is None:
-            from cluster import storage
-
-            parts, offset = [], 0
-            for shard in self.shards:
-                lo, hi = max(self.start - offset, 0), min(self.stop - offset, shard["rows"])
-                if lo < hi:
-                    fs, path = storage.filesystem(shard["path"])
-                    table = pq.read_table(path, columns=self.columns, filesystem=fs)
-                    if table.num_rows != shard["rows"]:
-                        raise ValueError(f"{shard['path']}: {table.num_rows} rows, but the corpus manifest "
-                                         f"records {shard['rows']}: the shard changed after prepare")
-                    parts.append(table.slice(lo, hi - lo))
-                offset += shard["rows"]
-            self._table = pa.concat_tables(parts).combine_chunks() if parts else None
-        return self._table
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[Any]:
-        from ray.data.block import BlockAccessor
-
-        table = self.table()
-        for i in range(0, table.num_rows if table is not None else 0, batch_size):
-            yield BlockAccessor.for_block(table.slice(i, batch_size)).to_batch_format(batch_format)
-
-
 def make_key(source: int, file: int, position: int) -> int:
     return (source << (_FILE_BITS + _POS_BITS)) | (file << _POS_BITS) | position
-
-
-def expand_paths(patterns: list[str], where: str) -> list[str]:
-    """Patterns -> sorted files. A pattern that matches nothing is an error naming it. Patterns
-    are local paths (made absolute) or object-store URIs (`s3://bucket/raw/*.jsonl.gz`), which
-    stay URIs: every node of a cluster can read those, and only those a local path on a shared
-    volume (or inside the job's working_dir)."""
-    files: list[str] = []
-    for pattern in patterns:
-        if storage.is_uri(pattern):
-            matched = _expand_uri(pattern, where)
-        else:
-            matched = _expand_local(pattern.removeprefix("file://"), where)
-        files.extend(matched)
-    return sorted(dict.fromkeys(files))
-
-
-def _is_text_file(name: str) -> bool:
-    return name.endswith(TEXT_SUFFIXES) or name.endswith(tuple(s + ".gz" for s in TEXT_SUFFIXES))
-
-
-def _has_glob(pattern: str) -> bool:
-    return any(ch in pattern for ch in "*?[")
-
-
-def _expand_local(pattern: str, where: str) -> list[str]:
-    if _has_glob(pattern):
-        matched = sorted(glob.glob(pattern, recursive=True))
-        if not matched:
-            raise CorpusError(f"{where}: '{pattern}' matches no file")
-    elif os.path.isdir(pattern):
-        matched = sorted(os.path.join(root, f) for root, _, names in os.walk(pattern) for f in names if _is_text_file(f))
-        if not matched:
-            raise CorpusError(f"{where}: folder '{pattern}' holds no .txt/.jsonl/.json/.parquet file")
-    elif os.path.exists(pattern):
-        matched = [pattern]
-    else:
-        raise CorpusError(f"{where}: '{pattern}' does not exist")
-    return [os.path.abspath(m) for m in matched if os.path.isfile(m)]
-
-
-def _expand_uri(pattern: str, where: str) -> list[str]:
-    """A URI, a URI prefix ("folder") or a URI glob, listed through pyarrow. Globs go through
-    fsspec's wrapper of the pyarrow filesystem, for the same `*`/`**`/`?`/`[...]` rules as local
-    globs (pyarrow's listings have no pattern matching; fsspec's matches dot-names too)."""
-    import pyarrow.fs as pafs
-
-    scheme_end = pattern.index("://") + 3
-    try:
-        if _has_glob(pattern):
-            first = min(pattern.index(ch) for ch in "*?[" if ch in pattern)
-            base = pattern[: pattern.rfind("/", scheme_end, first)] if "/" in pattern[scheme_end:first] else ""
-            if not base:
-                raise CorpusError(f"{where}: '{pattern}': a glob must come after the bucket name")
-            fs, base_path = storage.filesystem(base)
-            from fsspec.implementations.arrow import ArrowFSWrapper
-
-            rest = pattern[len(base):]
-            found = ArrowFSWrapper(fs).glob(base_path + rest, detail=True)
-            # As local globs: a wildcard does not match a name that starts with a dot.
-            matched = sorted(storage.location(fs, p) for p, info in found.items() if info["type"] == "file"
-                             and ("/." not in p[len(base_path):] or "/." in rest))
-            if not matched:
-                raise CorpusError(f"{where}: '{pattern}' matches no file")
-            return matched
-        fs, path = storage.filesystem(pattern)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [storage.location(fs, path)]
-        if info.type == pafs.FileType.NotFound:
-            raise CorpusError(f"{where}: '{pattern}' does not exist")
-        listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        matched = sorted(storage.location(fs, i.path) for i in listed
-                         if i.type == pafs.FileType.File and _is_text_file(i.path))
-        if not matched:
-            raise CorpusError(f"{where}: folder '{pattern}' holds no .txt/.jsonl/.json/.parquet file")
-        return matched
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, CorpusError):
-            raise
-        raise CorpusError(f"{where}: cannot list '{pattern}' ({exc})") from None
 
 
 def map_files(fn: Callable[[str], Any], paths: list[str]) -> list[Any]:
@@ -615,108 +390,3 @@ def read_file_docs(parts: dict[str, Any], text_column: str, txt_mode: str, max_l
 def _doc_batch(cols: dict[str, list], label: str) -> pa.Table:
     n = len(cols["key"])
     return pa.table({**cols, "source": [label] * n, "logprob": np.full(n, math.nan)}, schema=DOC_SCHEMA)
-
-
-def file_parts(files: list[str], source: SourceConfig, source_id: int, part_bytes: int) -> list[dict[str, Any]]:
-    """One row per part of a file: line-based uncompressed files over `part_bytes` are read as
-    byte ranges of about that size by several tasks (a single large JSONL file would otherwise be
-    read, cleaned and tokenized by one core); other files are one part each. A line belongs to the
-    part it starts in."""
-    parts = []
-    for file_id, (path, size) in enumerate(zip(files, map_files(file_size, files), strict=True)):
-        row = {"path": path, "source_id": source_id, "file_id": file_id, "source": source.label}
-        if path.endswith(".gz") or not is_line_based(path, source.txt_mode) or size <= part_bytes:
-            parts.append({**row, "start": 0, "end": -1})
-            continue
-        n = math.ceil(size / part_bytes)
-        bounds = [size * i // n for i in range(n + 1)]
-        parts += [{**row, "start": a, "end": b} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return parts
-
-
-def file_dataset(source: SourceConfig, source_id: int, max_line_bytes: int) -> ray.data.Dataset:
-    """The source's files as documents; `check_files` has checked them (prepare does, before Ray starts)."""
-    where = f"source '{source.label}'"
-    files = expand_paths(source.paths, where)
-    if len(files) >= 1 << _FILE_BITS:
-        raise CorpusError(f"{where}: {len(files)} files; at most {(1 << _FILE_BITS) - 1} per source")
-    parts = file_parts(files, source, source_id, int(source.part_mb * 2**20))
-    # Parts of files are the unit of parallelism; errors name the file and line.
-    return ray.data.from_items(parts, override_num_blocks=max(1, len(parts))).map_batches(
-        read_file_docs,
-        fn_kwargs={
-            "text_column": source.text_column,
-            "txt_mode": source.txt_mode,
-            "max_line_bytes": max_line_bytes,
-        },
-        batch_size=1,
-    )
-
-
-def _synthetic_batch(batch: dict[str, Any], seed: int, source_id: int, label: str) -> pa.Table:
-    from cluster import synthetic
-
-    docs = [synthetic.document(seed, int(i)) for i in batch["id"]]
-    n = len(docs)
-    return pa.table({
-        "text": [d.text for d in docs],
-        "key": [make_key(source_id, 0, d.index) for d in docs],
-        "source": [label] * n,
-        "logprob": [d.logprob for d in docs],
-        "drop": [""] * n,
-        "note": [""] * n,
-    }, schema=DOC_SCHEMA)
-
-
-def synthetic_dataset(source: SourceConfig, source_id: int) -> ray.data.Dataset:
-    blocks = max(1, min(64, source.num_docs // 2000))
-    return ray.data.range(source.num_docs, override_num_blocks=blocks).map_batches(
-        _synthetic_batch,
-        fn_kwargs={"seed": source.seed, "source_id": source_id, "label": source.label},
-        batch_size=1000,
-    )
-
-
-def hf_dataset(source: SourceConfig, source_id: int) -> ray.data.Dataset:
-    """A Hugging Face dataset: local files through a builder (json/parquet/text) or a hub name when
-    the machine is online. Loaded on the driver by `datasets`, then handed to Ray Data."""
-    import datasets
-
-    from cluster import hub
-
-    with hub.offline_if_unreachable() as unresolved:
-        try:
-            ds = datasets.load_dataset(
-                source.dataset, source.subset, data_files=source.data_files, split=source.split
-            )
-        except Exception as exc:  # datasets raises many types; the message is what the user needs
-            note = f" ({hub.offline_note(unresolved)})" if unresolved else ""
-            raise CorpusError(f"source '{source.label}': cannot load dataset '{source.dataset}': {exc}{note}") from None
-    if source.text_column not in ds.column_names:
-        raise CorpusError(
-            f"source '{source.label}': dataset has no column '{source.text_column}' "
-            f"(columns: {', '.join(ds.column_names)}); set text_column"
-        )
-    texts = ds[source.text_column]
-    table = pa.table(
-        {
-            "text": [t if isinstance(t, str) else "" for t in texts],
-            "key": [make_key(source_id, 0, i) for i in range(len(texts))],
-            "source": [source.label] * len(texts),
-            "logprob": [math.nan] * len(texts),
-            "drop": ["" if isinstance(t, str) else "empty" for t in texts],
-            "note": [""] * len(texts),
-        },
-        schema=DOC_SCHEMA,
-    )
-    # Blocks of about part_mb each, so cleaning and tokenizing spread over the cluster.
-    rows = max(1, int(len(table) * source.part_mb * 2**20 / max(1, table.nbytes)))
-    return ray.data.from_arrow([table.slice(i, rows) for i in range(0, max(1, len(table)), rows)])
-
-
-def source_dataset(source: SourceConfig, source_id: int, max_line_bytes: int) -> ray.data.Dataset:
-    if source.kind == "synthetic":
-        return synthetic_dataset(source, source_id)
-    if source.kind == "files":
-        return file_dataset(source, source_id, max_line_bytes)
-    return hf_dataset(source, source_id)

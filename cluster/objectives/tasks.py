@@ -1,8 +1,8 @@
-"""Fine-tuning objectives for the shared loop (cluster.train): sequence classification, token
+"""Fine-tuning objectives for the shared loop (cluster.train.loop): sequence classification, token
 classification (BIO tagging) and prompt -> completion language modelling.
 
-Rows arrive tokenized by cluster.tasks with variable lengths; `collate` pads them per batch.
-`forward` returns the loss and summable statistics (see cluster.metrics); statistics that need a
+Rows arrive tokenized by cluster.data.task_prep with variable lengths; `collate` pads them per batch.
+`forward` returns the loss and summable statistics (see cluster.objectives.metrics); statistics that need a
 Python pass over predictions (per-class and per-entity counts) are taken in eval mode only.
 """
 
@@ -13,10 +13,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from cluster import metrics as M
+from cluster.config import Section
+from cluster.objectives import metrics as M
 
 IGNORE_INDEX = -100
+
+
+class EvalOptions(Section):
+    """Generation during a completion model's evaluation (fine-tuning and jobs.evaluate)."""
+
+    generate_examples: int = Field(64, ge=0, description="completion: validation prompts generated per evaluation")
+    max_new_tokens: int = Field(32, ge=1, description="completion: tokens generated per prompt")
 
 
 def pad_rows(rows: Any, value: int, dtype: Any = np.int64) -> np.ndarray:
@@ -49,6 +58,10 @@ class SequenceClassification:
 
     def __init__(self, labels: list[str], pad_id: int, token_types: bool):
         self.labels, self.pad_id, self.token_types = labels, pad_id, token_types
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Any) -> SequenceClassification:
+        return cls(spec["labels"], spec["pad_id"], spec["token_types"])
 
     def collate(self, batch: dict[str, np.ndarray], seed: tuple[int, ...]) -> dict[str, torch.Tensor]:
         out = {
@@ -92,6 +105,10 @@ class TokenClassification:
         self.labels, self.pad_id = labels, pad_id
         self.types = M.entity_types(labels)
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Any) -> TokenClassification:
+        return cls(spec["labels"], spec["pad_id"])
+
     def collate(self, batch: dict[str, np.ndarray], seed: tuple[int, ...]) -> dict[str, torch.Tensor]:
         return {
             "input_ids": torch.from_numpy(pad_rows(batch["input_ids"], self.pad_id)),  # (B, T)
@@ -129,6 +146,11 @@ class Completion:
 
     name = "completion"
     metrics = ("loss", "perplexity", "rouge_l", "bleu")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Any) -> Completion:
+        """spec["sample_cap"]: prompts generated per evaluation (split over the ranks by the loop)."""
+        return cls(tokenizer, spec["sample_cap"], spec["max_new_tokens"])
 
     def __init__(self, tokenizer: Any, sample_limit: int, max_new_tokens: int):
         self.tokenizer = tokenizer

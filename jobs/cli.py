@@ -17,10 +17,11 @@ COMMANDS = {
     "evaluate": "jobs.evaluate",
     "demo": "jobs.demo",
     "sweep": "tune.sweep",
-    "publish": "tune.publish",
+    "publish": "jobs.publish",
     "serve": "serve.cli",
     "cluster": "cluster.ops.local",
 }
+
 
 USAGE = "usage: raylm {" + ",".join(COMMANDS) + "} [args...]   (raylm COMMAND --help for details)"
 

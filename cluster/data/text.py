@@ -12,18 +12,38 @@ import unicodedata
 
 # ANSI/VT100 escape sequences (colours, cursor moves) that real logs and scraped text carry.
 _ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+
+
 # C0/C1 control characters except tab and newline (which whitespace normalisation handles).
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 _SPACES_RE = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
+
+
 _NEWLINES_RE = re.compile(r"\n{3,}")
 
+
 DROP_EMPTY = "empty"
+
+
 DROP_TOO_SHORT = "too_short"
+
+
 DROP_TOO_LONG = "too_long"
+
+
 DROP_CHARSET = "charset"
+
+
 DROP_DUPLICATE = "duplicate"
+
+
 DROP_UNDECODABLE = "undecodable"
+
+
 DROP_WEIGHT = "weight_subsample"
+
 
 # Unicode script ranges for the optional charset filter. CJK must survive intact by default.
 CHARSETS: dict[str, list[tuple[int, int]]] = {

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from cluster.text import hash_unit
+from cluster.data.text import hash_unit
 
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+")
 

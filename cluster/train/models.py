@@ -16,9 +16,16 @@ from cluster.config import Section
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+
+
 Family = Literal["gpt2", "llama", "bert", "roberta", "albert"]
+
+
 CAUSAL = ("gpt2", "llama")
+
+
 ENCODERS = ("bert", "roberta", "albert")
+
 
 # name -> (n_layer, n_head, d_model, d_ff)
 SIZES: dict[str, tuple[int, int, int, int]] = {

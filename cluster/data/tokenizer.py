@@ -23,8 +23,12 @@ from cluster.config import Section
 if TYPE_CHECKING:  # imported where used: a job's driver often needs none of transformers
     from transformers import PreTrainedTokenizerFast
 
+
+
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "pad_token": "<|pad|>"}
+
+
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                  "mask_token": "[MASK]"}
 

@@ -1,0 +1,60 @@
+"""The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
+
+Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
+FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
+a resumed run see the same blocks as an uninterrupted one.
+
+Data position: with `preserve_order`, Ray Data's streaming split hands blocks to ranks in a fixed
+order (each block to the rank that has received the fewest rows), and each epoch's order is seeded,
+so (epoch, batches consumed) pins the exact rows. Resume skips that many batches: exact to one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decoupled weight decay on matrices only: no decay on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in embeddings or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Linear warmup to the peak, then cosine or linear decay to min_ratio * peak."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
+
+    return f
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, opt: Any) -> None:
+    """After a restore, the config's optimizer hyperparameters win over the checkpoint's: a resumed
+    run, or a PBT trial that exploited another trial's checkpoint with mutated values, trains with
+    what its config says. Schedule position (step) stays the checkpoint's."""
+    scheduler.base_lrs = [opt.lr for _ in optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = opt.lr
+        group["lr"] = opt.lr * factor
+        group["betas"], group["eps"] = (opt.beta1, opt.beta2), opt.eps
+        # param_groups() puts decayed matrices first and everything else (no decay) second
+        group["weight_decay"] = opt.weight_decay if i == 0 else 0.0

@@ -1,0 +1,152 @@
+"""Hyperparameter sweeps over fine-tuning with Ray Tune: one trial = one fine-tuning run through
+cluster.finetune (the same loop, objectives and strategies), a search space in YAML, ASHA/PBT
+schedulers, random/grid/Optuna search, and the best trial's checkpoint published to the registry.
+
+A trial with one worker is a Tune function trainable running the loop in its own process
+(cluster.session.TuneSession); with N workers it runs a TorchTrainer inside the trial and forwards
+its reports to Tune. Re-running an interrupted sweep (same name, same config) restores it with
+`Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+
+from cluster import registry, storage
+from cluster.checkpoints import TASKS
+from cluster.config import same_config
+from cluster.errors import JobError
+from cluster.runs import RunDir
+from cluster.stages.finetune import TaskSetup, plan_run, setup
+from tune.config import SweepConfig, check_sweep, trial_config
+from tune.results import format_table, plot_sweep, trial_rows, write_table
+from tune.search import PBTCheckpointPruner, build_scheduler, build_search
+from tune.trial import trial_main, trial_resources
+
+log = logging.getLogger(__name__)
+
+
+def tune_env_defaults(environ: MutableMapping[str, str]) -> None:
+    """Tune settings read by the driver when the sweep starts; a user's own values win."""
+    # Tune saves the experiment state at most every 10 s by default; a trial that finished since the
+    # last save would run again after an interrupted driver is restored. Save more often.
+    environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Trials checkpoint at every evaluation (to publish the best, and for PBT to clone), and Tune
+    # forces a state snapshot whenever it deletes one, which keeps a restored sweep consistent. With
+    # evaluations seconds apart Tune printed a 4-line warning per snapshot (14 in a 4-trial sweep),
+    # advising to keep more checkpoints or save fewer: both chosen against here.
+    environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
+    t0 = time.time()
+    check_sweep(cfg)
+    metric, mode = cfg.objective
+    run = RunDir("tune", cfg.name, root)
+    previous = storage.read_text(run.file("config.yaml")) if storage.exists(run.file("config.yaml")) else None
+    restoring = tune.Tuner.can_restore(run.path)
+    if restoring and previous is not None and not same_config(previous, cfg):
+        raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
+                       "name, or delete that folder to start over")
+    ts = setup(cfg.finetune, root, run)
+    run.begin(cfg)
+    base_plan = plan_run(cfg.finetune, ts.meta, run.path, cfg.trial.workers)
+    trainable = tune.with_parameters(
+        trial_main, base=cfg.finetune.to_dict(), meta=ts.meta, data={"train": ts.train, "validation": ts.validation},
+        trial={**cfg.trial.to_dict(), "metric": metric, "mode": mode}, sweep_dir=run.path,
+    )
+    trainable = tune.with_resources(trainable, trial_resources(cfg.trial))
+    tune_env_defaults(os.environ)
+    pbt = cfg.scheduler.kind == "pbt"
+    # PBT clones the checkpoint a top trial had at its last perturbation; it saves one per evaluation
+    interval = cfg.scheduler.perturbation_interval or cfg.finetune.train.eval_every
+    keep_recent = -(-interval // cfg.finetune.train.eval_every) + 1
+    if restoring:
+        log.info("restoring sweep '%s' from %s", cfg.name, run.path)
+        tuner = tune.Tuner.restore(run.path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        space, search_alg = build_search(cfg)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=cfg.num_samples,
+                # a generator of our own carries the limit (build_search); Tune applies it to the rest
+                max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator) else cfg.max_concurrent_trials,
+                scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.finetune.train.eval_every),
+                search_alg=search_alg, reuse_actors=cfg.reuse_actors,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=storage.join(root or storage.storage_root(), "tune"),
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                # under PBT every checkpoint stays with Tune and PBTCheckpointPruner deletes the ones no
+                # clone can need; Tune's own num_to_keep would delete a checkpoint PBT is about to clone
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else cfg.keep_checkpoints,
+                                                        checkpoint_score_attribute=metric,
+                                                        checkpoint_score_order=mode),
+                callbacks=[PBTCheckpointPruner(metric, mode, cfg.keep_checkpoints, keep_recent)] if pbt else None,
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    return finish(cfg, run, ts, results, base_plan.max_steps, t0, restored=restoring)
+
+
+def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cfg: dict[str, Any]) -> dict[str, Any]:
+    metric, mode = cfg.objective
+    name = cfg.publish.name or cfg.name
+    if not cfg.publish.enabled:
+        return {"published": False, "reason": "publish.enabled is false"}
+    if not best.get("checkpoint"):
+        return {"published": False, "reason": "no trial left a checkpoint"}
+    if best.get("best_step") == 0:  # the evaluation before any step: the base model with an untrained head
+        return {"published": False, "name": name,
+                "reason": f"no trial improved on the untuned model ({metric} {best[metric]:.4g} before any step); "
+                          "train longer (finetune.train.max_steps) or search other learning rates"}
+    try:
+        path = registry.publish(
+            best["checkpoint"], name, TASKS[cfg.finetune.task][1],
+            metric={"name": metric, "value": best[metric], "mode": mode}, labels=ts.meta["labels"],
+            config=trial_cfg, sweep_id=f"{cfg.name}/{best['trial_id']}", force=cfg.publish.force,
+        )
+    except registry.RegistryError as exc:
+        return {"published": False, "name": name, "reason": str(exc)}
+    return {"published": True, "name": name, "path": path}
+
+
+def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, results: Any, max_steps: int, t0: float,
+           restored: bool) -> dict[str, Any]:
+    metric, mode = cfg.objective
+    rows = trial_rows(cfg, results, max_steps)
+    keys = ["trial_id", *cfg.search, *[k for k in cfg.scheduler.mutations if k not in cfg.search], "untuned", metric,
+            "best_step", "steps", "status"]
+    print(f"\n# sweep {cfg.name}: {len(rows)} trials, {metric} ({mode})\n{format_table(rows, keys)}\n", flush=True)
+    table = write_table(rows, run.file("results.csv"))
+    plot = plot_sweep(cfg, rows, run.file("results.png"))
+    scored = [r for r in rows if r.get(metric) is not None and r.get("checkpoint")]
+    best = scored[0] if scored else None
+    errors = [r["trial_id"] for r in rows if r["status"] == "ERROR"]
+    if best is None:
+        raise JobError(f"sweep '{cfg.name}': no trial reported '{metric}' with a checkpoint "
+                       f"({len(errors)} of {len(rows)} trials failed; see {run.path})")
+    searched = [*cfg.search, *cfg.scheduler.mutations]
+    trial_cfg = trial_config(cfg.finetune.to_dict(), {k: best[k] for k in searched if best.get(k) is not None})
+    published = publish_best(cfg, ts, best, trial_cfg)
+    print(f"published '{published['name']}': {published['path']}" if published["published"]
+          else f"not published: {published['reason']}", flush=True)
+    return {
+        "task": cfg.finetune.task, "metric": metric, "mode": mode, "restored": restored,
+        "trials": len(rows), "errored": errors, "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
+        "trial_steps": sum(r["steps"] for r in rows), "max_steps_per_trial": max_steps,
+        "best": {k: best[k] for k in ("trial_id", metric, "best_step", "checkpoint")} | {
+            "config": {k: best[k] for k in [*cfg.search, *cfg.scheduler.mutations] if k in best}},
+        "baseline": ts.baseline, "registry": published, "results": table, "plot": plot,
+        "seconds": round(time.time() - t0, 2),
+    }

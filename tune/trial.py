@@ -1,0 +1,67 @@
+"""One sweep trial = one fine-tuning run through cluster.stages.finetune (the same loop, objectives
+and strategies). With one worker a trial is a Tune function trainable running the loop in its own
+process (cluster.train.session.TuneSession); with N workers it runs Ray Train (cluster.train.launcher)
+inside the trial and forwards its reports to Tune."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from typing import Any
+
+from ray import tune
+
+from cluster import storage
+from cluster.data.ingest import epoch_datasets, quiet_data_logs
+from cluster.stages.finetune import FinetuneConfig, plan_run, run_worker
+from tune.config import TrialConfig, trial_config
+
+
+def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any], data: dict[str, Any],
+               trial: dict[str, Any], sweep_dir: str) -> None:
+    """A Tune function trainable: build the trial's fine-tune config and run it."""
+    from cluster.train.session import TuneSession
+
+    ctx = tune.get_context()
+    cfg_dict = trial_config(base, config)
+    cfg_dict["name"] = f"trial-{ctx.get_trial_id()}"
+    cfg = FinetuneConfig.model_validate(cfg_dict)
+    run_dir = storage.join(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))
+    quiet_data_logs()
+    if trial["workers"] == 1:
+        cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = 1, trial["cpus"]
+        plan = replace(plan_run(cfg, meta, run_dir, 1), progress=False)
+        session = TuneSession(epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
+                              use_gpu=trial["gpus"] > 0)
+        run_worker(cfg, plan, meta, session)
+        return
+    _trial_on_train(cfg, meta, data, trial, run_dir, ctx.get_trial_id(), sweep_dir)
+
+
+def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, run_dir: str, trial_id: str,
+                    sweep_dir: str) -> None:
+    """N workers: a TorchTrainer inside the trial; TuneReportCallback forwards each report (with the
+    checkpoint's path) to Tune. Re-running the trial resumes the Train run of the same name."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cluster.stages.finetune import worker_main
+    from cluster.train import launcher
+
+    # GPUs first: the worker count is checked against them (FSDP needs GPUs) as it is assigned
+    cfg.scaling.use_gpu, cfg.scaling.gpus_per_worker = trial["gpus"] > 0, trial["gpus"] or 1
+    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = trial["workers"], trial["cpus"]
+    plan = replace(plan_run(cfg, meta, run_dir, trial["workers"]), progress=False)
+    launcher.fit(worker_main, {"cfg": cfg.to_dict(), "plan": asdict(plan), "meta": meta}, cfg.scaling, name=trial_id,
+                 storage_path=storage.join(sweep_dir, "train-runs"),
+                 datasets=epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
+                 keep=1, metric=trial["metric"], mode=trial["mode"], callbacks=[TuneReportCallback()],
+                 what=f"trial {trial_id}")
+
+
+def trial_resources(trial: TrialConfig) -> dict[str, float]:
+    """What Tune reserves for one trial: its worker's CPUs/GPUs (one worker), or for N workers a
+    sliver of a CPU for the trial that only drives a TorchTrainer, whose workers reserve the real
+    resources. Tune refuses a request of nothing ("an empty head and zero worker bundles")."""
+    if trial.workers == 1:
+        return {"cpu": trial.cpus, "gpu": trial.gpus}
+    return {"cpu": 0.01}
