@@ -4,9 +4,9 @@ Both sides read a corpus's training split epoch after epoch, in jobs.pretrain's 
 and turn it into the training loop's micro-batches (`CausalLM.collate`: an int64 tensor of
 batch_size x block tokens), with no model:
 
-- raylm: a TorchTrainer whose worker iterates `cluster.train.epoch_batches`, the loop's own
-  iterator over `get_dataset_shard`, fed by `cluster.pretrain.train_datasets` with
-  `cluster.pretrain.data_config()`; once with the local shuffle buffer off (like for like) and once
+- raylm: Ray Train (cluster.train.launcher) with a worker that iterates `cluster.train.batches.epoch_batches`, the loop's own
+  iterator over `get_dataset_shard`, fed by `cluster.data.ingest.train_datasets` with
+  `cluster.data.ingest.data_config()`; once with the local shuffle buffer off (like for like) and once
   with the config's default buffer.
 - baseline: one process reads each shard with pyarrow (the list column's flat values, zero-copy,
   reshaped to blocks) and slices batches of the same size, carrying partial batches across shards.
@@ -97,13 +97,11 @@ def ingest_worker(config: dict) -> None:
 def ray_epochs(corpus_path: str, epochs: int, batch_size: int, shuffle_buffer: int, workers: int,
                work_dir: str) -> list[dict]:
     """raylm's side, summed over ranks per epoch: tokens, the slowest rank's seconds and first wait."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from cluster.config import load_config
     from cluster.data.corpus import Corpus
-    from cluster.data.ingest import data_config, train_datasets
+    from cluster.data.ingest import train_datasets
     from cluster.stages.pretrain import PretrainConfig, plan_run
+    from cluster.train import launcher
 
     cfg = load_config(PretrainConfig, None, [
         f"corpus={corpus_path}", f"train.batch_size={batch_size}", f"train.shuffle_buffer={shuffle_buffer}",
@@ -111,15 +109,9 @@ def ray_epochs(corpus_path: str, epochs: int, batch_size: int, shuffle_buffer: i
     corpus = Corpus.open(corpus_path)
     plan = plan_run(cfg, corpus, work_dir)
     out = tempfile.mkdtemp(dir=work_dir)
-    trainer = TorchTrainer(
-        ingest_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "epochs": epochs, "out": out},
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker=cfg.scaling.resources()),
-        run_config=RunConfig(name=os.path.basename(out), storage_path=work_dir),
-        datasets=train_datasets(corpus, plan, cfg.train.seed),
-        dataset_config=data_config(),
-    )
-    trainer.fit()
+    launcher.fit(ingest_worker, {"cfg": cfg.to_dict(), "epochs": epochs, "out": out}, cfg.scaling,
+                 name=os.path.basename(out), storage_path=work_dir, datasets=train_datasets(corpus, plan, cfg.train.seed),
+                 keep=1, metric="epochs", mode="max", what="the ingest benchmark")
     ranks = []
     for r in range(workers):
         with open(os.path.join(out, f"rank-{r}.json")) as f:

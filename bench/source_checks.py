@@ -1,5 +1,5 @@
 """The prepare driver's work per source file in an object store, before any Ray task runs: each
-file is checked (`cluster.sources.check_file`: its first 8 KiB, or a Parquet footer) and sized
+file is checked (`cluster.data.files.check_file`: its first 8 KiB, or a Parquet footer) and sized
 (`file_size`, for the byte-range parts). Each is a request or two, so what it costs is the store's
 round trip times the number of files.
 

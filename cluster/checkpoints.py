@@ -1,10 +1,6 @@
-"""Fine-tuning: a pretrained checkpoint + labelled data -> a task model, through the same training
-loop as pretraining (cluster.train.Loop) with a task objective (cluster.task_losses) and a strategy
-(full, frozen backbone, LoRA). `jobs.finetune` runs it on Ray Train; `tune.sweep` runs one of these
-per trial.
-
-The driver resolves the base checkpoint, checks it can serve the task, prepares the data
-(cluster.tasks) and plans the steps; workers rebuild everything from plain dicts.
+"""Finding and reading the checkpoints stages start from: a checkpoint directory or URI, a run
+(its best checkpoint), a registry model or a hub id; its config.json, its family's fit for a task,
+its tokenizer made ready for the task, and a local copy of one that lives in an object store.
 """
 
 from __future__ import annotations

@@ -169,9 +169,9 @@ def build(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
 
 def same_config(saved_yaml: str, cfg: Section) -> bool:
     """Whether a run's saved config (YAML) is `cfg`, reading the saved one with today's defaults:
-    a field added to raylm since it was written, at its default, does not make it differ (the demo's
-    sweep refused to resume after `train.next_epoch_ahead` was added); a changed value, or a key
-    that no longer exists, does."""
+    a field added to raylm since it was written, at its default, does not make it differ (a new
+    option must not stop an interrupted sweep from resuming); a changed value, or a key the current
+    config does not have, does."""
     try:
         saved = type(cfg).model_validate(yaml.safe_load(saved_yaml) or {})
     except (ValidationError, yaml.YAMLError):

@@ -1,6 +1,6 @@
-"""What every entry point shares: parse `--config/--set`, print the resolved config, connect to
-Ray, run, write summary.json and print its path as the last line. Known bad input exits non-zero
-with one clear message instead of a traceback."""
+"""Errors a user can act on. Every stage raises these with a message that says what and where;
+entry points print it as one line and exit non-zero instead of a traceback.
+"""
 
 from __future__ import annotations
 

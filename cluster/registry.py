@@ -33,7 +33,7 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 }
 # Files worth publishing; pickled weights (*.bin, *.pt, *.pkl) are never read or copied.
 _SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_SKIP_DIRS = ("train_state",)  # cluster.train.STATE_DIR: optimizer state and the training config
+_SKIP_DIRS = ("train_state",)  # cluster.train.checkpoint.STATE_DIR: optimizer state and the training config
 
 
 class RegistryError(ValueError):
@@ -230,9 +230,14 @@ def publish(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_sha256": weights_sha256(checkpoint),
     }
+    return _install(checkpoint, dest, entry, replace=old is not None)
+
+
+def _install(checkpoint: str, dest: str, entry: dict[str, Any], replace: bool) -> str:
+    """Copy `checkpoint` to the entry folder `dest` with its model.json, replacing an old entry."""
     if storage.is_uri(dest):
         # Object stores have no rename: copy in place, model.json last marks the entry complete.
-        if old is not None:
+        if replace:
             storage.delete_dir(dest)
         copy_tree(checkpoint, dest)
         storage.write_json_atomic(storage.join(dest, "model.json"), entry)

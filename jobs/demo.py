@@ -101,6 +101,65 @@ def serve_and_query(port: int) -> None:
         serve.shutdown()
 
 
+def prepare_stage(docs: int | None) -> None:
+    from jobs import prepare as prepare_job
+
+    prep_sets = ["name=demo"] + ([f"sources.0.num_docs={docs}"] if docs else [])
+    prep = load_config(PrepareConfig, os.path.join(CONFIGS, "prepare-synthetic.yaml"), prep_sets)
+    print("== 1. prepare: synthetic corpus -> shards (Ray Data)", flush=True)
+    prep_summary = storage.read_json(prepare_job.run(prep))
+    print(f"   corpus: {prep_summary['corpus']}  entropy floor: "
+          f"{prep_summary['entropy_floor_bpb']['validation']:.3f} bits/byte", flush=True)
+
+
+def pretrain_stage(steps: int | None) -> dict:
+    """Pretrain, then sample the final checkpoint with plain transformers; the run's summary."""
+    from jobs import pretrain as pretrain_job
+
+    train_sets = ["name=demo-gpt", "corpus=demo"] + ([f"train.max_steps={steps}"] if steps else [])
+    train = load_config(PretrainConfig, os.path.join(CONFIGS, "gpt-tiny.yaml"), train_sets)
+    print("== 2. pretrain: tiny GPT (Ray Train)", flush=True)
+    summary = storage.read_json(pretrain_job.run(train))
+    final = summary["final"]
+    print(f"   final checkpoint: {final['checkpoint']}\n   validation: "
+          f"{final['metrics'].get('val_bits_per_byte', float('nan')):.3f} bits/byte "
+          f"(floor {summary['entropy_floor_bpb']:.3f})", flush=True)
+    print("== 3. samples from the final checkpoint (plain transformers)", flush=True)
+    for text in sample(final["checkpoint"], PROMPTS):
+        print(f"   > {text}", flush=True)
+    return summary
+
+
+def sweep_stage(pretrained: dict) -> str:
+    """The sweep, its best classifier published, the pretrained GPT published; the sweep's summary path."""
+    from tune import sweep as sweep_job
+
+    print("== 4. sweep: fine-tune it for topic classification (Ray Tune, ASHA), publish the best", flush=True)
+    sweep_cfg = load_config(SweepConfig, os.path.join(CONFIGS, "tune-topic-tiny.yaml"),
+                            ["name=demo-topic", "finetune.model.checkpoint=demo-gpt", f"publish.name={CLASSIFIER_NAME}"])
+    sweep_path = sweep_job.run(sweep_cfg)
+    sweep = storage.read_json(sweep_path)
+    best = sweep["best"]
+    print(f"   best trial {best['trial_id']}: {sweep['metric']} {best[sweep['metric']]:.3f} "
+          f"(majority-class baseline {sweep['baseline']['accuracy']:.3f}) with {best['config']}; "
+          f"{sweep['stopped_early']} of {sweep['trials']} trials stopped early", flush=True)
+    reg = sweep["registry"]
+    print(f"   registry: {reg['path'] if reg['published'] else 'not published: ' + reg['reason']}")
+    print(f"   registry: {publish_gpt(pretrained)} (generation)", flush=True)
+    return sweep_path
+
+
+def evaluate_stage() -> None:
+    from cluster.stages.evaluate import EvaluateConfig
+    from jobs import evaluate as evaluate_job
+
+    print("== 5. evaluate: the published classifier on 400 topic rows it never saw (Ray Data)", flush=True)
+    held_out = load_config(EvaluateConfig, os.path.join(CONFIGS, "evaluate-topic-tiny.yaml"),
+                           ["name=demo-topic", f"model={CLASSIFIER_NAME}"])
+    scored = storage.read_json(evaluate_job.run(held_out))["metrics"]
+    print(f"   accuracy {scored['accuracy']:.3f}, macro-F1 {scored['macro_f1']:.3f} on held-out rows", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,53 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="HTTP port for the serve stage (default: a free one)")
     args = p.parse_args(argv)
     setup_logging()
-    from cluster.stages.evaluate import EvaluateConfig
-    from jobs import evaluate as evaluate_job
-    from jobs import prepare as prepare_job
-    from jobs import pretrain as pretrain_job
-    from tune import sweep as sweep_job
-
     try:
         runtime.connect()
-        prep_sets = ["name=demo"] + ([f"sources.0.num_docs={args.docs}"] if args.docs else [])
-        prep = load_config(PrepareConfig, os.path.join(CONFIGS, "prepare-synthetic.yaml"), prep_sets)
-        print("== 1. prepare: synthetic corpus -> shards (Ray Data)", flush=True)
-        prep_summary = storage.read_json(prepare_job.run(prep))
-        print(f"   corpus: {prep_summary['corpus']}  entropy floor: "
-              f"{prep_summary['entropy_floor_bpb']['validation']:.3f} bits/byte", flush=True)
-
-        train_sets = ["name=demo-gpt", "corpus=demo"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
-        train = load_config(PretrainConfig, os.path.join(CONFIGS, "gpt-tiny.yaml"), train_sets)
-        print("== 2. pretrain: tiny GPT (Ray Train)", flush=True)
-        summary = storage.read_json(pretrain_job.run(train))
-        final = summary["final"]
-        print(f"   final checkpoint: {final['checkpoint']}\n   validation: "
-              f"{final['metrics'].get('val_bits_per_byte', float('nan')):.3f} bits/byte "
-              f"(floor {summary['entropy_floor_bpb']:.3f})", flush=True)
-
-        print("== 3. samples from the final checkpoint (plain transformers)", flush=True)
-        for text in sample(final["checkpoint"], PROMPTS):
-            print(f"   > {text}", flush=True)
-
-        print("== 4. sweep: fine-tune it for topic classification (Ray Tune, ASHA), publish the best", flush=True)
-        sweep_cfg = load_config(SweepConfig, os.path.join(CONFIGS, "tune-topic-tiny.yaml"),
-                                ["name=demo-topic", "finetune.model.checkpoint=demo-gpt", f"publish.name={CLASSIFIER_NAME}"])
-        sweep_path = sweep_job.run(sweep_cfg)
-        sweep = storage.read_json(sweep_path)
-        best = sweep["best"]
-        print(f"   best trial {best['trial_id']}: {sweep['metric']} {best[sweep['metric']]:.3f} "
-              f"(majority-class baseline {sweep['baseline']['accuracy']:.3f}) with {best['config']}; "
-              f"{sweep['stopped_early']} of {sweep['trials']} trials stopped early", flush=True)
-        reg = sweep["registry"]
-        print(f"   registry: {reg['path'] if reg['published'] else 'not published: ' + reg['reason']}")
-        print(f"   registry: {publish_gpt(summary)} (generation)", flush=True)
-
-        print("== 5. evaluate: the published classifier on 400 topic rows it never saw (Ray Data)", flush=True)
-        held_out = load_config(EvaluateConfig, os.path.join(CONFIGS, "evaluate-topic-tiny.yaml"),
-                               ["name=demo-topic", f"model={CLASSIFIER_NAME}"])
-        scored = storage.read_json(evaluate_job.run(held_out))["metrics"]
-        print(f"   accuracy {scored['accuracy']:.3f}, macro-F1 {scored['macro_f1']:.3f} on held-out rows", flush=True)
-
+        prepare_stage(args.docs)
+        sweep_path = sweep_stage(pretrain_stage(args.steps))
+        evaluate_stage()
         print("== 6. serve: the registry on Ray Serve, queried over HTTP", flush=True)
         serve_and_query(args.port)
     except user_errors() as exc:

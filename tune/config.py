@@ -1,11 +1,5 @@
-"""Hyperparameter sweeps over fine-tuning with Ray Tune: one trial = one fine-tuning run through
-cluster.finetune (the same loop, objectives and strategies), a search space in YAML, ASHA/PBT
-schedulers, random/grid/Optuna search, and the best trial's checkpoint published to the registry.
-
-A trial with one worker is a Tune function trainable running the loop in its own process
-(cluster.session.TuneSession); with N workers it runs a TorchTrainer inside the trial and forwards
-its reports to Tune. Re-running an interrupted sweep (same name, same config) restores it with
-`Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints.
+"""The sweep's typed config: search space domains, scheduler, search algorithm, trial resources and
+publishing; every problem a trial would hit late is checked before any trial starts.
 """
 
 from __future__ import annotations
@@ -52,7 +46,7 @@ class Domain(Section):
         return next(k for k in ("loguniform", "uniform", "randint", "choice", "grid") if getattr(self, k) is not None)
 
     def values(self) -> list[Any]:
-        """Representative values (the bounds for ranges), used to check the key before any trial."""
+        """Representative values (the bounds for ranges): the key is checked with each before any trial."""
         return list(getattr(self, self.kind))
 
     def to_tune(self, grid_choices: bool = False) -> Any:

@@ -1,11 +1,6 @@
-"""Hyperparameter sweeps over fine-tuning with Ray Tune: one trial = one fine-tuning run through
-cluster.finetune (the same loop, objectives and strategies), a search space in YAML, ASHA/PBT
-schedulers, random/grid/Optuna search, and the best trial's checkpoint published to the registry.
-
-A trial with one worker is a Tune function trainable running the loop in its own process
-(cluster.session.TuneSession); with N workers it runs a TorchTrainer inside the trial and forwards
-its reports to Tune. Re-running an interrupted sweep (same name, same config) restores it with
-`Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints.
+"""A finished sweep's results: one row per trial (its values as they were when its best checkpoint
+was saved, untuned and best metric, steps, status), the best checkpoint of each, results.csv, the
+console table and results.png.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Hyperparameter sweeps over fine-tuning with Ray Tune: one trial = one fine-tuning run through
-cluster.finetune (the same loop, objectives and strategies), a search space in YAML, ASHA/PBT
-schedulers, random/grid/Optuna search, and the best trial's checkpoint published to the registry.
-
-A trial with one worker is a Tune function trainable running the loop in its own process
-(cluster.session.TuneSession); with N workers it runs a TorchTrainer inside the trial and forwards
-its reports to Tune. Re-running an interrupted sweep (same name, same config) restores it with
-`Tuner.restore`: finished trials are kept, unfinished ones continue from their checkpoints.
+"""How trials are chosen and stopped: the parameter space and search algorithm (random, grid,
+Optuna TPE), the scheduler (ASHA, PBT, FIFO), and the PBT checkpoint pruner that keeps every
+checkpoint another trial may still clone.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """One sweep trial = one fine-tuning run through cluster.stages.finetune (the same loop, objectives
 and strategies). With one worker a trial is a Tune function trainable running the loop in its own
-process (cluster.train.session.TuneSession); with N workers it runs Ray Train (cluster.train.launcher)
+process (TuneSession); with N workers it runs Ray Train (cluster.train.launcher)
 inside the trial and forwards its reports to Tune."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
@@ -16,12 +16,38 @@ from cluster.data.ingest import epoch_datasets, quiet_data_logs
 from cluster.stages.finetune import FinetuneConfig, plan_run, run_worker
 from tune.config import TrialConfig, trial_config
 
+if TYPE_CHECKING:  # the sweep's driver imports this module; trials import torch when they start
+    import torch
+
+
+class TuneSession:
+    """One process in a Ray Tune function trainable: rank 0 of 1, datasets handed in whole."""
+
+    def __init__(self, datasets: dict[str, Any], use_gpu: bool = False) -> None:
+        import torch
+
+        self.rank, self.world = 0, 1
+        self.datasets = datasets
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def checkpoint(self) -> Any | None:
+        return tune.get_checkpoint()
+
+    def dataset(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
+        # Tune names checkpoints itself (checkpoint_000000, ...); dir_name applies to Ray Train only.
+        ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
 
 def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any], data: dict[str, Any],
                trial: dict[str, Any], sweep_dir: str) -> None:
     """A Tune function trainable: build the trial's fine-tune config and run it."""
-    from cluster.train.session import TuneSession
-
     ctx = tune.get_context()
     cfg_dict = trial_config(base, config)
     cfg_dict["name"] = f"trial-{ctx.get_trial_id()}"

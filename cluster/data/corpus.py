@@ -1,11 +1,6 @@
-"""jobs.prepare's pipeline (raw text -> sharded token blocks) and the Corpus that later stages open.
-
-Ray Data stages: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
-per-split statistics] -> select (drop, de-duplicate, weight) + pack -> write Parquet. A tokenizer to
-train is trained on the cleaned text between cleaning and tokenizing; a reused one lets reading,
-cleaning and tokenizing run fused, one task per part of the input.
-A corpus directory holds `shards/*.parquet`, `tokenizer/`, `config.yaml` and `manifest.json`; the
-manifest is written last, so a directory without one is an unfinished or failed corpus.
+"""A prepared corpus as later stages open it: `shards/*.parquet`, `tokenizer/`, `config.yaml` and
+`manifest.json`. The manifest is written last, so a directory without one is an unfinished or
+failed corpus, and `Corpus.open` refuses it.
 """
 
 from __future__ import annotations

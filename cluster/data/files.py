@@ -1,8 +1,7 @@
-"""Corpus sources as Ray Datasets with one schema: text, key, source, logprob, drop, note.
-
-`key` orders documents deterministically (source, file, position) so a re-run reproduces the same
-shards; `drop` holds a reason for documents that cannot be used (they are counted, never silently
-lost); `note` says where (file and position) for the manifest's problem list.
+"""Documents out of raw files: `.txt` (per file, paragraph or line), JSON lines or a JSON array,
+Parquet, and `.gz` of these, local or in an object store. Files are checked on the driver before
+Ray starts (kind, binary content, the text column) and read in parts by Ray tasks, each document
+keyed by (source, file, position) so a re-run reproduces the same shards.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Corpus sources as Ray Datasets with one schema: text, key, source, logprob, drop, note.
-
-`key` orders documents deterministically (source, file, position) so a re-run reproduces the same
-shards; `drop` holds a reason for documents that cannot be used (they are counted, never silently
-lost); `note` says where (file and position) for the manifest's problem list.
+"""How training reads a prepared corpus or task data: the Ray Datasets handed to TorchTrainer (one
+per epoch, its shard order seeded), the DataConfig that splits them across ranks in order, and
+`RankSlice`, a small validation split each worker reads itself.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ def start_data_actors() -> threading.Thread:
     their processes start in the window where the worker waits for its first batch. Made from the
     driver's job, the coordinator also takes a worker Ray prestarted for the driver (none matches the
     controller's runtime environment). Time to first step on 2 cores: BENCHMARKS.md, Ray Train
-    overhead, 2026-12-05. The caller joins it before returning; a failure is only logged (the job's
+    overhead. The caller joins it before returning; a failure is only logged (the job's
     own executions report real errors)."""
 
     def run() -> None:
@@ -161,7 +159,7 @@ LOCAL_VALIDATION_MAX_TOKENS = 16 * 2**20
 
 
 def local_validation(corpus: Corpus, max_tokens: int = LOCAL_VALIDATION_MAX_TOKENS) -> dict:
-    """The validation split for workers to read themselves (`cluster.sources.RankSlice`), or {} for a
+    """The validation split for workers to read themselves (`cluster.data.ingest.RankSlice`), or {} for a
     split of over `max_tokens`, which Ray Data tasks read and the driver materialises in the object
     store before training starts (every evaluation reads it again). A rank holds at most its share
     of `max_tokens` (64 MiB as int32), read at its first evaluation: nothing of it is on the way to

@@ -2,7 +2,8 @@
 
 `key` orders documents deterministically (source, file, position) so a re-run reproduces the same
 shards; `drop` holds a reason for documents that cannot be used (they are counted, never silently
-lost); `note` says where (file and position) for the manifest's problem list.
+lost); `note` says where (file and position) for the manifest's problem list. Files are read by
+cluster.data.files, the synthetic corpus comes from cluster.data.synthetic.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""cluster.synthetic: a seeded, offline corpus of English-like documents with a known entropy.
+"""cluster.data.synthetic: a seeded, offline corpus of English-like documents with a known entropy.
 
 Documents come from a small probabilistic grammar:
 
@@ -11,7 +11,7 @@ text has exactly one derivation. Its probability is therefore the product of the
 it, `Document.logprob` is that exact ln P(text), `log_prob` recomputes it by parsing, and
 `entropy_bits_per_byte` over a sample is the floor a perfect language model reaches.
 
-    python -m cluster.synthetic --docs 3 --seed 0
+    python -m cluster.data.synthetic --docs 3 --seed 0
 """
 
 from __future__ import annotations

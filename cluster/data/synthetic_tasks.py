@@ -1,17 +1,5 @@
-"""cluster.synthetic: a seeded, offline corpus of English-like documents with a known entropy.
-
-Documents come from a small probabilistic grammar:
-
-    document  = topic, number of sentences n (truncated geometric over 2..8), n sentences
-    sentence  = a template of the topic (uniform), its slots filled by uniform word-list choices
-
-Every word list is disjoint from every other list and from the templates' literal words, each
-topic has its own vocabulary and templates, and no two templates of a topic share a shape, so each
-text has exactly one derivation. Its probability is therefore the product of the choices that made
-it, `Document.logprob` is that exact ln P(text), `log_prob` recomputes it by parsing, and
-`entropy_bits_per_byte` over a sample is the floor a perfect language model reaches.
-
-    python -m cluster.synthetic --docs 3 --seed 0
+"""Labelled tasks drawn from the synthetic grammar, so fine-tuning and its tests need no download:
+topic classification (single texts and pairs), BIO entity tagging and prompt -> completion.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""jobs.prepare's pipeline (raw text -> sharded token blocks) and the Corpus that later stages open.
-
-Ray Data stages: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
-per-split statistics] -> select (drop, de-duplicate, weight) + pack -> write Parquet. A tokenizer to
-train is trained on the cleaned text between cleaning and tokenizing; a reused one lets reading,
-cleaning and tokenizing run fused, one task per part of the input.
-A corpus directory holds `shards/*.parquet`, `tokenizer/`, `config.yaml` and `manifest.json`; the
-manifest is written last, so a directory without one is an unfinished or failed corpus.
+"""jobs.prepare's counts: one pass over the small columns of every document (drop reasons, problem
+notes, duplicates by content hash, per-split documents, tokens, bytes and log-probability after
+source weights), and the validation top-up for a split too small to hold one row.
 """
 
 from __future__ import annotations
@@ -55,11 +50,11 @@ def unwrap_error(exc: BaseException) -> BaseException:
             return CorpusError(str(e).split("\nFailed to ", 1)[0])
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     # Last resort: the remote traceback is flattened into the message.
-    match = re.search(r"cluster\.sources\.CorpusError: (.+)", str(exc))
+    match = re.search(r"cluster\.errors\.CorpusError: (.+)", str(exc))
     return CorpusError(match.group(1).strip()) if match else exc
 
 
-def top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np.ndarray], np.ndarray],
+def validation_top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np.ndarray], np.ndarray],
             cost: np.ndarray, need: int) -> np.ndarray:
     """Indices of the train documents to move to validation so that it holds one row.
 
@@ -85,13 +80,44 @@ def top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np.ndarray], 
 
 
 def tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: bool, max_problems: int = 50,
-           top_up: tuple[str, int, int] | None = None) -> tuple[Counts, dict[str, dict[str, float]]]:
+          top_up: tuple[str, int, int] | None = None) -> tuple[Counts, dict[str, dict[str, float]]]:
     """One pass over the small columns on the driver: drop counts, problem notes, the keys of
     duplicate documents and (with `tokens`) each split's documents, tokens, bytes and log-probability
     after source weights. Exact de-duplication needs a global view; holding 16-byte hashes on the
     driver costs far less than a shuffle by hash and keeps the corpus order (hence determinism).
     With `top_up` = (layout, block_size, split seed) and `tokens`, a validation split too small for
-    one row is topped up from train (`top_up`); the moved keys are in the counts."""
+    one row is topped up from train (`validation_top_up`); the moved keys are in the counts."""
+    arr, hashes, counts = _gather(ds, weights, tokens, max_problems)
+    duplicates: set[int] = set()
+    if dedup:
+        seen: set[bytes] = set()
+        for i in np.argsort(arr["key"], kind="stable"):  # the first document by key is the one kept
+            if hashes[i] in seen:
+                duplicates.add(int(arr["key"][i]))
+            else:
+                seen.add(hashes[i])
+    counts.duplicates = duplicates
+    counts.dropped[DROP_DUPLICATE] = len(duplicates)
+    stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "logprob": 0.0, "synthetic_docs": 0} for s in SPLITS}
+    if tokens and len(arr["key"]):
+        copies = arr["copies"] * ~np.isin(arr["key"], np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))
+        if top_up is not None:
+            layout, block_size, seed = top_up
+            cost, need = (arr["n_tokens"] + 1, block_size) if layout == "blocks" else ((arr["n_tokens"] > 0), 1)
+            moved = validation_top_up(arr["split"], copies,
+                                      lambda idx: np.asarray([hash_unit(hashes[i], salt=seed) for i in idx]),
+                                      cost.astype(np.int64), need)
+            if len(moved):
+                arr["split"][moved] = SPLITS.index("validation")
+                counts.to_validation = {int(k) for k in arr["key"][moved]}
+        stats = _split_stats(arr, copies)
+    return counts, stats
+
+
+def _gather(ds: ray.data.Dataset, weights: dict[str, float], tokens: bool, max_problems: int
+            ) -> tuple[dict[str, np.ndarray], list[bytes], Counts]:
+    """The kept documents' small columns as arrays (key, copies after weighting and, with `tokens`,
+    split, n_tokens, n_bytes, logprob), their content hashes, and the drop counts and notes."""
     names = ["key", "hash", "drop", "note", "source"] + (["split", "n_tokens", "n_bytes", "logprob"] if tokens else [])
     cols: dict[str, list] = {c: [] for c in ("key", "copies", "split", "n_tokens", "n_bytes", "logprob")}
     hashes: list[bytes] = []
@@ -118,35 +144,21 @@ def tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: 
             for c in ("n_tokens", "n_bytes", "logprob"):
                 cols[c].append(batch.column(c).to_numpy())
     arr = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
-    duplicates: set[int] = set()
-    if dedup:
-        seen: set[bytes] = set()
-        for i in np.argsort(arr["key"], kind="stable"):  # the first document by key is the one kept
-            if hashes[i] in seen:
-                duplicates.add(int(arr["key"][i]))
-            else:
-                seen.add(hashes[i])
-    dropped[DROP_DUPLICATE] = len(duplicates)
-    counts = Counts(docs_in, dict(dropped), problems, duplicates)
-    stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "logprob": 0.0, "synthetic_docs": 0} for s in SPLITS}
-    if tokens and len(arr["key"]):
-        copies = arr["copies"] * ~np.isin(arr["key"], np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))
-        if top_up is not None:
-            layout, block_size, seed = top_up
-            cost, need = (arr["n_tokens"] + 1, block_size) if layout == "blocks" else ((arr["n_tokens"] > 0), 1)
-            moved = top_up(arr["split"], copies, lambda idx: np.asarray([hash_unit(hashes[i], salt=seed) for i in idx]),
-                            cost.astype(np.int64), need)
-            if len(moved):
-                arr["split"][moved] = SPLITS.index("validation")
-                counts.to_validation = {int(k) for k in arr["key"][moved]}
-        synthetic = ~np.isnan(arr["logprob"])
-        for code, split in enumerate(SPLITS):
-            c = copies * (arr["split"] == code)
-            stats[split] = {
-                "documents": int(c.sum()),
-                "tokens": int((c * arr["n_tokens"]).sum()),
-                "bytes": int((c * arr["n_bytes"]).sum()),
-                "logprob": float((c * np.where(synthetic, arr["logprob"], 0.0)).sum()),
-                "synthetic_docs": int((c * synthetic).sum()),
-            }
-    return counts, stats
+    return arr, hashes, Counts(docs_in, dict(dropped), problems, set())
+
+
+def _split_stats(arr: dict[str, np.ndarray], copies: np.ndarray) -> dict[str, dict[str, float]]:
+    """Documents, tokens, bytes and the synthetic documents' log-probability per split, each
+    document counted `copies` times (0 for a duplicate)."""
+    synthetic = ~np.isnan(arr["logprob"])
+    stats = {}
+    for code, split in enumerate(SPLITS):
+        c = copies * (arr["split"] == code)
+        stats[split] = {
+            "documents": int(c.sum()),
+            "tokens": int((c * arr["n_tokens"]).sum()),
+            "bytes": int((c * arr["n_bytes"]).sum()),
+            "logprob": float((c * np.where(synthetic, arr["logprob"], 0.0)).sum()),
+            "synthetic_docs": int((c * synthetic).sum()),
+        }
+    return stats

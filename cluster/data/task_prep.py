@@ -1,11 +1,7 @@
-"""Labelled data for fine-tuning: load a task's train/validation splits, check them, infer the label
-set, tokenize with the base checkpoint's tokenizer (Ray Data `map_batches`) and compute the trivial
-baseline a fine-tuned model must beat.
-
-Sources: CSV / JSONL / Parquet files (Ray Data readers), a Hugging Face dataset (`datasets`, local
-files through a builder or a hub name when online), or the synthetic generator's tasks. Every
-problem (missing file or column, rows without labels, validation labels the training split never
-shows) is a TaskDataError naming the split, the column and what was found, raised before training.
+"""Labelled task data made ready for training and evaluation: per-split statistics (rows, labels,
+lengths) computed by Ray Data, the label set, tokenization with the base checkpoint's tokenizer
+(`map_batches`, tags aligned to sub-tokens by character offsets), and the trivial baseline a
+fine-tuned model must beat.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Labelled data for fine-tuning: load a task's train/validation splits, check them, infer the label
-set, tokenize with the base checkpoint's tokenizer (Ray Data `map_batches`) and compute the trivial
-baseline a fine-tuned model must beat.
+"""Labelled data for fine-tuning and evaluation: the `data:` config section and the loading and
+checking of a task's train/validation splits.
 
 Sources: CSV / JSONL / Parquet files (Ray Data readers), a Hugging Face dataset (`datasets`, local
 files through a builder or a hub name when online), or the synthetic generator's tasks. Every

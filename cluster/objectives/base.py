@@ -1,8 +1,7 @@
-"""What the training loop optimises: a batch from the corpus -> model inputs -> loss and summable
-statistics. The loop in cluster.train knows nothing else about the model family or the task.
+"""What every objective offers the training loop: `collate` (a batch of rows -> model inputs),
+`forward` (loss and summable statistics) and `summarize` (reduced sums -> metrics).
 
-`stats` are sums (nats, tokens, correct, ...) so they reduce across ranks and batches by addition;
-`summarize` turns reduced sums into metrics.
+`stats` are sums (nats, tokens, correct, ...) so they reduce across ranks and batches by addition.
 """
 
 from __future__ import annotations

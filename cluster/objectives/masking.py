@@ -1,14 +1,6 @@
-"""BERT-family pretraining objectives as batch builders: masked LM (token-level or whole-word),
-next sentence prediction (BERT) and sentence order prediction (ALBERT).
-
-Pure numpy/torch, no Ray and no model: training workers apply them to each batch, so dynamic
-masks are fresh every epoch. Pair builders read "segments"-layout rows (see `cluster.packing`):
-`input_ids` without special tokens, `sentence_starts` (offsets of each sentence, first 0) and
-`doc_id` (shared by the chunks of one document).
-
-Label conventions follow Hugging Face so the outputs feed BertForPreTraining/AlbertForPreTraining:
-MLM labels are -100 where no loss is taken; NSP label 0 means "B follows A"; SOP label 0 means
-"in order"; a pair label is -100 for a row that cannot make a valid pair (it still trains MLM).
+"""Masked-LM masking for the BERT family: token-level or whole-word selection at the configured
+rate, BERT's 80/10/10 replacement, and seeded generators so that masks are reproducible (static:
+per example; dynamic: per epoch, step and rank).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""BERT-family pretraining objectives as batch builders: masked LM (token-level or whole-word),
-next sentence prediction (BERT) and sentence order prediction (ALBERT).
-
-Pure numpy/torch, no Ray and no model: training workers apply them to each batch, so dynamic
-masks are fresh every epoch. Pair builders read "segments"-layout rows (see `cluster.packing`):
-`input_ids` without special tokens, `sentence_starts` (offsets of each sentence, first 0) and
-`doc_id` (shared by the chunks of one document).
-
-Label conventions follow Hugging Face so the outputs feed BertForPreTraining/AlbertForPreTraining:
-MLM labels are -100 where no loss is taken; NSP label 0 means "B follows A"; SOP label 0 means
-"in order"; a pair label is -100 for a row that cannot make a valid pair (it still trains MLM).
+"""Sentence-pair batches for BERT-family pretraining: NSP (BERT: the next segment or one from another
+document) and SOP (ALBERT: two consecutive segments, in order or swapped), built from the
+sentence-aware rows a `segments` corpus holds, plus single-segment rows for MLM alone (RoBERTa).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ training reported, as Ray Data batch inference.
   BLEU of greedy generations), as jobs.finetune evaluates.
 
 The split is read by Ray Data and scored by a pool of actors (`scaling.workers`), each holding the
-model once; every batch comes back as the objective's summable statistics (cluster.losses,
-cluster.task_losses), which the driver adds up and turns into metrics. The objectives are the
+model once; every batch comes back as the objective's summable statistics (cluster.objectives,
+via cluster.stages.scoring), which the driver adds up and turns into metrics. The objectives are the
 training loop's own, so a checkpoint scored here on its validation split gets the numbers its run
 reported.
 """

@@ -1,11 +1,9 @@
-"""jobs.prepare's pipeline (raw text -> sharded token blocks) and the Corpus that later stages open.
+"""jobs.prepare's stage: raw text -> a corpus of sharded token blocks.
 
-Ray Data stages: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
+Ray Data steps: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
 per-split statistics] -> select (drop, de-duplicate, weight) + pack -> write Parquet. A tokenizer to
 train is trained on the cleaned text between cleaning and tokenizing; a reused one lets reading,
-cleaning and tokenizing run fused, one task per part of the input.
-A corpus directory holds `shards/*.parquet`, `tokenizer/`, `config.yaml` and `manifest.json`; the
-manifest is written last, so a directory without one is an unfinished or failed corpus.
+cleaning and tokenizing run fused, one task per part of the input. The manifest is written last.
 """
 
 from __future__ import annotations
@@ -161,96 +159,18 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
     # ever looks complete.
     run = RunDir("prepare", cfg.name, root).begin(cfg, MANIFEST, "shards")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-
     try:
-        max_line = int(cfg.clean.max_line_mb * 2**20)
-        datasets = [source_dataset(s, i, max_line) for i, s in enumerate(cfg.sources)]
-        raw = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        weights = {s.label: s.weight for s in cfg.sources}
-        cleaned = raw.map_batches(
-            clean_batch,
-            fn_kwargs={"clean_cfg": cfg.clean.to_dict(), "split_cfg": cfg.split.to_dict()},
-            batch_size=None,  # the batches the source yields (a batch size here would bundle whole parts)
-            batch_format="pyarrow",
-        )
         with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
-            if cfg.tokenizer.path:
-                # A reused tokenizer is known up front, so reading, cleaning and tokenizing run fused
-                # in one task per part of the input: one pass, and no text held in the object store.
-                # Duplicates are tokenized too and dropped at packing (they are few in real corpora).
-                tok, tok_local = corpus_tokenizer(cfg, None, workdir)
-                log.info("stage 1/2: read + clean + tokenize")
-            else:
-                log.info("stage 1/4: read + clean")
-                cleaned = cleaned.materialize()
-                counts, _ = tally(cleaned, cfg.clean.dedup, weights, tokens=False)
-                if counts.kept == 0:
-                    raise _empty(cfg, counts)
-                log.info("stage 2/4: tokenizer")
-                kept = cleaned.map_batches(
-                    select_batch, fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
-                    batch_size=2048, batch_format="pyarrow",
-                )
-                tok, tok_local = corpus_tokenizer(cfg, kept, workdir)
-                log.info("stage 3/4: tokenize")
-            eod = end_of_document_id(tok)
-            tokenized = cleaned.map_batches(
-                tokenize_batch,
-                fn_kwargs={"tokenizer_json": tok.backend_tokenizer.to_str(), "layout": cfg.pack.layout,
-                           "max_segment_tokens": cfg.pack.max_segment_tokens},
-                # Fused behind the source: its batches. Over materialised blocks: bounded batches.
-                batch_size=None if cfg.tokenizer.path else 4096,
-                batch_format="pyarrow",
-            ).materialize()
-            top_up = (cfg.pack.layout, cfg.pack.block_size, cfg.split.seed) if cfg.split.validation_fraction else None
-            counts, stats = tally(tokenized, cfg.clean.dedup, weights, tokens=True, top_up=top_up)
-            n_kept = sum(int(s["documents"]) for s in stats.values())
-            if n_kept == 0:  # every document was filtered out or weighted away
-                raise _empty(cfg, counts)
-            if counts.to_validation:
-                log.warning("split.validation_fraction %g held out less than one row of %d documents: moved %d "
-                            "train document(s) to validation (the next ones by split hash)",
-                            cfg.split.validation_fraction, n_kept, len(counts.to_validation))
-
+            weights = {s.label: s.weight for s in cfg.sources}
+            tokenized, tok, tok_local = read_and_tokenize(cfg, weights, workdir)
+            counts, stats, n_kept = count_documents(cfg, tokenized, weights)
             log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
-            shards_dir = run.file("shards")
-
-            def write(split: str) -> list[dict]:
-                part = tokenized.map_batches(
-                    select_batch, batch_size=4096, batch_format="pyarrow",
-                    fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split,
-                               "to_validation": counts.to_validation},
-                )
-                if cfg.pack.layout == "blocks":
-                    rows = part.map_batches(
-                        pack_batch, fn_kwargs={"block_size": cfg.pack.block_size, "eod_id": eod},
-                        batch_size=4096, batch_format="pyarrow",
-                    )
-                    row_bytes = cfg.pack.block_size * 4
-                else:
-                    rows = part.map_batches(segment_rows, batch_size=1024)
-                    row_bytes = cfg.pack.max_segment_tokens * 8
-                rows_per_shard = max(1, int(cfg.output.shard_mb * 2**20 // row_bytes))
-                return write_split(rows, shards_dir, split, rows_per_shard)
-
-            # The splits are written concurrently: each is a few short Ray Data executions (pack,
-            # count, repartition + write) whose cost is mostly scheduling latency, not CPU. Shards do
-            # not depend on it (each split's executions keep their own order).
-            with ThreadPoolExecutor(len(SPLITS), thread_name_prefix="raylm-write") as pool:
-                shards = [shard for written in pool.map(write, SPLITS) for shard in written]
-            if not any(sh["rows"] for sh in shards if sh["split"] == "train"):
-                # A corpus no training job can read is a failure, not a finished corpus.
-                train = stats["train"]
-                unit = (f"one block of {cfg.pack.block_size} tokens (pack.block_size)" if cfg.pack.layout == "blocks"
-                        else "one segment")
-                raise CorpusError(
-                    f"corpus '{cfg.name}' has no training row: its {train['documents']} train document(s) hold "
-                    f"{train['tokens']} tokens, less than {unit}; add documents or lower pack.block_size"
-                )
+            eod = end_of_document_id(tok)
+            shards = write_shards(cfg, tokenized, counts, weights, eod, run.file("shards"))
+            check_training_rows(cfg, shards, stats)
             _upload_tokenizer(tok_local, run.file("tokenizer"))
     except Exception as exc:
         raise unwrap_error(exc) from None
-
     manifest = _manifest(cfg, counts, n_kept, stats, shards, tok, eod)
     storage.write_json_atomic(run.file(MANIFEST), manifest)
     return {
@@ -262,6 +182,106 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
         "shards": len(shards),
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float], workdir: str) -> tuple[Any, Any, str]:
+    """Every source read and cleaned, the tokenizer reused or trained, and every document tokenized
+    (materialised: the counts and both splits' writes read it). Returns (tokenized, tokenizer,
+    the tokenizer's local folder)."""
+    max_line = int(cfg.clean.max_line_mb * 2**20)
+    datasets = [source_dataset(s, i, max_line) for i, s in enumerate(cfg.sources)]
+    raw = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    cleaned = raw.map_batches(
+        clean_batch,
+        fn_kwargs={"clean_cfg": cfg.clean.to_dict(), "split_cfg": cfg.split.to_dict()},
+        batch_size=None,  # the batches the source yields (a batch size here would bundle whole parts)
+        batch_format="pyarrow",
+    )
+    if cfg.tokenizer.path:
+        # A reused tokenizer is known up front, so reading, cleaning and tokenizing run fused
+        # in one task per part of the input: one pass, and no text held in the object store.
+        # Duplicates are tokenized too and dropped at packing (they are few in real corpora).
+        tok, tok_local = corpus_tokenizer(cfg, None, workdir)
+        log.info("stage 1/2: read + clean + tokenize")
+    else:
+        log.info("stage 1/4: read + clean")
+        cleaned = cleaned.materialize()
+        counts, _ = tally(cleaned, cfg.clean.dedup, weights, tokens=False)
+        if counts.kept == 0:
+            raise _empty(cfg, counts)
+        log.info("stage 2/4: tokenizer")
+        kept = cleaned.map_batches(
+            select_batch, fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
+            batch_size=2048, batch_format="pyarrow",
+        )
+        tok, tok_local = corpus_tokenizer(cfg, kept, workdir)
+        log.info("stage 3/4: tokenize")
+    tokenized = cleaned.map_batches(
+        tokenize_batch,
+        fn_kwargs={"tokenizer_json": tok.backend_tokenizer.to_str(), "layout": cfg.pack.layout,
+                   "max_segment_tokens": cfg.pack.max_segment_tokens},
+        # Fused behind the source: its batches. Over materialised blocks: bounded batches.
+        batch_size=None if cfg.tokenizer.path else 4096,
+        batch_format="pyarrow",
+    ).materialize()
+    return tokenized, tok, tok_local
+
+
+def count_documents(cfg: PrepareConfig, tokenized: Any, weights: dict[str, float]) -> tuple[Counts, dict, int]:
+    """Drop reasons, duplicates, per-split statistics and the validation top-up; the number of
+    documents kept after weighting. An empty corpus is refused here."""
+    top_up = (cfg.pack.layout, cfg.pack.block_size, cfg.split.seed) if cfg.split.validation_fraction else None
+    counts, stats = tally(tokenized, cfg.clean.dedup, weights, tokens=True, top_up=top_up)
+    n_kept = sum(int(s["documents"]) for s in stats.values())
+    if n_kept == 0:  # every document was filtered out or weighted away
+        raise _empty(cfg, counts)
+    if counts.to_validation:
+        log.warning("split.validation_fraction %g held out less than one row of %d documents: moved %d "
+                    "train document(s) to validation (the next ones by split hash)",
+                    cfg.split.validation_fraction, n_kept, len(counts.to_validation))
+    return counts, stats, n_kept
+
+
+def write_shards(cfg: PrepareConfig, tokenized: Any, counts: Counts, weights: dict[str, float], eod: int,
+                 shards_dir: str) -> list[dict]:
+    """Both splits selected (duplicates dropped, weights applied), packed and written as Parquet."""
+
+    def write(split: str) -> list[dict]:
+        part = tokenized.map_batches(
+            select_batch, batch_size=4096, batch_format="pyarrow",
+            fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split,
+                       "to_validation": counts.to_validation},
+        )
+        if cfg.pack.layout == "blocks":
+            rows = part.map_batches(
+                pack_batch, fn_kwargs={"block_size": cfg.pack.block_size, "eod_id": eod},
+                batch_size=4096, batch_format="pyarrow",
+            )
+            row_bytes = cfg.pack.block_size * 4
+        else:
+            rows = part.map_batches(segment_rows, batch_size=1024)
+            row_bytes = cfg.pack.max_segment_tokens * 8
+        rows_per_shard = max(1, int(cfg.output.shard_mb * 2**20 // row_bytes))
+        return write_split(rows, shards_dir, split, rows_per_shard)
+
+    # The splits are written concurrently: each is a few short Ray Data executions (pack,
+    # count, repartition + write) whose cost is mostly scheduling latency, not CPU. Shards do
+    # not depend on it (each split's executions keep their own order).
+    with ThreadPoolExecutor(len(SPLITS), thread_name_prefix="raylm-write") as pool:
+        return [shard for written in pool.map(write, SPLITS) for shard in written]
+
+
+def check_training_rows(cfg: PrepareConfig, shards: list[dict], stats: dict) -> None:
+    """A corpus no training job can read is a failure, not a finished corpus."""
+    if any(sh["rows"] for sh in shards if sh["split"] == "train"):
+        return
+    train = stats["train"]
+    unit = (f"one block of {cfg.pack.block_size} tokens (pack.block_size)" if cfg.pack.layout == "blocks"
+            else "one segment")
+    raise CorpusError(
+        f"corpus '{cfg.name}' has no training row: its {train['documents']} train document(s) hold "
+        f"{train['tokens']} tokens, less than {unit}; add documents or lower pack.block_size"
+    )
 
 
 def _upload_tokenizer(local: str, dest: str) -> None:

@@ -1,17 +1,6 @@
-"""jobs.evaluate's core: score a trained checkpoint on data it did not train on, with the metrics its
-training reported, as Ray Data batch inference.
-
-- On a prepared corpus (`corpus:`): a causal LM's loss, perplexity and bits per byte; an encoder's
-  masked-LM loss and accuracy (and NSP/SOP for a pretraining head), as jobs.pretrain evaluates.
-- On labelled data (`data:`, jobs.finetune's data section): classification (accuracy, macro-F1,
-  per-class), tagging (token accuracy, entity P/R/F1) or completion (loss, perplexity, ROUGE-L and
-  BLEU of greedy generations), as jobs.finetune evaluates.
-
-The split is read by Ray Data and scored by a pool of actors (`scaling.workers`), each holding the
-model once; every batch comes back as the objective's summable statistics (cluster.losses,
-cluster.task_losses), which the driver adds up and turns into metrics. The objectives are the
-training loop's own, so a checkpoint scored here on its validation split gets the numbers its run
-reported.
+"""jobs.evaluate's scoring: a pool of Ray Data actors, each holding the model once, turns batches of
+rows into the objective's summable statistics (the training loop's own objectives, so a checkpoint
+scored on its validation split gets the numbers its run reported); the driver adds them up.
 """
 
 from __future__ import annotations

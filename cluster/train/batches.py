@@ -1,12 +1,6 @@
-"""The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
-
-Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
-FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
-a resumed run see the same blocks as an uninterrupted one.
-
-Data position: with `preserve_order`, Ray Data's streaming split hands blocks to ranks in a fixed
-order (each block to the rank that has received the fewest rows), and each epoch's order is seeded,
-so (epoch, batches consumed) pins the exact rows. Resume skips that many batches: exact to one batch.
+"""This rank's micro-batches of an epoch, and starting an epoch's Ray Data pipeline ahead of time
+(the first batch while the model is built, the next epoch halfway through this one), so training
+does not stall waiting for data.
 """
 
 from __future__ import annotations
@@ -46,8 +40,8 @@ class FirstBatchAhead:
     """An epoch's batch iterator whose first batch is fetched by a background thread from the
     moment it is made. Ray Data's pipeline behind the first batch (the split coordinator actor and
     the read tasks, in other processes) then starts while this process imports transformers and
-    builds the model, instead of after: on a 2-core machine the first batch used to arrive ~7 s
-    after the model was ready."""
+    builds the model, instead of after, where on a 2-core machine it arrived ~7 s after the model
+    was ready."""
 
     def __init__(self, epoch: int, batches: Any):
         self.epoch = epoch
@@ -80,8 +74,8 @@ def next_epoch_ahead_at(plan: Plan, grad_accum: int) -> int:
     first blocks) stalled training at every boundary: ~2 s with 2 workers on 2 cores. Starting it
     halfway through the epoch before hides that. The index must be the same on every rank: Ray Train hands
     out a dataset's shards when rank 0 asks, and Ray Data's split coordinator starts an epoch only
-    once every rank has asked for its first batch; a rank that asked on its own schedule (an earlier
-    version used a time estimate) blocked while the others waited for it in a DDP collective. Every
+    once every rank has asked for its first batch; a rank that asked on its own schedule (a time
+    estimate, say) would block while the others waited for it in a DDP collective. Every
     rank sees the same number of micro-batches per epoch (`DataConfig` splits with `equal=True`),
     and the plan's count is the same on all of them. Halfway, not near the end: it costs only the
     next pipeline's buffered blocks, which it holds either way, and leaves time for any step speed."""

@@ -1,12 +1,6 @@
-"""The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
-
-Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
-FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
-a resumed run see the same blocks as an uninterrupted one.
-
-Data position: with `preserve_order`, Ray Data's streaming split hands blocks to ranks in a fixed
-order (each block to the rank that has received the fewest rows), and each epoch's order is seeded,
-so (epoch, batches consumed) pins the exact rows. Resume skips that many batches: exact to one batch.
+"""Checkpoints: a Hugging Face directory (safetensors, config, tokenizer) loadable with transformers
+alone, plus `train_state/` beside it (optimizer, scheduler, RNG, step and data position) from which
+a run resumes exactly; and finding a run's latest checkpoint.
 """
 
 from __future__ import annotations

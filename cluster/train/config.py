@@ -1,5 +1,7 @@
-"""jobs.pretrain's core: the typed config, the driver side (datasets, TorchTrainer, summary) and the
-per-worker function that builds the model and runs cluster.train.Loop."""
+"""The config sections every training stage shares: `train` (batches, steps, evaluation,
+checkpoints, precision), `optim` (AdamW and its schedule) and `scaling` (Ray Train workers, their
+resources and the data-parallel strategy).
+"""
 
 from __future__ import annotations
 

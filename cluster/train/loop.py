@@ -1,6 +1,6 @@
 """The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
 
-Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
+Objectives (cluster.objectives) decide what a batch means; this loop owns placement (device, DDP or
 FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
 a resumed run see the same blocks as an uninterrupted one.
 

@@ -1,12 +1,5 @@
-"""The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
-
-Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
-FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
-a resumed run see the same blocks as an uninterrupted one.
-
-Data position: with `preserve_order`, Ray Data's streaming split hands blocks to ranks in a fixed
-order (each block to the rank that has received the fewest rows), and each epoch's order is seeded,
-so (epoch, batches consumed) pins the exact rows. Resume skips that many batches: exact to one batch.
+"""Where the model runs and in what precision: autocast dtype, unwrapping DDP/FSDP/peft wrappers,
+seeding, and the cross-rank sums and gathers the loop's metrics need.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Where the training loop runs: a Ray Train worker, or a single process inside a Ray Tune trial.
 
-`cluster.train.Loop` talks to its host only through a session: rank and world size, the device,
+`cluster.train.loop.Loop` talks to its host only through a session: rank and world size, the device,
 the checkpoint to resume from, the datasets, how the model is placed, and how metrics and
 checkpoints are reported. Ray Train's `ray.train.*` functions refuse to run inside a Tune function
 trainable (Ray 2.60 raises there and points to `ray.tune.*`), so a one-worker trial gets its own
-session instead of a copy of the loop.
+session (`tune.trial.TuneSession`) instead of a copy of the loop.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class TrainSession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         quiet_report_log()
-        # Datasets this worker reads itself (a small validation split: `cluster.sources.RankSlice`),
+        # Datasets this worker reads itself (a small validation split: `cluster.data.ingest.RankSlice`),
         # by name; every other name is the TorchTrainer dataset's shard.
         self.local: dict[str, Any] = {}
 
@@ -89,30 +89,3 @@ class TrainSession:
             ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
             )
-
-
-class TuneSession:
-    """One process in a Ray Tune function trainable: rank 0 of 1, datasets handed in whole."""
-
-    def __init__(self, datasets: dict[str, Any], use_gpu: bool = False) -> None:
-        self.rank, self.world = 0, 1
-        self.datasets = datasets
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-    def checkpoint(self) -> Any | None:
-        import ray.tune
-
-        return ray.tune.get_checkpoint()
-
-    def dataset(self, name: str) -> Any:
-        return self.datasets[name]
-
-    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
-        import ray.tune
-
-        # Tune names checkpoints itself (checkpoint_000000, ...); dir_name applies to Ray Train only.
-        ckpt = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=ckpt)

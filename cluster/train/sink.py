@@ -1,12 +1,5 @@
-"""The one training loop, run by every Ray Train worker: setup -> step -> evaluate -> checkpoint.
-
-Objectives (cluster.losses) decide what a batch means; this loop owns placement (device, DDP or
-FSDP, precision), the optimiser and schedule, metrics, checkpoints and the data position that makes
-a resumed run see the same blocks as an uninterrupted one.
-
-Data position: with `preserve_order`, Ray Data's streaming split hands blocks to ranks in a fixed
-order (each block to the rank that has received the fewest rows), and each epoch's order is seeded,
-so (epoch, batches consumed) pins the exact rows. Resume skips that many batches: exact to one batch.
+"""Where a run's metrics go (rank 0): metrics.jsonl, TensorBoard, MLflow when configured, and one
+console line per log interval; plus the FLOPs per token and GPU peak behind the MFU figure.
 """
 
 from __future__ import annotations

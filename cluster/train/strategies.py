@@ -1,10 +1,6 @@
-"""Fine-tuning: a pretrained checkpoint + labelled data -> a task model, through the same training
-loop as pretraining (cluster.train.Loop) with a task objective (cluster.task_losses) and a strategy
-(full, frozen backbone, LoRA). `jobs.finetune` runs it on Ray Train; `tune.sweep` runs one of these
-per trial.
-
-The driver resolves the base checkpoint, checks it can serve the task, prepares the data
-(cluster.tasks) and plans the steps; workers rebuild everything from plain dicts.
+"""Fine-tuning strategies: full (everything trains), frozen (the head, plus the top k blocks) and
+LoRA (peft adapters, merged into plain weights in every checkpoint); checked on the driver against a
+weightless copy of the model before any worker starts.
 """
 
 from __future__ import annotations

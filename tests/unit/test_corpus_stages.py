@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from cluster.data.files import DOC_SCHEMA
 from cluster.data.packing import pack_blocks
 from cluster.data.pipeline import clean_batch, pack_batch, select_batch, tokenize_batch, weight_copies
-from cluster.data.tally import top_up
+from cluster.data.tally import validation_top_up
 from cluster.data.text import content_hash
 from cluster.data.tokenizer import TokenizerConfig, train_tokenizer
 
@@ -75,24 +75,24 @@ def test_top_up_moves_the_next_documents_by_split_hash_until_validation_holds_a_
     units = np.array([0.5, 0.1, 0.9, 0.05, 0.3])  # the order a growing validation_fraction takes them: 3, 1, 4, 0, 2
     cost = np.array([10, 10, 10, 10, 10])
     by_unit = lambda idx: units[idx]  # noqa: E731
-    assert top_up(split, np.ones(5, np.int64), by_unit, cost, need=10).tolist() == [3]
-    assert top_up(split, np.ones(5, np.int64), by_unit, cost, need=11).tolist() == [3, 1]
+    assert validation_top_up(split, np.ones(5, np.int64), by_unit, cost, need=10).tolist() == [3]
+    assert validation_top_up(split, np.ones(5, np.int64), by_unit, cost, need=11).tolist() == [3, 1]
     # a duplicate (no copies) is never moved; a document copied twice by its weight counts twice
-    assert top_up(split, np.array([0, 1, 1, 1, 1]), by_unit, cost, need=11).tolist() == [3, 1]
-    assert top_up(split, np.array([1, 1, 1, 2, 1]), by_unit, cost, need=20).tolist() == [3]
-    assert top_up(split, np.ones(5, np.int64), by_unit, np.array([10, 0, 10, 10, 10]), need=11).tolist() == [3, 4]
+    assert validation_top_up(split, np.array([0, 1, 1, 1, 1]), by_unit, cost, need=11).tolist() == [3, 1]
+    assert validation_top_up(split, np.array([1, 1, 1, 2, 1]), by_unit, cost, need=20).tolist() == [3]
+    assert validation_top_up(split, np.ones(5, np.int64), by_unit, np.array([10, 0, 10, 10, 10]), need=11).tolist() == [3, 4]
 
 
 def test_top_up_leaves_a_validation_split_that_holds_a_row_and_a_train_split_that_cannot_spare_one():
     by_index = lambda idx: idx / 10  # noqa: E731
     ones = np.ones(4, np.int64)
-    assert top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.full(4, 10), need=10).tolist() == []
+    assert validation_top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.full(4, 10), need=10).tolist() == []
     # validation weighs 5 of 10: one more document; train keeps 20
-    assert top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.array([10, 5, 10, 10]), 10).tolist() == [0]
+    assert validation_top_up(np.array([TRAIN, VAL, TRAIN, TRAIN]), ones, by_index, np.array([10, 5, 10, 10]), 10).tolist() == [0]
     # moving enough would leave train less than a row: nothing moves (pretraining then says why)
-    assert top_up(np.array([TRAIN, TRAIN]), ones[:2], by_index, np.array([10, 5]), need=10).tolist() == []
-    assert top_up(np.array([TRAIN]), ones[:1], by_index, np.array([100]), need=10).tolist() == []
-    assert top_up(np.zeros(0, np.int64), ones[:0], by_index, np.zeros(0, np.int64), need=10).tolist() == []
+    assert validation_top_up(np.array([TRAIN, TRAIN]), ones[:2], by_index, np.array([10, 5]), need=10).tolist() == []
+    assert validation_top_up(np.array([TRAIN]), ones[:1], by_index, np.array([100]), need=10).tolist() == []
+    assert validation_top_up(np.zeros(0, np.int64), ones[:0], by_index, np.zeros(0, np.int64), need=10).tolist() == []
 
 
 def test_select_applies_source_weights_as_copies_in_order():

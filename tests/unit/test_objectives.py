@@ -565,7 +565,7 @@ def test_build_single_truncates_and_pads():
 
 
 # ---------------------------------------------------------------------------------------------
-# The MLM objective's batches (cluster.losses.MaskedLM)
+# The MLM objective's batches (cluster.objectives.lm.MaskedLM)
 
 
 def segment_batch(rows: list[dict]) -> dict[str, np.ndarray]:

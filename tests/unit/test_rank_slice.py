@@ -1,4 +1,4 @@
-"""A small validation split read by each training worker itself (`cluster.sources.RankSlice`): every
+"""A small validation split read by each training worker itself (`cluster.data.ingest.RankSlice`): every
 rank gets an equal, disjoint, in-order share, as Ray Data's `streaming_split(equal=True)` gives it
 (no Ray here; tests/integration/test_pretrain.py checks it against Ray Data's own read)."""
 

@@ -1,4 +1,4 @@
-"""cluster.synthetic: determinism, exact probabilities, unambiguity, entities and fine-tuning sets."""
+"""cluster.data.synthetic: determinism, exact probabilities, unambiguity, entities and fine-tuning sets."""
 
 from __future__ import annotations
 
