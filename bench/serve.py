@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=1,
                    help="times the batching and colocated Serve rows run, alternately (medians printed)")
     p.add_argument("--classifier-size", choices=["mini", "small", "124m"], default=None,
-                   help="the classifier's layers as this cluster.models preset (default: serve.tiny's 2 layers "
+                   help="the classifier's layers as this cluster.train.models preset (default: serve.tiny's 2 layers "
                         "of width 32, whose compute is small next to a request's overhead)")
     p.add_argument("--batch-wait", type=float, default=None,
-                   help="Serve rows' batch_wait_timeout_s (default: serve.app's default)")
+                   help="Serve rows' batch_wait_timeout_s (default: serve.options' default)")
     ns = p.parse_args(argv)
 
     import torch

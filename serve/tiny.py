@@ -46,7 +46,7 @@ def save_gpt(path: str, max_len: int = 128) -> str:
 
 
 def save_bert(path: str, task: str, max_len: int = 64, size: str | None = None) -> str:
-    """task: fill-mask | classification | tagging. `size`: a cluster.models preset (mini, small,
+    """task: fill-mask | classification | tagging. `size`: a cluster.train.models preset (mini, small,
     124m) for the layers, where the model's compute should weigh as in real use; default: 2 layers
     of width 32, for tests."""
     tok = train_tokenizer(sentences(), TokenizerConfig(kind="wordpiece", vocab_size=400, min_frequency=1,

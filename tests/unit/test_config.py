@@ -118,7 +118,7 @@ def test_one_string_stands_for_a_list_of_one(tmp_path):
         load_config(FinetuneConfig, path, ["data.train=3"])
     prep = load_config(PrepareConfig, None, ["sources=[{kind: files, paths: notes.txt}]", "clean.charsets=latin"])
     assert prep.sources[0].paths == ["notes.txt"] and prep.clean.charsets == ["latin"]
-    from serve.app import AppArgs
+    from serve.options import AppArgs
 
     assert AppArgs.model_validate({"models": "bert-cls"}).models == ["bert-cls"]
     # registry names hold no comma: `--set models=a,b` is two models, as a comma-separated flag is

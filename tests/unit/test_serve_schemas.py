@@ -107,7 +107,7 @@ def test_bio_aggregation():
 
 def test_app_args_merge_defaults():
     from cluster.config import ConfigError, build
-    from serve.app import DEFAULTS, AppArgs
+    from serve.options import DEFAULTS, AppArgs
 
     args = build(AppArgs, {"model": {"num_cpus": 0.5, "autoscaling": {"max_replicas": 4}},
                            "per_model": {"gpt": {"num_gpus": 0.25}}})
@@ -157,7 +157,7 @@ class FakeBatchMethod:
 
 
 def _server(compute_in_thread: bool = False):
-    from serve.app import ModelServer
+    from serve.model_server import ModelServer
 
     cls = ModelServer.func_or_class
     server = cls.__new__(cls)
@@ -205,7 +205,8 @@ def test_the_in_flight_count_comes_back_down_after_a_failure():
 
 def test_colocate_needs_exactly_one_model(tmp_path, monkeypatch):
     from cluster.registry import RegistryError
-    from serve.app import AppArgs, build_app
+    from serve.app import build_app
+    from serve.options import AppArgs
 
     one, two = {"name": "gpt"}, {"name": "cls"}
     assert AppArgs().colocated_model([one, two]) is None
@@ -221,7 +222,8 @@ def test_replicas_that_cannot_all_start_are_named_before_serve_waits_for_them():
     # Found serving a registry of three models on the 2-core machine: their replicas took the
     # embedded Ray's 3 CPUs, the ingress never started, and `raylm serve run` waited without a word.
     from cluster.config import build
-    from serve.app import AppArgs, resource_shortfall, start_reservations
+    from serve.app import resource_shortfall, start_reservations
+    from serve.options import AppArgs
 
     three = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
     assert start_reservations(AppArgs(), three) == [("Gateway", 0.1, 0.0), ("model-a", 1.0, 0.0),
@@ -244,7 +246,8 @@ def test_replicas_that_cannot_all_start_are_named_before_serve_waits_for_them():
 def test_multiplexed_models_reserve_one_shared_deployment_and_bad_combinations_are_refused(tmp_path):
     from cluster.config import ConfigError, build
     from cluster.registry import RegistryError
-    from serve.app import AppArgs, resource_shortfall, select_models, start_reservations
+    from serve.app import resource_shortfall, select_models, start_reservations
+    from serve.options import AppArgs
 
     three = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
     shared = build(AppArgs, {"multiplex": {"models": "b,c", "options": {"num_replicas": 2, "num_cpus": 0.5}}})
@@ -300,7 +303,8 @@ def test_only_the_ingress_writes_an_access_line_per_request_by_default():
     repeated it (without it, classification under load ran ~12% faster). A colocated model is the
     ingress, and logs as the ingress does; either can be switched."""
     from cluster.config import build
-    from serve.app import AppArgs, build_app
+    from serve.app import build_app
+    from serve.options import AppArgs
 
     def access_logs(app) -> dict[str, bool]:
         ingress = app._bound_deployment
