@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from bench.drills.common import REPO
-from cluster.ops import local
+from cluster.ops import local, local_nodes, local_state
 
 
 @dataclass
@@ -28,20 +28,20 @@ class DrillCluster:
     @classmethod
     def up(cls, workers: int = 2, cpus_per_node: int = 2) -> DrillCluster:
         base = tempfile.mkdtemp(prefix="raylm-drill-")
-        os.environ[local.STATE_ENV] = os.path.join(base, "local-cluster.json")
+        os.environ[local_state.STATE_ENV] = os.path.join(base, "local-cluster.json")
         os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(base, "auth_token")
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             os.environ.pop(key, None)
         rc = local.main(["up", "--local", "--workers", str(workers), "--cpus-per-node", str(cpus_per_node)])
         if rc:
             raise RuntimeError("raylm cluster up --local failed (see stderr)")
-        c = cls(state_file=os.environ[local.STATE_ENV], storage=os.path.join(base, "storage"))
+        c = cls(state_file=os.environ[local_state.STATE_ENV], storage=os.path.join(base, "storage"))
         c.env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **c.state().client_env()}
         c.env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), c.env.get("PATH", "")])
         return c
 
-    def state(self) -> local.ClusterState:
-        return local.load_state(local.state_path(self.state_file))
+    def state(self) -> local_state.ClusterState:
+        return local_state.load_state(local_state.state_path(self.state_file))
 
     def down(self) -> None:
         local.main(["down", "--state-file", self.state_file, "--grace-period", "5"])
@@ -85,7 +85,7 @@ class DrillCluster:
         """SIGKILL every process of node `name` (raylet, its workers): what a crashed machine looks like."""
         state = self.state()
         node = next(n for n in state.nodes if n.name == name)
-        procs = local.session_processes(node, state.started_at)
+        procs = local_state.session_processes(node, state.started_at)
         for proc in procs:
             try:
                 proc.kill()
@@ -96,14 +96,15 @@ class DrillCluster:
 
     def add_node(self, name: str, cpus: int = 2) -> None:
         """A replacement worker node, as an autoscaler would start one."""
-        path = local.state_path(self.state_file)
+        path = local_state.state_path(self.state_file)
         state = self.state()
         auth_env, _ = local.ensure_token()
         options = {"--address": state.gcs_address, "--object-store-memory": str(512 * 2**20),
                    "--include-log-monitor": "false"}
-        local.start_node(name, cpus, {f"raylm_{name.replace('-', '_')}": 1.0}, options, local.node_env(auth_env),
-                         state, lambda: local.save_state(path, state))
-        local.save_state(path, state)
+        resources = {f"raylm_{name.replace('-', '_')}": 1.0}
+        local_nodes.start_node(name, cpus, resources, options, local_nodes.node_env(auth_env), state,
+                               lambda: local_state.save_state(path, state))
+        local_state.save_state(path, state)
 
 
 def ray_cli() -> str:

@@ -264,7 +264,7 @@ def test_cluster_spec_keeps_token_auth_autoscaling_and_gpus(where: str, spec: di
 def test_every_node_runs_serve_behind_haproxy_in_throughput_mode():
     """Serve's controller, proxies and replicas read SERVE_ENV at start: every way raylm starts Ray
     nodes sets it, the same values everywhere."""
-    from cluster.ops.local import node_env
+    from cluster.ops.local_nodes import node_env
     from cluster.runtime import SERVE_ENV
 
     assert SERVE_ENV == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
