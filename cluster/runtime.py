@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 #   HTTP straight to the FastAPI ingress replicas, which listen on ports of their own (Serve's
 #   direct ingress), so a request makes no Ray call before the ingress; clients keep one port.
 #   bench.serve on 2 cores, against the Python proxy: classification's concurrency-1 p50 17-24 ->
-#   10-11 ms, generation at concurrency 32 64-74 -> 98-112 requests/s (BENCHMARKS.md, Serve).
+#   10-11 ms, generation at concurrency 32 64-74 -> 98-112 requests/s.
 # - RAY_SERVE_THROUGHPUT_OPTIMIZED: gRPC instead of Ray actor calls between deployments, user code
 #   and routers on each replica's main event loop, buffered request logs.
 # The embedded Ray sets these unless the environment does (`embedded_serve_env`); cluster.yaml, the
-# KubeRay manifests and cluster/ops/local.py set them on every node (tests/unit/test_cluster_configs.py).
+# KubeRay manifests and cluster/ops/local_nodes.py set them on every node (tests/unit/test_cluster_configs.py).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # HAProxy's stats page and Prometheus endpoint; Serve's defaults are fixed ports (8404, 9101).
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
