@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test lint bench drills clean
+.PHONY: install demo test lint bench drills gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench: install
 # Faults, load and hostile input across the pipeline; writes RELIABILITY.md (about 25 minutes).
 drills: install
 	$(PY) -m bench.drills.run
+
+# What only a GPU proves (MFU, FSDP and resume on CUDA, Serve on the GPU): one CUDA GPU, ~8 minutes.
+# Never part of `make test` or CI; on a machine without one it stops at once, before installing.
+gpu-check:
+	@if [ -z "$(HAS_GPU)" ]; then echo "gpu-check: needs one NVIDIA GPU with its driver (nvidia-smi finds none);" \
+		"python -m bench.gpu_check --rehearse runs the same steps, tiny, on the CPU" >&2; exit 2; fi
+	@$(MAKE) --no-print-directory install
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf runs .pytest_cache

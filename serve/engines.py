@@ -23,6 +23,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from cluster import registry, storage
+from cluster.train.placement import inference_placement
 from serve.schemas import ApiError
 
 _AUTO = {
@@ -37,6 +38,11 @@ def load(entry: dict[str, Any]) -> Engine:
     """The engine for a registry entry (model.json plus its `path`)."""
     cls = GenerationEngine if entry["task"] == "generation" else EncoderEngine
     return cls(entry)
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Where a model runs, as /v1/models shows it: {"device": "cuda", "dtype": "bfloat16"}."""
+    return {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def context_length(config: Any) -> int:
@@ -58,13 +64,18 @@ class Engine:
         self.name, self.task, self.path = entry["name"], entry["task"], path
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in every replica's log
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.model = _AUTO[self.task].from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-        self.model.eval()
+        self.device, self.dtype = inference_placement()
+        self.model = _AUTO[self.task].from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+                                                      dtype=self.dtype)
+        self.model.to(self.device).eval()
         self.context = context_length(self.model.config)
         if self.task == "fill-mask" and self.tokenizer.mask_token is None:
             raise ValueError(f"registry model '{self.name}' has a tokenizer without a mask token")
         # The seeded global RNG is shared by generate(); one sampling call at a time keeps seeds exact.
         self.lock = threading.Lock()
+
+    def placement(self) -> dict[str, str]:
+        return describe(self.device, self.dtype)
 
     def check_length(self, n_tokens: int, extra: int = 0, param: str = "prompt") -> None:
         if n_tokens + extra > self.context:
@@ -111,7 +122,7 @@ class GenerationEngine(Engine):
             if params.get("seed") is not None:
                 torch.manual_seed(params["seed"])
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=params["max_tokens"],
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=params["max_tokens"],
                 num_return_sequences=runs, pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True,
                 **kwargs,
             )
@@ -140,7 +151,7 @@ class GenerationEngine(Engine):
         stops = params.get("stop") or []
         gen = torch.Generator().manual_seed(params["seed"]) if params.get("seed") is not None else None
         new: list[int] = []
-        sent, past, step_ids, reason = "", None, torch.tensor([prompt]), "length"
+        sent, past, step_ids, reason = "", None, torch.tensor([prompt], device=self.device), "length"
         for _ in range(params["max_tokens"]):
             out = self.model(input_ids=step_ids, use_cache=True, **{self.cache_arg: past})
             past = out[self.cache_arg]
@@ -149,7 +160,7 @@ class GenerationEngine(Engine):
                 reason = "stop"
                 break
             new.append(token)
-            step_ids = torch.tensor([[token]])
+            step_ids = torch.tensor([[token]], device=self.device)
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             if "\ufffd" in text[len(sent):]:
                 continue  # an incomplete multi-byte character; wait for the next token
@@ -170,7 +181,8 @@ class GenerationEngine(Engine):
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # on the CPU, in fp32: the seeded generator is a CPU one, and bf16 probabilities are too coarse
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
@@ -206,6 +218,10 @@ class EncoderEngine(Engine):
         self.check_length(enc["input_ids"].shape[-1], param="inputs")
         return enc
 
+    def _forward(self, enc: Any) -> torch.Tensor:
+        """The model's logits for a tokenized batch, back on the CPU in fp32 (B, T, V) or (B, C)."""
+        return self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float().cpu()
+
     def validate(self, texts: list[str], pairs: list[str | None] | None = None) -> None:
         """Check one request's inputs before they join a batch, so a bad one fails alone."""
         if self.task == "fill-mask" and any(self.tokenizer.mask_token not in t for t in texts):
@@ -221,7 +237,7 @@ class EncoderEngine(Engine):
         mask_id = self.tokenizer.mask_token_id
         enc = self._encode(texts)
         enc.pop("offset_mapping")
-        logits = self.model(**enc).logits
+        logits = self._forward(enc)
         results = []
         for i, ids in enumerate(enc["input_ids"]):
             per_mask = []
@@ -242,7 +258,7 @@ class EncoderEngine(Engine):
     def classify(self, texts: list[str], pairs: list[str | None]) -> list[dict[str, Any]]:
         enc = self._encode(texts, pairs)
         enc.pop("offset_mapping", None)
-        probs = self.model(**enc).logits.softmax(-1)
+        probs = self._forward(enc).softmax(-1)
         results = []
         for row in probs.tolist():
             scores = sorted(({"label": self.labels[k], "score": s} for k, s in enumerate(row)),
@@ -254,7 +270,7 @@ class EncoderEngine(Engine):
     def tag(self, texts: list[str]) -> list[list[dict[str, Any]]]:
         enc = self._encode(texts)
         offsets = enc.pop("offset_mapping")
-        probs = self.model(**enc).logits.softmax(-1)
+        probs = self._forward(enc).softmax(-1)
         results = []
         for i, text in enumerate(texts):
             words, seen = [], set()

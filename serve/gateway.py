@@ -164,7 +164,18 @@ class Gateway:
 
     @fastapi_app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models(self) -> dict[str, Any]:
+        for name, card in self.cards.items():
+            if "device" not in card:  # asked once per model, from a replica that holds it
+                card.update(await self._placement(name))
         return {"object": "list", "data": list(self.cards.values())}
+
+    async def _placement(self, model: str) -> dict[str, str]:
+        """The device and dtype a model's replica runs it in; {} while no replica answers (still
+        starting), so the card says it on a later call."""
+        try:
+            return await asyncio.wait_for(_await(self.handles[model].placement.remote()), timeout=5)
+        except (asyncio.TimeoutError, ActorDiedError, ActorUnavailableError, BackPressureError):
+            return {}
 
     @fastapi_app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(self, req: CompletionRequest) -> Any:

@@ -104,6 +104,15 @@ class ModelServer:
             return self.engine
         return await self._load(serve.get_multiplexed_model_id())
 
+    async def placement(self) -> dict[str, str]:
+        """Where this replica runs its model (multiplexed: any model it loads), for /v1/models."""
+        from cluster.train.placement import inference_placement
+        from serve import engines
+
+        if self.engine is not None:
+            return self.engine.placement()
+        return engines.describe(*inference_placement())
+
     def _check_params(self, params: dict[str, Any]) -> None:
         if params["max_tokens"] > self.max_tokens:
             raise ApiError(400, f"max_tokens {params['max_tokens']} exceeds this server's cap of {self.max_tokens}",

@@ -262,6 +262,8 @@ class ModelCard(BaseModel):
     owned_by: str = "raylm"
     task: str
     labels: list[str] | None = None
+    device: str | None = None  # where its replicas run it: "cuda" or "cpu"
+    dtype: str | None = None  # "bfloat16" or "float16" on a GPU, "float32" on the CPU
 
 
 class ModelList(BaseModel):

@@ -123,3 +123,13 @@ def s3_env():
             else:
                 os.environ[key] = value
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """serve.tiny's byte-level BPE tokenizer (400 tokens, trained here in a second; no Ray)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from serve import tiny
+
+    return PreTrainedTokenizerFast.from_pretrained(tiny.save_gpt(str(tmp_path_factory.mktemp("tok")), max_len=32))

@@ -168,9 +168,6 @@ def check_sweep(cfg: SweepConfig) -> None:
         ranged = [k for k, d in cfg.search.items() if d.kind not in ("grid", "choice")]
         if ranged:
             problems.append(f"search_alg 'grid' needs grid/choice domains; {ranged} are ranges")
-    if cfg.finetune.scaling.strategy == "fsdp" and cfg.trial.workers > 1 and cfg.trial.gpus == 0:
-        problems.append("finetune.scaling.strategy 'fsdp' shards the model across GPU workers: give each trial "
-                        "worker a GPU (trial.gpus), or use strategy 'ddp' on CPUs")
     if cfg.scheduler.kind == "pbt":
         if cfg.trial.workers > 1:
             problems.append("scheduler 'pbt' clones checkpoints between trials: it runs with trial.workers 1")

@@ -36,7 +36,7 @@ class TuneSession:
     def dataset(self, name: str) -> Any:
         return self.datasets[name]
 
-    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, strategy: str, param_dtype: torch.dtype | None) -> torch.nn.Module:
         return model.to(self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:

@@ -90,6 +90,11 @@ class FinetuneConfig(Section):
     def _combinations(self) -> FinetuneConfig:
         if self.strategy.kind == "lora" and self.scaling.strategy == "fsdp":
             raise ValueError("strategy.kind 'lora' runs with scaling.strategy 'ddp' (LoRA with FSDP is not supported)")
+        if self.task == "completion" and self.scaling.strategy == "fsdp" and self.scaling.num_workers > 1:
+            # Evaluation generates on each rank until its samples end; a sharded model's every forward
+            # is a collective, so ranks that stop at different lengths would wait on each other.
+            raise ValueError("task 'completion' runs with scaling.strategy 'ddp' (generation with a model "
+                             "sharded across workers is not supported)")
         return self
 
 
@@ -141,7 +146,6 @@ def run_worker(cfg: FinetuneConfig, plan: Plan, meta: dict[str, Any], session: A
     model = apply_strategy(build_task_model(cfg, meta, local_copy(meta["base"])), cfg.strategy, cfg.task)
     loop = Loop(cfg, plan, objectives.build(objective_spec(cfg, meta), tokenizer), model, tokenizer, session)
     loop.resume()
-    loop.place()
     loop.run()
 
 

@@ -207,5 +207,4 @@ def worker_main(config: dict) -> None:
     loop = Loop(cfg, plan, objectives.build(objective_spec(cfg, plan), tokenizer), model, tokenizer, session,
                 ahead=ahead)
     loop.resume()
-    loop.place()
     loop.run()

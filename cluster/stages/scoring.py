@@ -53,16 +53,19 @@ class Scorer:
         import transformers
         from transformers.utils import logging as hf_logging
 
-        from cluster.train.placement import autocast_dtype
+        from cluster.train.placement import autocast_dtype, inference_placement
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(spec["threads"])
         self.spec = spec
-        self.device = torch.device("cuda" if spec["use_gpu"] and torch.cuda.is_available() else "cpu")
-        self.amp = autocast_dtype(spec["precision"], self.device)
+        # As Serve loads it: on this actor's GPU in bf16 (fp16 without bf16), else fp32 on the CPU.
+        self.device, dtype = inference_placement(spec["use_gpu"])
+        if spec["precision"] == "fp32":
+            dtype = torch.float32
+        self.amp = autocast_dtype(spec["precision"], self.device) if dtype == torch.float32 else None
         model_cls = getattr(transformers, spec["architecture"])
         self.model = hub.from_pretrained(model_cls.from_pretrained, local_copy(checkpoint), use_safetensors=True,
-                                         trust_remote_code=False)
+                                         trust_remote_code=False, dtype=dtype)
         self.model.to(self.device).eval()
         self.objective = objectives.build(spec, model_tokenizer(local_copy(checkpoint), spec))
         self.generated = 0

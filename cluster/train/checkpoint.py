@@ -5,9 +5,12 @@ a run resumes exactly; and finding a run's latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,17 +21,12 @@ from cluster import storage
 from cluster.train.placement import is_fsdp, is_peft, unwrap
 
 if TYPE_CHECKING:  # annotations only: the job driver imports this module and needs no transformers
+    import ray.train
     from transformers import PreTrainedTokenizerFast
-import ray
-import ray.data
-import ray.train
 
 STATE_DIR = "train_state"
-
-
 ADAPTER_FILE = "adapter.safetensors"
-
-
+OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint's folder: one file per rank, resharded on load
 NONFINITE_FILE = "nonfinite_loss.json"
 
 
@@ -45,42 +43,67 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The unsharded weights (on rank 0 for FSDP); None on other FSDP ranks."""
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's whole weights on rank 0's CPU ({} on other ranks; every rank must call it,
+    it is a collective). None for a model that is not sharded: it saves its own."""
     if not is_fsdp(model):
         return None
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
-        return model.state_dict()
+    inner = unwrap(model)
+    weights = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied output embedding is the input embedding: transformers stores it once and ties it at load.
+    tied = tied_keys(inner) if getattr(inner.config, "tie_word_embeddings", False) else set()
+    return {k: v for k, v in weights.items() if k not in tied}
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def tied_keys(model: Any) -> set[str]:
+    """State-dict keys transformers ties to another (an LM head to the input embeddings)."""
+    return set(getattr(model, "_tied_weights_keys", None) or ())
 
-        return FSDP.full_optim_state_dict(model, optimizer, rank0_only=True)
-    return optimizer.state_dict()
+
+@contextlib.contextmanager
+def single_process_ok() -> Iterator[None]:
+    """torch.distributed.checkpoint warns at every save and load without a process group; a Tune
+    function trial has none on purpose, and its checkpoint is the whole state."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
+        yield
+
+
+def save_optimizer(dirpath: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's state keyed by parameter name, written with torch.distributed.checkpoint:
+    every rank writes its own shard (a collective), and a later run reads it back with any number
+    of workers, sharded or not."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(unwrap(model), optimizer)}
+    with single_process_ok():
+        dcp.save(state, checkpoint_id=os.path.join(dirpath, STATE_DIR, OPTIMIZER_DIR))
 
 
 def save_checkpoint(
     dirpath: str, model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, optimizer, scheduler,
-    state: TrainState, config: dict,
+    state: TrainState, config: dict, rank: int,
 ) -> None:
     """A Hugging Face directory (safetensors + config + tokenizer) plus train_state/ beside it.
+    Every rank calls it (gathering a sharded model and writing the optimizer are collectives);
+    rank 0 writes everything but the other ranks' optimizer shards.
 
-    Only weights go through safetensors; optimizer/scheduler/RNG tensors are a torch file loaded
-    with weights_only=True (no arbitrary pickle). state.json is written last: a checkpoint without
-    it is incomplete and never resumed from.
+    Only weights go through safetensors; the optimizer is torch.distributed.checkpoint's files and
+    scheduler/RNG a torch file loaded with weights_only=True (no arbitrary pickle). state.json is
+    written last: a checkpoint without it is incomplete and never resumed from.
 
     A LoRA (peft) model is saved merged into plain weights, so the directory loads with
     transformers alone; its adapter (the trainable part) goes to train_state/ for resuming."""
-    weights = full_state_dict(model)
-    inner = unwrap(model)
+    weights = full_weights(model)
     sd = os.path.join(dirpath, STATE_DIR)
     os.makedirs(sd, exist_ok=True)
+    save_optimizer(dirpath, model, optimizer)
+    if rank != 0:
+        return
+    inner = unwrap(model)
     if is_peft(inner):
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
@@ -93,7 +116,6 @@ def save_checkpoint(
     tokenizer.save_pretrained(dirpath)
     torch.save(
         {
-            "optimizer": optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
@@ -121,8 +143,24 @@ def load_train_state(dirpath: str) -> TrainState:
     return TrainState(**data)
 
 
-def restore(ckpt_dir: str, model: torch.nn.Module, optimizer, scheduler, device: torch.device) -> TrainState:
-    """Load weights (safetensors), optimizer, scheduler and RNG from a checkpoint directory."""
+def restore(ckpt_dir: str, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+    """Weights (safetensors), optimizer, scheduler and RNG from a checkpoint directory, into a model
+    already placed or sharded and the optimizer built on it: restored state lands on the device of
+    the parameter it belongs to."""
+    restore_weights(ckpt_dir, model)
+    extra = torch.load(os.path.join(ckpt_dir, STATE_DIR, "optim.pt"), map_location="cpu", weights_only=True)
+    if os.path.isdir(os.path.join(ckpt_dir, STATE_DIR, OPTIMIZER_DIR)):
+        restore_optimizer(ckpt_dir, model, optimizer)
+    else:  # a checkpoint from before the optimizer had its own folder: state by parameter index
+        optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng_torch"])
+    return load_train_state(ckpt_dir)
+
+
+def restore_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
+    """The model's weights from model.safetensors (every rank reads the whole file and keeps its
+    shard), or a LoRA model's adapter from train_state/."""
     from safetensors.torch import load_file
 
     inner = unwrap(model)
@@ -133,20 +171,28 @@ def restore(ckpt_dir: str, model: torch.nn.Module, optimizer, scheduler, device:
         unexpected = list(result.unexpected_keys)
         if unexpected:
             raise RuntimeError(f"checkpoint {ckpt_dir}: adapter weights {unexpected} do not match the LoRA model")
-    else:
-        weights = load_file(os.path.join(ckpt_dir, "model.safetensors"), device="cpu")
-        missing, unexpected = inner.load_state_dict(weights, strict=False)
-        # Tied output embeddings are not stored twice; anything else missing is a real mismatch.
-        missing = [k for k in missing if k not in getattr(inner, "_tied_weights_keys", {}) and "lm_head" not in k]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}"
-            )
-    extra = torch.load(os.path.join(ckpt_dir, STATE_DIR, "optim.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng_torch"])
-    return load_train_state(ckpt_dir)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = load_file(os.path.join(ckpt_dir, "model.safetensors"), device="cpu")
+    missing, unexpected = set_model_state_dict(
+        inner, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    # Tied output embeddings are not stored twice; anything else missing is a real mismatch.
+    missing = [k for k in missing if k not in tied_keys(inner) and "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def restore_optimizer(ckpt_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read the optimizer's shards into this run's layout (any number of workers, sharded or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    inner = unwrap(model)
+    state = {"optimizer": get_optimizer_state_dict(inner, optimizer)}  # the target layout, filled in place
+    with single_process_ok():
+        dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, STATE_DIR, OPTIMIZER_DIR))
+    set_optimizer_state_dict(inner, optimizer, optim_state_dict=state["optimizer"])
 
 
 def latest_checkpoint_state(run_dir: str) -> dict | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from cluster.config import Section
 
@@ -56,14 +56,6 @@ class ScalingSection(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: DDP or FSDP")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs)")
-
-    @model_validator(mode="after")
-    def _fsdp_on_gpus(self) -> ScalingSection:
-        # Ray Train's prepare_model raises for FSDP without CUDA, once the workers are up (~1 min in)
-        if self.strategy == "fsdp" and self.num_workers > 1 and not self.use_gpu:
-            raise ValueError("strategy 'fsdp' shards the model across GPU workers: set use_gpu: true, or use "
-                             "strategy 'ddp' on CPUs (Ray Train has no CPU FSDP)")
-        return self
 
     def resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus_per_worker, **self.resources_per_worker}

@@ -26,16 +26,8 @@ import torch
 from cluster import storage
 from cluster.objectives.base import Objective
 from cluster.train.batches import FirstBatchAhead, epoch_batches, next_epoch_ahead_at
-from cluster.train.checkpoint import (
-    NONFINITE_FILE,
-    TrainState,
-    full_state_dict,
-    load_train_state,
-    optimizer_state,
-    restore,
-    save_checkpoint,
-)
-from cluster.train.optim import apply_hyperparameters, lr_lambda, param_groups
+from cluster.train.checkpoint import NONFINITE_FILE, TrainState, load_train_state, restore, save_checkpoint
+from cluster.train.optim import apply_hyperparameters, build_optimizer
 from cluster.train.placement import all_gather_objects, all_reduce_sum, autocast_dtype, is_fsdp, unwrap
 from cluster.train.plan import Plan
 from cluster.train.session import Session
@@ -63,24 +55,19 @@ class Loop:
 
         hf_logging.disable_progress_bar()
         self.rank, self.world, self.device = session.rank, session.world, session.device
+        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.flops_per_token = flops_per_token(model, plan.seq_len)
+        self.peak_flops = peak_flops(self.device)
+        # The one placement order: the model is placed or sharded, then the optimizer is built on the
+        # parameters that will train, then (`resume`) state is restored onto them.
         self.amp = autocast_dtype(cfg.train.precision, self.device)
-        self.model = model
-        opt = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-            fused=self.device.type == "cuda",
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, plan.max_steps, opt.min_lr_ratio)
-        )
+        self.model = self.place(model)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, plan.max_steps, self.device)
         self.state = TrainState(tokenizer_hash=plan.tokenizer_hash)
         self.sink = MetricsSink(plan.run_dir, cfg.name, enabled=self.rank == 0,
                                 max_steps=plan.max_steps if plan.progress else None)
         self.last_checkpoint_step = -1
         self._trace: storage.Appender | None = None  # train.trace_data's file, opened at the first batch
-        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.flops_per_token = flops_per_token(model, plan.seq_len)
-        self.peak_flops = peak_flops(self.device)
 
     # -- setup
     def resume(self) -> None:
@@ -94,33 +81,41 @@ class Loop:
                     f"checkpoint at step {state.step} was trained with tokenizer {state.tokenizer_hash}, "
                     f"but the corpus uses {self.plan.tokenizer_hash}"
                 )
-            self.state = restore(d, self.model, self.optimizer, self.scheduler, self.device)
+            self.state = restore(d, self.model, self.optimizer, self.scheduler)
         apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.optim)
         self.last_checkpoint_step = self.state.step
         # the metrics log shows where a restarted or re-submitted run picked up
         self.sink.log({"step": self.state.step, "epoch": self.state.epoch, "split": "resume",
                        "batches_in_epoch": self.state.batches_in_epoch, "time": time.time()})
 
-    def place(self) -> None:
-        self.model = self.session.prepare_model(self.model, self.cfg.scaling.strategy)
-        if self.cfg.model.compile:
-            self.model = torch.compile(self.model)
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this worker's device: sharded with FSDP2, wrapped in DDP, or as it is. Under
+        FSDP on a GPU its mixed-precision policy computes in bf16 and reduces in fp32, in place of
+        autocast."""
+        fsdp = self.cfg.scaling.strategy == "fsdp"
+        placed = self.session.prepare_model(model, self.cfg.scaling.strategy, self.amp if fsdp else None)
+        if is_fsdp(placed):
+            self.amp = None
+        return placed
 
     # -- one optimizer step over grad_accum micro-batches
     def micro_step(self, inputs: dict[str, torch.Tensor], sync: bool) -> dict[str, torch.Tensor]:
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
-        ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+        ctx = contextlib.nullcontext()
+        if is_fsdp(self.model):  # FSDP2 reduce-scatters gradients only on the step's last micro-batch
+            unwrap(self.model).set_requires_gradient_sync(sync)
+        elif not sync and hasattr(self.model, "no_sync"):  # DDP
+            ctx = self.model.no_sync()
         with ctx, torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             loss, stats = self.objective.forward(self.model, inputs)
             (loss / self.cfg.train.grad_accum).backward()
         return stats
 
     def optimizer_step(self) -> float:
-        if is_fsdp(self.model):
-            norm = self.model.clip_grad_norm_(self.cfg.train.max_grad_norm)
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over every shard
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,16 +160,10 @@ class Loop:
             self._trace.flush()
         tmp = tempfile.mkdtemp(prefix="raylm-ckpt-")
         try:
-            if self.rank == 0 or is_fsdp(self.model):
-                # FSDP gathers the full weights collectively; only rank 0 writes them.
-                if self.rank == 0:
-                    save_checkpoint(tmp, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
-                                    self.cfg.to_dict())
-                else:
-                    full_state_dict(self.model)
-                    optimizer_state(self.model, self.optimizer)
-            self.session.report(metrics, checkpoint_dir=tmp if self.rank == 0 else None,
-                                dir_name=f"checkpoint_{self.state.step:07d}")
+            # Every rank writes its optimizer shard; Ray Train puts every rank's files in one folder.
+            save_checkpoint(tmp, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
+                            self.cfg.to_dict(), self.rank)
+            self.session.report(metrics, checkpoint_dir=tmp, dir_name=f"checkpoint_{self.state.step:07d}")
             self.last_checkpoint_step = self.state.step
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -201,6 +190,8 @@ class Loop:
         self._trace.write(json.dumps({"epoch": epoch, "batch": index, "step": self.state.step, "hash": digest}) + "\n")
 
     def run(self) -> None:
+        if self.cfg.model.compile:  # after restore: compiling wraps the module, not its parameters
+            self.model = torch.compile(self.model)
         try:
             self._run()
         finally:  # rows held for an object store are written even when the loop raises

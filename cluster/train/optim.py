@@ -24,6 +24,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, opt: Any, max_steps: int, device: torch.device) -> tuple[Any, Any]:
+    """AdamW over `model`'s trainable parameters as they are now (placed or sharded: build it after
+    placement) and its LambdaLR schedule. `opt`: the config's optim section."""
+    from cluster.train.placement import is_fsdp
+
+    # fused kernels for plain CUDA tensors; sharded (DTensor) parameters take the foreach default
+    fused = device.type == "cuda" and not is_fsdp(model)
+    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                  eps=opt.eps, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(opt.schedule, opt.warmup_steps, max_steps, opt.min_lr_ratio))
+    return optimizer, scheduler
+
+
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     """Linear warmup to the peak, then cosine or linear decay to min_ratio * peak."""
 

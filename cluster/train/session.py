@@ -25,8 +25,9 @@ class Session(Protocol):
     def dataset(self, name: str) -> Any:
         """Something with Ray Data's `iter_batches` for the named dataset (this rank's share)."""
 
-    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        """The model placed on this session's device (wrapped for DDP/FSDP when distributed)."""
+    def prepare_model(self, model: torch.nn.Module, strategy: str, param_dtype: torch.dtype | None) -> torch.nn.Module:
+        """The model placed on this session's device: sharded (strategy "fsdp", computing in
+        `param_dtype` when given) or wrapped for DDP when distributed."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
         """Report metrics, with a checkpoint directory to persist when given."""
@@ -71,10 +72,14 @@ class TrainSession:
 
         return self.local[name] if name in self.local else ray.train.get_dataset_shard(name)
 
-    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, strategy: str, param_dtype: torch.dtype | None) -> torch.nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+        if strategy == "fsdp":
+            from cluster.train.placement import shard
+
+            return shard(model, self.device, param_dtype)
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
         import ray.train

@@ -13,6 +13,7 @@ from pydantic import Field
 from cluster.checkpoints import TASKS
 from cluster.config import Section, StrList
 from cluster.errors import JobError
+from cluster.train.placement import transformer_blocks
 
 if TYPE_CHECKING:  # the stage imports this module
     from cluster.stages.finetune import FinetuneConfig
@@ -50,10 +51,10 @@ def check_strategy(cfg: FinetuneConfig, config: dict[str, Any]) -> None:
     with torch.device("meta"):
         model = model_cls.from_config(hf_config)
     if s.kind == "frozen":
-        if s.unfreeze_top_k and not find_blocks(model):
+        if s.unfreeze_top_k and not transformer_blocks(model):
             raise JobError(f"strategy.unfreeze_top_k: {config.get('model_type')} has no per-layer blocks to unfreeze "
                            "(ALBERT shares one layer across its depth)")
-        n_layers = len(find_blocks(model) or [])
+        n_layers = len(transformer_blocks(model) or [])
         if s.unfreeze_top_k > n_layers:
             raise JobError(f"strategy.unfreeze_top_k ({s.unfreeze_top_k}) exceeds the model's {n_layers} blocks")
         if cfg.task == "completion" and not s.unfreeze_top_k:
@@ -65,17 +66,6 @@ def check_strategy(cfg: FinetuneConfig, config: dict[str, Any]) -> None:
         if missing:
             raise JobError(f"strategy.lora.target_modules {missing} are not modules of {config.get('model_type')} "
                            f"(its linear layers: {', '.join(linear_layer_names(model))})")
-
-
-def find_blocks(model: Any) -> Any | None:
-    """The ModuleList of transformer blocks (as many as num_hidden_layers), or None."""
-    import torch
-
-    n = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    return None
 
 
 def module_names(keys: Any) -> list[str]:
@@ -95,7 +85,7 @@ def apply_strategy(model: Any, strategy: StrategyConfig, task: str) -> Any:
         backbone = getattr(model, model.base_model_prefix)
         for p in backbone.parameters():
             p.requires_grad = False
-        blocks = find_blocks(backbone)
+        blocks = transformer_blocks(backbone)
         if strategy.unfreeze_top_k and blocks is not None:
             for block in list(blocks)[-strategy.unfreeze_top_k :]:
                 for p in block.parameters():

@@ -241,7 +241,7 @@ def test_lora_export_is_merged_and_matches_the_adapter_model(tmp_path, task, bas
     meta = {**META, "labels": None if task == "completion" else META["labels"]}
     model = _perturbed_lora_model(base, task, meta)
     opt, sched = _optimizer(model)
-    save_checkpoint(str(tmp_path), model, bpe_tok, opt, sched, TrainState(step=3), {})
+    save_checkpoint(str(tmp_path), model, bpe_tok, opt, sched, TrainState(step=3), {}, rank=0)
     cls = {"classification": transformers.AutoModelForSequenceClassification,
            "tagging": transformers.AutoModelForTokenClassification,
            "completion": transformers.AutoModelForCausalLM}[task]
@@ -259,14 +259,14 @@ def test_lora_resume_restores_the_adapter_and_config_hyperparameters(tmp_path, g
     for _ in range(4):  # four steps of the schedule; no gradients, so the weights stay as they are
         opt.step()
         sched.step()
-    save_checkpoint(str(tmp_path), trained, bpe_tok, opt, sched, TrainState(step=4), {})
+    save_checkpoint(str(tmp_path), trained, bpe_tok, opt, sched, TrainState(step=4), {}, rank=0)
     fresh = _perturbed_lora_model(gpt_base, "classification", META)
     with torch.no_grad():
         for p in fresh.parameters():
             if p.requires_grad:
                 p.zero_()
     opt2, sched2 = _optimizer(fresh)
-    state = restore(str(tmp_path), fresh, opt2, sched2, torch.device("cpu"))
+    state = restore(str(tmp_path), fresh, opt2, sched2)
     assert state.step == 4 and sched2.last_epoch == 4
     ids = torch.randint(5, 500, (2, 9))
     with torch.no_grad():
