@@ -7,7 +7,6 @@ answers an OpenAI-style error body).
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.guard import API_KEY_ENV, Guard
+from serve.guard import Guard
 from serve.model_server import InProcess, ModelServer
 from serve.schemas import (
     ApiError,
@@ -123,8 +122,8 @@ class Gateway:
             self.handles = {entry["name"]: InProcess(ModelServer.func_or_class(entry, options))}
         for name in shared_models:  # `multiplex`: Serve routes by model id to a replica that has it loaded
             self.handles[name] = shared.options(multiplexed_model_id=name)
-        # Read at replica start: `build_app` forwards the key through runtime_env env_vars.
-        fastapi_app.state.limits = {**limits, "api_key": os.environ.get(API_KEY_ENV) or None}
+        # `limits` carries the API key's sha256 (never the key): Guard compares hashes.
+        fastapi_app.state.limits = dict(limits)
 
     def _handle(self, model: str, task: str) -> DeploymentHandle:
         if model not in self.handles:

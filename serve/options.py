@@ -80,12 +80,10 @@ class DeploymentOptions(Section):
                              "logs (default: on for the ingress, off for model deployments; with `colocate`, "
                              "ingress.access_log applies)")
 
-    def serve_options(self, env: dict[str, str] | None = None, access_log: bool | None = None) -> dict[str, Any]:
+    def serve_options(self, access_log: bool | None = None) -> dict[str, Any]:
         """Ray Serve deployment options; `access_log` overrides the field (a colocated model's
         replicas are the ingress and log as the ingress does)."""
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-        if env:
-            actor["runtime_env"] = {"env_vars": env}
         opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests,
                                 "max_queued_requests": self.max_queued_requests,
                                 "health_check_period_s": self.health_check_period_s,
@@ -121,6 +119,10 @@ class AppArgs(Section):
     request_timeout_s: float = Field(60.0, gt=0, description="a model call taking longer answers 504")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies answer 413")
     max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+    api_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the API key "
+                                       "clients send as `Authorization: Bearer KEY`; set by `raylm serve deploy` and "
+                                       "`serve.cli build` from RAYLM_API_KEY (default: RAYLM_API_KEY where the app is built)")
+    allow_unauthenticated: bool = Field(False, description="serve on a non-loopback address without an API key")
     # Each hop is a Ray actor call. On the 2-core box colocating took 3-7 ms off a request at
     # concurrency 1 and raised classification's throughput under load ~22%; generation's under load
     # moved little, as the ingress's parsing then shares the model's event loop (BENCHMARKS.md, Serve).

@@ -242,6 +242,7 @@ def test_serve_deploy_turns_token_auth_on_for_its_client(cluster: LocalCluster, 
     # RAY_AUTH_TOKEN_PATH named the cluster's. A shell after `ray start` has neither setting.
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
     env["RAYLM_STORAGE"] = str(tmp_path / "empty")  # no models: the ingress alone
+    env["RAYLM_API_KEY"] = "drill-key"  # it listens on 0.0.0.0: an open API there is refused
     address = cluster.env["RAY_API_SERVER_ADDRESS"]
     out = run([sys.executable, "-m", "serve.cli", "deploy", "--address", address], env, 120)
     try:
