@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Mapping
 
 import ray
@@ -110,14 +112,15 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
             except ConnectionError as exc:
                 raise JobError(join_failure(str(exc), address, os.environ)) from None
         else:
-            env = embedded_serve_env()
+            env = {**embedded_serve_env(), **pinned_address_env()}
             # set only while Ray starts: HAProxy's ports picked here, the train settings not set by the user
             chosen = [key for key in HAPROXY_PORT_VARS if key in env and key not in os.environ]
-            chosen += [key for key in EMBEDDED_TRAIN_ENV if key not in os.environ]
+            chosen += [key for key in EMBEDDED_TRAIN_ENV if key not in os.environ] + ["RAY_GCS_SERVER_PORT"]
             env.update({key: os.environ.get(key, value) for key, value in EMBEDDED_TRAIN_ENV.items()})
             os.environ.update(env)  # the local raylet and every worker inherit them
             try:
                 ray.init(
+                    address="local",  # a new instance, whatever RAY_ADDRESS (just set: its own) says
                     num_cpus=num_cpus or embedded_cpus(),
                     dashboard_host="127.0.0.1",
                     include_dashboard=os.environ.get("RAYLM_DASHBOARD", "1") != "0",
@@ -127,6 +130,16 @@ def connect(num_cpus: int | None = None, quiet: bool = True) -> dict:
                 for key in chosen:  # (and one that starts a cluster does not pass them on)
                     del os.environ[key]
     return ray.cluster_resources()
+
+
+def pinned_address_env() -> dict[str, str]:
+    """An embedded Ray's own address, fixed before it starts: its GCS port (RAY_GCS_SERVER_PORT) and
+    RAY_ADDRESS naming it, which its raylet and so every worker inherits, as does this driver and
+    what it starts. Ray's helpers that look for "the" local Ray (Ray Train's placement-group
+    cleaner asks the state API with no address) otherwise fail with "Found multiple active Ray
+    instances" as soon as a second raylm job runs on the machine."""
+    port = free_ports(1)[0]
+    return {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -173,10 +186,18 @@ def resource_shortfall(need: Mapping[str, float]) -> str | None:
     return ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or None
 
 
-def require(need: Mapping[str, float], what: str, fix: str) -> None:
+def require(need: Mapping[str, float], what: str, fix: str, report_every_s: float = 60.0) -> None:
     """A JobError naming `what`, the shortfall and `fix` when the connected cluster cannot hold
-    `need`, instead of Ray waiting for resources that never come; RAYLM_WAIT_FOR_RESOURCES=1 waits
-    (an autoscaling cluster adds the nodes)."""
+    `need`, instead of Ray waiting for resources that never come. With RAYLM_WAIT_FOR_RESOURCES=1
+    (an autoscaling cluster, whose node types can still be added) it waits until they are there,
+    saying once a minute what it waits for."""
     detail = resource_shortfall(need)
     if detail and os.environ.get("RAYLM_WAIT_FOR_RESOURCES") != "1":
         raise JobError(f"{what} need more than the cluster has ({detail}); {fix}")
+    reported = -math.inf
+    while detail:
+        if time.monotonic() - reported >= report_every_s:
+            log.warning("waiting for the cluster to grow: %s need more than it has (%s)", what, detail)
+            reported = time.monotonic()
+        time.sleep(min(5.0, report_every_s))
+        detail = resource_shortfall(need)

@@ -25,7 +25,7 @@ from cluster.stages.finetune import TaskSetup, plan_run, setup
 from tune.config import SweepConfig, check_sweep, trial_config
 from tune.results import format_table, plot_sweep, trial_rows, write_table
 from tune.search import PBTCheckpointPruner, build_scheduler, build_search
-from tune.trial import trial_main, trial_resources
+from tune.trial import concurrent_trials, trial_main, trial_resources
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
     if restoring and previous is not None and not same_config(previous, cfg):
         raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
                        "name, or delete that folder to start over")
-    ts = setup(cfg.finetune, root, run)
+    concurrency: dict[str, int] = {}
+    ts = setup(cfg.finetune, root, run, fits=lambda: concurrency.update(trials=concurrent_trials(cfg)))
     run.begin(cfg)
+    fitted = cfg.model_copy(update={"max_concurrent_trials": concurrency["trials"]})
     base_plan = plan_run(cfg.finetune, ts.meta, run.path, cfg.trial.workers)
     trainable = tune.with_parameters(
         trial_main, base=cfg.finetune.to_dict(), meta=ts.meta, data={"train": ts.train, "validation": ts.validation},
@@ -69,14 +71,14 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
         log.info("restoring sweep '%s' from %s", cfg.name, run.path)
         tuner = tune.Tuner.restore(run.path, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        space, search_alg = build_search(cfg)
+        space, search_alg = build_search(fitted)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=cfg.num_samples,
                 # a generator of our own carries the limit (build_search); Tune applies it to the rest
-                max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator) else cfg.max_concurrent_trials,
+                max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator) else fitted.max_concurrent_trials,
                 scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.finetune.train.eval_every),
                 search_alg=search_alg, reuse_actors=cfg.reuse_actors,
             ),

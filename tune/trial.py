@@ -5,6 +5,7 @@ inside the trial and forwards its reports to Tune."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
@@ -14,10 +15,12 @@ from ray import tune
 from cluster import storage
 from cluster.data.ingest import epoch_datasets, quiet_data_logs
 from cluster.stages.finetune import FinetuneConfig, plan_run, run_worker
-from tune.config import TrialConfig, trial_config
+from tune.config import SweepConfig, TrialConfig, trial_config
 
 if TYPE_CHECKING:  # the sweep's driver imports this module; trials import torch when they start
     import torch
+
+log = logging.getLogger(__name__)
 
 
 class TuneSession:
@@ -82,6 +85,33 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
                  datasets=epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
                  keep=1, metric=trial["metric"], mode=trial["mode"], callbacks=[TuneReportCallback()],
                  what=f"trial {trial_id}")
+
+
+def concurrent_trials(cfg: SweepConfig) -> int:
+    """How many trials run at once: `max_concurrent_trials`, lowered (and logged) to what the
+    cluster holds beside one CPU for Ray Data's tasks, which every trial's data needs. Trials beyond
+    that would take every CPU and then wait for their own data forever. A JobError, in seconds,
+    when not even one trial fits."""
+    import ray
+
+    from cluster import runtime
+    from cluster.train.launcher import DATA_CPUS
+
+    trial = cfg.trial
+    cpus = trial.cpus * trial.workers + (0.01 if trial.workers > 1 else 0.0)
+    need = {"CPU": cpus + DATA_CPUS, **({"GPU": trial.gpus * trial.workers} if trial.gpus else {})}
+    runtime.require(need, f"trial: one trial ({trial.workers} worker(s) x {trial.cpus:g} CPU) and {DATA_CPUS:g} CPU "
+                    "for Ray Data beside it", "lower trial.cpus or trial.workers, start Ray with more CPUs, or set "
+                    "RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling cluster")
+    have = ray.cluster_resources()
+    fit = int((have.get("CPU", 0.0) - DATA_CPUS) // cpus)
+    if trial.gpus:
+        fit = min(fit, int(have.get("GPU", 0.0) // (trial.gpus * trial.workers)))
+    if 1 <= fit < cfg.max_concurrent_trials:
+        log.warning("max_concurrent_trials %d -> %d: the cluster's %g CPUs hold %d trial(s) of %g CPU beside Ray "
+                    "Data's %g", cfg.max_concurrent_trials, fit, have.get("CPU", 0.0), fit, cpus, DATA_CPUS)
+        return fit
+    return cfg.max_concurrent_trials
 
 
 def trial_resources(trial: TrialConfig) -> dict[str, float]:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -168,10 +169,12 @@ class TaskSetup:
     baseline: dict[str, Any]
 
 
-def setup(cfg: FinetuneConfig, root: str | None = None, run: RunDir | None = None) -> TaskSetup:
+def setup(cfg: FinetuneConfig, root: str | None = None, run: RunDir | None = None,
+          fits: Callable[[], None] | None = None) -> TaskSetup:
     """Check the inputs, then start Ray and read, check and tokenize the data (seconds). `run`, the
     run folder the job will write: its storage is checked between the two, so neither an
-    unwritable storage waits for the data nor bad input leaves a folder behind."""
+    unwritable storage waits for the data nor bad input leaves a folder behind. `fits`: the
+    job's resource check, run as soon as Ray is up (before the data asks it for anything)."""
     t0 = time.time()
     quiet_data_logs()
     base = resolve_checkpoint(cfg.model.checkpoint, root)
@@ -186,6 +189,8 @@ def setup(cfg: FinetuneConfig, root: str | None = None, run: RunDir | None = Non
     runtime.connect()
     token_types = cfg.task == "classification" and config.get("type_vocab_size", 0) >= 2
     tokenizer = prepare_tokenizer(local_copy(base) if storage.is_uri(base) else base, cfg.task,
+    if fits is not None:
+        fits()
                                   pair=bool(data_cfg.text_pair_column), token_types=token_types)
     prepared = task_prep.prepare_data(cfg.task, data_cfg, tokenizer, token_types, cfg.eval.generate_examples)
     from cluster.data.tokenizer import tokenizer_hash
@@ -215,8 +220,7 @@ def plan_run(cfg: FinetuneConfig, meta: dict[str, Any], run_dir: str, workers: i
 def finetune(cfg: FinetuneConfig, root: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     run = RunDir("finetune", cfg.name, root)
-    ts = setup(cfg, root, run)
-    launcher.check_resources(cfg.scaling)
+    ts = setup(cfg, root, run, fits=lambda: launcher.check_resources(cfg.scaling))
     run.begin(cfg)
     plan = plan_run(cfg, ts.meta, run.path, cfg.scaling.num_workers)
     log.info("plan: %d steps (%d per epoch, %d epochs)", plan.max_steps, plan.steps_per_epoch, plan.epochs)

@@ -18,13 +18,25 @@ from cluster import runtime, storage
 from cluster.errors import JobError
 from cluster.train.config import ScalingSection
 
+# Ray Data's read tasks ask for one CPU each (Ray's default for a task), and they run beside the
+# training workers for the whole run: a cluster whose CPUs the workers take all of never reads a block.
+DATA_CPUS = 1.0
 
-def check_resources(scaling: ScalingSection) -> None:
-    """Say so instead of hanging when the cluster cannot hold the workers."""
-    runtime.require({k: v * scaling.num_workers for k, v in scaling.resources().items()},
-                    f"scaling: {scaling.num_workers} worker(s)",
-                    "lower scaling.num_workers / cpus_per_worker, or set RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling "
-                    "cluster")
+
+def check_resources(scaling: ScalingSection, data_cpus: float = DATA_CPUS) -> None:
+    """Say so in seconds, with the numbers and the fixes, instead of hanging when the cluster cannot
+    hold the workers and, beside them, the data pipeline's readers."""
+    import ray
+
+    need = {k: v * scaling.num_workers for k, v in scaling.resources().items()}
+    need["CPU"] = need.get("CPU", 0.0) + data_cpus
+    # a per-worker share that leaves the readers their CPU, in quarters
+    share = int((ray.cluster_resources().get("CPU", 0.0) - data_cpus) / scaling.num_workers * 4) / 4
+    fits = f" (--set scaling.cpus_per_worker={share:g} fits)" if share >= 0.25 else ""
+    runtime.require(need, f"scaling: {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU and "
+                    f"{data_cpus:g} CPU for Ray Data's readers beside them",
+                    f"lower scaling.num_workers or scaling.cpus_per_worker{fits}, start Ray with more CPUs, or "
+                    "set RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling cluster")
 
 
 def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], scaling: ScalingSection, *, name: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -276,7 +277,8 @@ def test_more_workers_than_resources_fails_fast(gpt_corpus, capsys):
     t0 = time.time()
     rc, err = _main_err(capsys, "--config", os.path.join(REPO, "configs/gpt-tiny.yaml"), "--set", "corpus=t-gpt",
                         "--set", "name=t-big", "--set", "scaling.num_workers=64")
-    assert rc == 1 and "64 worker(s) need more than the cluster has" in err
+    assert rc == 1 and "64 worker(s) x 1 CPU and 1 CPU for Ray Data's readers beside them need more" in err
+    assert re.search(r"CPU: need 65, cluster has \d", err) and "scaling.cpus_per_worker" in err
     assert time.time() - t0 < 30
 
 
