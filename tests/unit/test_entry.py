@@ -2,80 +2,58 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-import subprocess
-import sys
-import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import ray
+
+from cluster import entry
+from tests.conftest import BAD_JOB_INPUT
 
 ROOT = Path(__file__).resolve().parents[2]
 
-_REPLACE = textwrap.dedent("""
-    import os, shutil, sys, time
-    from cluster.entry import follow_replaced_cwd
-    work = sys.argv[1]
-    os.makedirs(work)
-    os.chdir(work)
-    if sys.argv[2] == "follow":
-        follow_replaced_cwd(interval_s=0.05)
-    shutil.rmtree(work)  # what Ray does to a job's working_dir when it unpacks the package again
-    os.makedirs(work)
-    open(os.path.join(work, "marker"), "w").close()
-    deadline = time.time() + float(sys.argv[3])
-    while time.time() < deadline and not os.path.exists("marker"):
-        time.sleep(0.05)
-    print(os.path.exists("marker"), os.getcwd() if os.path.exists("marker") else "-")
-""")
+
+def _job_main(module: str) -> Callable[[list[str]], int]:
+    return importlib.import_module(module).main
 
 
-def _run(tmp_path: Path, mode: str, wait_s: float) -> str:
-    out = subprocess.run([sys.executable, "-c", _REPLACE, str(tmp_path / "pkg"), mode, str(wait_s)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-def test_a_job_follows_its_working_directory_when_ray_replaces_it(tmp_path):
-    """`ray job submit --working-dir` jobs start inside a directory Ray may rmtree and unpack again
-    under the running driver; the entry point re-enters the new one (relative paths and
-    os.getcwd() work again) instead of staying in the deleted one."""
-    assert _run(tmp_path, "follow", wait_s=20) == f"True {tmp_path / 'pkg'}"
-    assert _run(tmp_path / "again", "stay", wait_s=1) == "False -"  # what a driver without it is left with
-
-
-def test_each_job_s_help_names_the_module_it_runs_as_and_keeps_its_usage_lines():
+@pytest.mark.parametrize("module", ["jobs.prepare", "jobs.pretrain", "jobs.finetune", "tune.sweep"])
+def test_each_job_s_help_names_the_module_it_runs_as_and_keeps_its_usage_lines(module, capsys):
     # Regression: `python -m tune.sweep --help` said `usage: python -m jobs.sweep`, and the usage
-    # lines of the job's docstring ran together into one paragraph.
-    for module in ("jobs.prepare", "jobs.pretrain", "jobs.finetune", "tune.sweep"):
-        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.startswith(f"usage: python -m {module} "), out.stdout[:200]
-        assert f"\n    python -m {module} --config configs/" in out.stdout, out.stdout
+    # lines of the job's docstring ran together into one paragraph. (That `python -m <job>` runs
+    # this main: tests/integration/test_entrypoints.py.)
+    with pytest.raises(SystemExit) as exit_:
+        _job_main(module)(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith(f"usage: python -m {module} "), out[:200]
+    assert f"\n    python -m {module} --config configs/" in out, out
 
 
-@pytest.mark.parametrize("module, args, error, run_folder", [
-    ("jobs.pretrain", ["--config", "configs/gpt-tiny.yaml", "--set", "corpus=no-such-corpus"],
-     "error: corpus 'no-such-corpus' not found", "pretrain"),
-    ("jobs.prepare", ["/no/such/notes.txt", "--name", "notes"],
-     "error: source 'files': '/no/such/notes.txt' does not exist", "prepare"),
-    ("jobs.finetune", ["--config", "configs/finetune-topic-tiny.yaml", "--set", "model.checkpoint=./no-such-ckpt"],
-     "error: model.checkpoint './no-such-ckpt' does not exist", "finetune"),
-    ("tune.sweep", ["--config", "configs/tune-topic-tiny.yaml", "--set", "metric=val_f1"],
-     "  - metric 'val_f1' is never reported by a classification trial", "tune"),
-])
-def test_bad_input_is_reported_before_the_job_connects_to_ray(tmp_path, module, args, error, run_folder):
-    # RAY_ADDRESS names a port nothing listens on: a job that connected first would fail (or wait)
-    # on that; it must fail on its input, start no Ray of its own and leave no run folder.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_ADDRESS="127.0.0.1:9", RAYLM_STORAGE=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode in (1, 2), out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith(error), out.stderr
-    assert "Traceback" not in out.stderr and not (tmp_path / run_folder).exists()
+@pytest.mark.parametrize("module, args, error, run_folder", BAD_JOB_INPUT)
+def test_bad_input_is_reported_before_the_job_connects_to_ray(tmp_path, monkeypatch, capsys, module, args, error,
+                                                              run_folder):
+    # RAY_ADDRESS names a port nothing listens on: a job that connected first would fail on that
+    # (cluster.runtime checks the address before ray.init); it must fail on its input, start no Ray
+    # of its own and leave no run folder. As in a fresh job process: this test session may be
+    # connected to a Ray of its own (`make test` runs the integration tests first), and any ray.init
+    # (raylm's, or Ray's auto-init on a first Ray API call) fails the test.
+    for key in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: pytest.fail(f"ray.init{a, kw} was called"))
+    monkeypatch.setattr(entry, "follow_replaced_cwd", lambda *a, **kw: None)  # no thread left behind
+    code = _job_main(module)(args)  # a traceback would be an exception raised here
+    err = capsys.readouterr().err
+    assert code in (1, 2), err
+    assert err.strip().splitlines()[-1].startswith(error), err
+    assert not (tmp_path / run_folder).exists()
 
 
 def test_ray_data_s_report_of_a_raylm_error_raised_in_a_task_is_dropped():
