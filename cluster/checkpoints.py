@@ -35,9 +35,9 @@ def resolve_checkpoint(name: str, root: str | None = None) -> str:
     picked = run_checkpoint(storage.join(base, "pretrain", name))
     if picked:
         return picked
-    entry = storage.join(base, "registry", name)
-    if storage.exists(storage.join(entry, "model.json")):
-        return entry
+    published = registry.find(name, storage.join(base, "registry"))
+    if published is not None:
+        return published["path"]  # the current version's folder
     if name.startswith((".", "/")):
         raise JobError(f"model.checkpoint '{name}' does not exist")
     return name  # a hub id such as "bert-base-uncased": transformers fetches it (base_config says if it cannot)

@@ -1,11 +1,14 @@
-"""The model registry: `<RAYLM_STORAGE>/registry/<name>/` holds one published model.
+"""The model registry: `<RAYLM_STORAGE>/registry/<name>/` holds the published versions of one model.
 
-Each entry is a Hugging Face directory (model.safetensors, config.json, tokenizer files) plus
-`model.json` (name, task, labels, metric, config, source checkpoint, sweep id, created), which
-the Serve app reads to decide how to serve it. Publishing is atomic: the entry is copied to a
-temporary sibling and renamed over the old one (on object stores model.json is written last, so
-an entry without model.json is incomplete). A newer publish replaces an entry only when its
-metric is better, unless forced.
+Each version is a Hugging Face directory (model.safetensors, config.json, tokenizer files) plus
+`model.json` (name, task, labels, metric, config, source checkpoint, sweep id, created, sha256 of
+the weights, version), which the Serve app reads to decide how to serve it. A publish writes a new
+immutable version and then moves the pointer `registry/<name>/model.json` to it in one step, under
+a per-name lock, so concurrent publishes take turns and a stopped publish leaves the previous version
+current (cluster/registry_versions.py: the layout; cluster/registry_lock.py: the lock). A newer
+publish becomes current only when its metric is better, unless forced. Old versions stay until
+`gc` removes them; the entries that `load_entry` and `list_models` give name a version's folder, so
+a deployment built from them keeps loading that version.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import datetime as dt
 import json
 import os
 import posixpath
-import shutil
-import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from cluster import registry_versions as versions
 from cluster import storage
+from cluster.registry_lock import NameLock
+from cluster.registry_versions import WEIGHTS, RegistryError  # part of this module's API, defined below it
 from cluster.runs import check_name
 
 TASKS = ("generation", "fill-mask", "classification", "tagging")
@@ -34,10 +38,8 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 # Files worth publishing; pickled weights (*.bin, *.pt, *.pkl) are never read or copied.
 _SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _SKIP_DIRS = ("train_state",)  # cluster.train.checkpoint.STATE_DIR: optimizer state and the training config
-
-
-class RegistryError(ValueError):
-    """A publish or lookup that cannot go ahead; the message names the checkpoint or model."""
+# The registry's own files, never a model's: a folder of the layout without versions holds them too.
+_REGISTRY_FILES = (versions.POINTER, versions.LEGACY_META, versions.LOCK)
 
 
 def registry_root(root: str | None = None) -> str:
@@ -116,9 +118,6 @@ def validate_checkpoint(checkpoint: str, task: str | None) -> tuple[str, dict[st
     return task, config
 
 
-WEIGHTS = "model.safetensors"
-
-
 def weights_sha256(path: str) -> str:
     """sha256 of a model directory's model.safetensors, streamed (recorded in model.json at publish)."""
     import hashlib
@@ -161,13 +160,15 @@ def labels_from_config(config: dict[str, Any]) -> list[str] | None:
 
 
 def copy_tree(src: str, dst: str) -> None:
-    """Copy every file under `src` except pickled weights and training state, across filesystems."""
+    """Copy every file under `src` except pickled weights, training state and the registry's own files
+    (model.json, and the later versions a folder of the layout without versions holds), across filesystems."""
     src_fs, src_p = storage.filesystem(src)
     dst_fs, dst_p = storage.filesystem(dst)
     dst_fs.create_dir(dst_p, recursive=True)
     for info in src_fs.get_file_info(pafs.FileSelector(src_p, recursive=True)):
         rel = posixpath.relpath(info.path.replace(os.sep, "/"), src_p.replace(os.sep, "/"))
-        if rel.split("/")[0] in _SKIP_DIRS or rel.endswith(_SKIP_SUFFIXES) or rel == "model.json":
+        top = rel.split("/")[0]
+        if top in _SKIP_DIRS or top == versions.VERSIONS or rel.endswith(_SKIP_SUFFIXES) or rel in _REGISTRY_FILES:
             continue
         target = posixpath.join(dst_p, rel) if storage.is_uri(dst) else os.path.join(dst_p, rel)
         if info.type == pafs.FileType.Directory:
@@ -201,20 +202,14 @@ def publish(
     force: bool = False,
     root: str | None = None,
 ) -> str:
-    """Publish `checkpoint` as registry model `name` for `task` (None: the one task the checkpoint's
-    architecture serves); returns the entry's path. `config` defaults to the one the checkpoint
-    was trained with, when raylm wrote it."""
+    """Publish `checkpoint` as a new version of registry model `name` for `task` (None: the one task
+    the checkpoint's architecture serves) and make it current; returns the version's folder. `config`
+    defaults to the one the checkpoint was trained with, when raylm wrote it. The better-metric rule
+    and the version number are decided under the name's lock, so concurrent publishes take turns."""
     check_name(name, key="name")
     task, model_config = validate_checkpoint(checkpoint, task)
     check_weights(checkpoint, what=f"checkpoint '{checkpoint}'")
     metric = _check_metric(metric)
-    dest = entry_path(name, root)
-    old = _read_entry(dest)
-    if old is not None and not force and not _metric_is_better(metric, old.get("metric")):
-        raise RegistryError(
-            f"registry model '{name}' already has {old.get('metric')}; the new metric {metric} is not better. "
-            "Use force=True (--force) to replace it"
-        )
     if task in ("classification", "tagging"):
         labels = list(labels) if labels else labels_from_config(model_config)
         if not labels:
@@ -227,70 +222,144 @@ def publish(
         "config": config if config is not None else checkpoint_config(checkpoint),
         "source_checkpoint": checkpoint,
         "sweep_id": sweep_id,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_sha256": weights_sha256(checkpoint),
     }
-    return _install(checkpoint, dest, entry, replace=old is not None)
+    dest = entry_path(name, root)
+    with NameLock(storage.join(dest, versions.LOCK), f"registry model '{name}'") as lock:
+        old = versions.current(dest)
+        if old is not None and not force and not _metric_is_better(metric, old.get("metric")):
+            raise RegistryError(
+                f"registry model '{name}' already has {old.get('metric')} (version {old['version']}); the new "
+                f"metric {metric} is not better. Use force=True (--force) to replace it"
+            )
+        entry["version"] = versions.next_version(dest)
+        entry["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        path = versions.write_version(dest, entry["version"], entry, lambda folder: _fill(checkpoint, folder, entry))
+        lock.check_held()
+        versions.move_pointer(dest, entry)
+    return path
 
 
-def _install(checkpoint: str, dest: str, entry: dict[str, Any], replace: bool) -> str:
-    """Copy `checkpoint` to the entry folder `dest` with its model.json, replacing an old entry."""
-    if storage.is_uri(dest):
-        # Object stores have no rename: copy in place, model.json last marks the entry complete.
-        if replace:
-            storage.delete_dir(dest)
-        copy_tree(checkpoint, dest)
-        storage.write_json_atomic(storage.join(dest, "model.json"), entry)
-        return dest
-    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+def _fill(checkpoint: str, folder: str, entry: dict[str, Any]) -> None:
+    """Copy the checkpoint's model files into a new version's folder; a local copy is read back
+    against the weights' sha256 before anything can name it."""
+    copy_tree(checkpoint, folder)
+    if not storage.is_uri(folder):
+        check_weights(folder, entry["weights_sha256"], what=f"the copy of '{checkpoint}'")
+
+
+def find(name: str, root: str | None = None) -> dict[str, Any] | None:
+    """The current version of registry model `name` (its model.json with `version` and `path`, the
+    version's folder), or None when no model of that name is published (or `name` cannot be one)."""
     try:
-        copy_tree(checkpoint, tmp)
-        check_weights(tmp, entry["weights_sha256"], what=f"the copy of '{checkpoint}'")
-        storage.write_json_atomic(os.path.join(tmp, "model.json"), entry)
-        if os.path.exists(dest):
-            # Two renames: the old entry moves aside, the new one takes its name, the old is removed.
-            trash = f"{dest}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, trash)
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def _read_entry(path: str) -> dict | None:
-    meta = storage.join(path, "model.json")
-    return storage.read_json(meta) if storage.exists(meta) else None
+        dest = entry_path(name, root)
+    except ValueError:  # not a valid registry name: "org/model" is a hub id, never a registry model
+        return None
+    return versions.current(dest)
 
 
 def load_entry(name: str, root: str | None = None) -> dict[str, Any]:
-    """model.json of registry model `name`, with its `path` added."""
-    path = entry_path(name, root)
-    entry = _read_entry(path)
+    """The current version of registry model `name`: its model.json with `version` and `path` (the
+    version's folder) added. Serve pins both, so new replicas load this version whatever comes later."""
+    entry = versions.current(entry_path(name, root))
     if entry is None:
         known = ", ".join(m["name"] for m in list_models(root)) or "none"
         raise RegistryError(f"no registry model '{name}' under '{registry_root(root)}' (published: {known})")
-    return {**entry, "path": path}
+    return entry
+
+
+def entry_at(path: str) -> dict[str, Any]:
+    """The entry of one version folder (what `publish` returns): its model.json with `path` added."""
+    return versions.at(path)
+
+
+def model_names(root: str | None = None) -> list[str]:
+    """Names of the registry's model folders, sorted, including one whose first publish has not
+    finished (temporary and trash folders of the layout without versions are skipped)."""
+    base = registry_root(root)
+    fs, p = storage.filesystem(base)
+    names = []
+    for info in fs.get_file_info(pafs.FileSelector(p, allow_not_found=True)):
+        name = posixpath.basename(info.path.replace(os.sep, "/"))
+        if info.type == pafs.FileType.Directory and ".tmp-" not in name and ".old-" not in name:
+            names.append(name)
+    return sorted(names)
 
 
 def list_models(root: str | None = None) -> list[dict[str, Any]]:
-    """model.json of every complete entry, sorted by name (temporary folders are skipped)."""
-    base = registry_root(root)
-    fs, p = storage.filesystem(base)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    """The current version of every published model (as `load_entry` gives it), sorted by name."""
+    found = (versions.current(storage.join(registry_root(root), name)) for name in model_names(root))
+    return [entry for entry in found if entry is not None]
+
+
+def list_versions(name: str, root: str | None = None) -> list[dict[str, Any]]:
+    """Every version of registry model `name`, oldest first: model.json with `version`, `path`,
+    `complete` (False: a stopped publish's folder, never served) and `current`."""
+    return versions.versions(entry_path(name, root))
+
+
+def verify(name: str, root: str | None = None) -> list[str]:
+    """What is wrong with the stored versions of registry model `name` ([] when nothing): the pointer
+    must name a complete version and equal its model.json, and each complete version's weights must
+    match the sha256 recorded when it was published. Reads every version's weights."""
+    dest = entry_path(name, root)
+    now, rows = versions.current(dest), versions.versions(dest)
+    problems = []
+    if now is None:
+        problems.append(f"registry model '{name}' has no current version")
+    elif not any(r["current"] and r["complete"] for r in rows):
+        problems.append(f"registry model '{name}': the pointer names version {now['version']}, which is missing "
+                        "or incomplete")
+    for row in (r for r in rows if r["complete"]):  # an incomplete folder is never current; gc removes it
+        where = f"registry model '{name}' version {row['version']} ('{row['path']}')"
+        if row["current"] and row["version"] != versions.LEGACY and versions.at(row["path"]) != now:
+            problems.append(f"{where}: its model.json differs from the pointer that names it")
+        try:
+            check_weights(row["path"], row.get("weights_sha256"), what=where)
+        except RegistryError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def catalog(root: str | None = None) -> list[dict[str, Any]]:
+    """Every model folder with its versions (as `list_versions` gives them) and its current version
+    (None: no publish of it has finished), sorted by name."""
     out = []
-    for info in sorted(infos, key=lambda i: i.path):
-        name = posixpath.basename(info.path.replace(os.sep, "/"))
-        if info.type != pafs.FileType.Directory or ".tmp-" in name or ".old-" in name:
-            continue
-        path = storage.join(base, name)
-        entry = _read_entry(path)
-        if entry is not None:
-            out.append({**entry, "path": path})
+    for name in model_names(root):
+        rows = list_versions(name, root)
+        out.append({"name": name, "current": next((r["version"] for r in rows if r["current"]), None),
+                    "versions": rows})
     return out
+
+
+def gc(names: list[str] | None = None, keep: int = 2, root: str | None = None,
+       dry_run: bool = False) -> list[dict[str, Any]]:
+    """Remove the versions of each model in `names` (default: all) other than its current one and its
+    `keep` newest; returns what was removed (with `dry_run`, what would be). Each model is cleaned
+    under its lock, so never while a publish of it writes. A deployment started on a removed version
+    cannot start new replicas: redeploy before removing what it serves."""
+    if keep < 0:
+        raise RegistryError(f"keep must be 0 or more, not {keep}")
+    known = model_names(root)
+    missing = [n for n in names or [] if n not in known]
+    if missing:
+        raise RegistryError(f"no registry models {missing} under '{registry_root(root)}' "
+                            f"(published: {', '.join(known) or 'none'})")
+    removed = []
+    for name in names or known:
+        dest = entry_path(name, root)
+        with NameLock(storage.join(dest, versions.LOCK), f"registry model '{name}'"):
+            rows = versions.versions(dest)
+            newest = sorted((r["version"] for r in rows if r["complete"]), reverse=True)[:keep]
+            for row in rows:
+                if row["current"] or row["version"] in newest:
+                    continue
+                if not dry_run:
+                    versions.remove_version(dest, row["version"])
+                removed.append({"name": name, **{k: row[k] for k in ("version", "path", "complete")}})
+            if not dry_run:
+                versions.remove_leftovers(dest)
+    return removed
 
 
 def dumps(entry: dict[str, Any]) -> str:

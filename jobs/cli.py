@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": "jobs.demo",
     "sweep": "tune.sweep",
     "publish": "jobs.publish",
+    "registry": "jobs.registry",
     "serve": "serve.cli",
     "cluster": "cluster.ops.local",
 }

@@ -1,7 +1,8 @@
 """`raylm publish <checkpoint or run> --name gpt-tiny [--task generation] [--metric accuracy=0.91 --mode max]`
 
-Copies a Hugging Face checkpoint (safetensors only) into `<RAYLM_STORAGE>/registry/<name>/` with
-its model.json, and prints the registry path last. A finished fine-tuning run, sweep or
+Copies a Hugging Face checkpoint (safetensors only) into a new version of the registry model,
+`<RAYLM_STORAGE>/registry/<name>/versions/<n>/` with its model.json, makes it the current version,
+prints its entry as JSON and the version's path last (`raylm registry list` shows every version). A finished fine-tuning run, sweep or
 pretraining run, by name or by its folder, stands for its best checkpoint (else its final one),
 and unless --metric is given the registry records that checkpoint's metric from the run's summary
 (a sweep's objective, a fine-tuning run's task metric, else val_loss).
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except (registry.RegistryError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(registry.load_entry(args.name, args.root), indent=2))
+    print(json.dumps(registry.entry_at(path), indent=2))  # this publish's version, whatever was published since
     print(path, flush=True)
     return 0
 

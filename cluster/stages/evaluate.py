@@ -119,9 +119,8 @@ def resolve_model(ref: str, root: str | None = None) -> str:
         run = named_run(ref, base)
     except RunLookupError as exc:
         raise JobError(f"model: {exc}") from None
-    entry = storage.join(base, "registry", ref)
-    published = storage.read_json(storage.join(entry, "model.json")) if storage.exists(
-        storage.join(entry, "model.json")) else None
+    published = registry.find(ref, storage.join(base, "registry"))
+    entry = published["path"] if published is not None else storage.join(base, "registry", ref)
     picked = run_checkpoint(run) if run else None
     if run and not picked:
         raise JobError(f"model: run '{run}' finished without a checkpoint")
