@@ -3,16 +3,16 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 # CPU-only machines get the CPU torch wheel first, so the project install does not pull a
-# multi-GB CUDA build.
+# multi-GB CUDA build. constraints.txt pins the versions CI tests (TORCH_CPU must agree with it).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install demo test lint bench drills gpu-check clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if [ -z "$(HAS_GPU)" ]; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
-	$(PY) -m pip install -q -e '.[test]'
+	@if [ -z "$(HAS_GPU)" ]; then $(PY) -m pip install -q -c constraints.txt "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
 
 install: $(VENV)/.installed

@@ -156,3 +156,23 @@ def delete_dir(path: str) -> None:
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
 
+
+def dirname(path: str) -> str:
+    """The folder holding `path` (a local path or URI; a trailing '/' is ignored)."""
+    path = path.rstrip("/")
+    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(os.path.abspath(path))
+
+
+def basename(path: str) -> str:
+    """The last part of `path` (a local path or URI; a trailing '/' is ignored)."""
+    return posixpath.basename(path.rstrip("/")) if is_uri(path) else os.path.basename(path.rstrip(os.sep))
+
+
+def delete(path: str) -> None:
+    """Remove the file or the folder (with everything in it) at `path`; nothing when there is none."""
+    fs, p = filesystem(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind != pafs.FileType.NotFound:
+        fs.delete_file(p)

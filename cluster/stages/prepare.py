@@ -3,7 +3,9 @@
 Ray Data steps: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
 per-split statistics] -> select (drop, de-duplicate, weight) + pack -> write Parquet. A tokenizer to
 train is trained on the cleaned text between cleaning and tokenizing; a reused one lets reading,
-cleaning and tokenizing run fused, one task per part of the input. The manifest is written last.
+cleaning and tokenizing run fused, one task per part of the input. Everything is written into a
+build folder beside the corpus the name stands for, the manifest last, and swapped in then
+(cluster/data/corpus.py: CorpusBuild), so a failed run leaves the previous corpus as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pydantic import Field, field_validator
 
 from cluster import runtime, storage
 from cluster.config import Section, StrList
-from cluster.data.corpus import MANIFEST, SPLITS
+from cluster.data.corpus import MANIFEST, SPLITS, CorpusBuild, resolve_corpus_path
 from cluster.data.files import check_files
 from cluster.data.pipeline import (
     clean_batch,
@@ -45,7 +47,7 @@ from cluster.data.tokenizer import (
     train_tokenizer,
 )
 from cluster.errors import CorpusError
-from cluster.runs import RunDir, check_name
+from cluster.runs import check_name
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +113,11 @@ def _empty(cfg: PrepareConfig, counts: Counts) -> CorpusError:
 
 def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str):
     if cfg.tokenizer.path:
-        path = cfg.tokenizer.path
+        path = source = resolve_corpus_path(cfg.tokenizer.path)
         if storage.is_uri(path):  # e.g. the tokenizer of a corpus in S3: transformers loads local folders
             path = os.path.join(workdir, "reused-tokenizer")
             os.makedirs(path)
-            pafs.copy_files(cfg.tokenizer.path, path, destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(source, path, destination_filesystem=pafs.LocalFileSystem())
         tok = load_tokenizer(path)
         log.info("reusing tokenizer %s", cfg.tokenizer.path)
     else:
@@ -143,7 +145,8 @@ def check_sources(cfg: PrepareConfig) -> None:
     for source in cfg.sources:
         if source.kind == "files":
             check_files(expand_paths(source.paths, f"source '{source.label}'"), source.text_column)
-    if cfg.tokenizer.path and not storage.exists(storage.join(cfg.tokenizer.path, "tokenizer.json")):
+    if cfg.tokenizer.path and not storage.exists(storage.join(resolve_corpus_path(cfg.tokenizer.path),
+                                                               "tokenizer.json")):
         raise CorpusError(f"config key 'tokenizer.path': '{cfg.tokenizer.path}' is not a tokenizer "
                           "directory (no tokenizer.json in it)")
 
@@ -155,33 +158,41 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
     # Ray starts (or is joined) only now: a missing or unreadable input fails in seconds, and
     # leaves no run folder behind.
     runtime.connect()
-    # A re-run replaces the corpus: its completion marker goes first, so that nothing half-written
-    # ever looks complete.
-    run = RunDir("prepare", cfg.name, root).begin(cfg, MANIFEST, "shards")
+    # The new corpus is built beside the one its name stands for, which stays whole and opens until
+    # the new one's manifest is written and it is swapped in; a failed build is removed.
+    build = CorpusBuild.start(cfg.name, cfg.to_yaml(), root)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     try:
-        with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
-            weights = {s.label: s.weight for s in cfg.sources}
-            tokenized, tok, tok_local = read_and_tokenize(cfg, weights, workdir)
-            counts, stats, n_kept = count_documents(cfg, tokenized, weights)
-            log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
-            eod = end_of_document_id(tok)
-            shards = write_shards(cfg, tokenized, counts, weights, eod, run.file("shards"))
-            check_training_rows(cfg, shards, stats)
-            _upload_tokenizer(tok_local, run.file("tokenizer"))
-    except Exception as exc:
-        raise unwrap_error(exc) from None
-    manifest = _manifest(cfg, counts, n_kept, stats, shards, tok, eod)
-    storage.write_json_atomic(run.file(MANIFEST), manifest)
+        corpus = build.commit(build_corpus(cfg, build))
+    except BaseException as exc:
+        build.abandon()
+        if isinstance(exc, Exception):
+            raise unwrap_error(exc) from None
+        raise
+    manifest = corpus.manifest
     return {
-        "corpus": run.path,
-        "manifest": run.file(MANIFEST),
+        "corpus": build.named,
+        "manifest": storage.join(corpus.path, MANIFEST),
         "documents": manifest["documents"],
         "splits": manifest["splits"],
         "entropy_floor_bpb": manifest.get("entropy_floor_bpb"),
-        "shards": len(shards),
+        "shards": len(manifest["shards"]),
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def build_corpus(cfg: PrepareConfig, build: CorpusBuild) -> dict[str, Any]:
+    """Shards and tokenizer written into the build folder; returns the manifest to commit."""
+    with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
+        weights = {s.label: s.weight for s in cfg.sources}
+        tokenized, tok, tok_local = read_and_tokenize(cfg, weights, workdir)
+        counts, stats, n_kept = count_documents(cfg, tokenized, weights)
+        log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
+        eod = end_of_document_id(tok)
+        shards = write_shards(cfg, tokenized, counts, weights, eod, build.file("shards"))
+        check_training_rows(cfg, shards, stats)
+        _upload_tokenizer(tok_local, build.file("tokenizer"))
+    return _manifest(cfg, counts, n_kept, stats, shards, tok, eod)
 
 
 def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float], workdir: str) -> tuple[Any, Any, str]:
@@ -286,10 +297,8 @@ def check_training_rows(cfg: PrepareConfig, shards: list[dict], stats: dict) -> 
 
 def _upload_tokenizer(local: str, dest: str) -> None:
     if storage.is_uri(dest):
-        storage.delete_dir(dest)
         pafs.copy_files(local, dest, source_filesystem=pafs.LocalFileSystem())
     else:
-        shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(local, dest)
 
 

@@ -1,6 +1,7 @@
 """The pipeline with its storage and its data in S3 (`RAYLM_STORAGE=s3://...`, moto's S3 server:
-tests/conftest.py s3_env): prepare raw files in the bucket -> pretrain -> fine-tune the pretrain run
-by name on labelled files in the bucket -> evaluate the fine-tune by name on a file there.
+tests/conftest.py s3_env): prepare raw files in the bucket -> a re-prepare of that corpus that fails
+after writing its shards -> pretrain on the corpus kept -> fine-tune the pretrain run by name on
+labelled files in the bucket -> evaluate the fine-tune by name on a file there.
 
 The jobs run in a subprocess that starts its own embedded Ray, as a laptop user's would: Ray's
 workers take the AWS settings from the environment Ray starts in, which the shared test Ray started
@@ -14,18 +15,36 @@ import subprocess
 import uuid
 
 from cluster import storage
+from cluster.data.corpus import Corpus
 from tests.conftest import PYTHON, REPO, S3_BUCKET, subprocess_env
 
 PIPELINE = """
 import os
 import sys
+from cluster.stages import prepare as stage
 from jobs import evaluate, finetune, prepare, pretrain
 
 raw, local_raw, topic = sys.argv[1:4]
+
+
+class failing_reprepare:  # jobs.prepare with the storage failing after the new shards are written: exits 1
+    @staticmethod
+    def main(args):
+        def fail(local, dest):
+            raise PermissionError(f"injected: cannot write '{dest}'")
+
+        real, stage._upload_tokenizer = stage._upload_tokenizer, fail
+        try:
+            return 0 if prepare.main(args) == 1 else 1
+        finally:
+            stage._upload_tokenizer = real
+
+
 corpus = ["--config", "configs/prepare-synthetic.yaml", "--set", "sources.0.part_mb=0.1",
           "--set", "output.shard_mb=0.05", "--set", "split.validation_fraction=0.1"]
 steps = [
     (prepare, [raw, "--name", "c", *corpus]),
+    (failing_reprepare, [local_raw, "--name", "c", *corpus, "--set", "split.seed=1"]),
     (prepare, [local_raw, "--name", "c-local", *corpus]),
     (prepare, [local_raw, "--name", "c-reuse", *corpus, "--set", f"tokenizer.path={os.environ['RAYLM_STORAGE']}/prepare/c/tokenizer"]),
     (pretrain, ["--config", "configs/gpt-tiny.yaml", "--set", "name=p", "--set", "corpus=c",
@@ -81,19 +100,26 @@ def test_the_pipeline_runs_with_its_storage_and_data_in_s3(s3_env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == storage.join(root, "evaluate", "e", "summary.json")
 
+    # the failed re-prepare of c left c as it was (it is the corpus pretraining read) and nothing of its own
+    assert "injected: cannot write" in proc.stderr
+    prepared = storage.join(root, "prepare")
+    corpora = {name: Corpus.open(storage.join(prepared, name)) for name in ("c", "c-local", "c-reuse")}
+    assert [e for e in storage.listdir(prepared) if e.startswith(".c.")] == [storage.basename(corpora["c"].path)]
+    assert storage.listdir(storage.join(prepared, "c")) == ["current.json", "summary.json"]
     # the corpus read from the bucket is the one read from the local copy, shard for shard
-    manifests = [storage.read_json(storage.join(root, "prepare", name, "manifest.json")) for name in ("c", "c-local")]
+    manifests = [corpora[name].manifest for name in ("c", "c-local")]
     assert manifests[0]["sources"][0]["paths"] == [storage.join(root, "raw")]
     assert manifests[0]["documents"] == manifests[1]["documents"] and manifests[0]["documents"]["in"] == 1500
     assert manifests[0]["splits"] == manifests[1]["splits"]
     assert manifests[0]["tokenizer"]["hash"] == manifests[1]["tokenizer"]["hash"]
     assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]
     # ... and its tokenizer, in the bucket, is reused by a third (same tokens, same split)
-    reused = storage.read_json(storage.join(root, "prepare", "c-reuse", "manifest.json"))
+    reused = corpora["c-reuse"].manifest
     assert reused["tokenizer"]["hash"] == manifests[0]["tokenizer"]["hash"]
     assert {k: v["tokens"] for k, v in reused["splits"].items()} == {k: v["tokens"] for k, v in manifests[0]["splits"].items()}
 
     pre = storage.read_json(storage.join(root, "pretrain", "p", "summary.json"))
+    assert pre["corpus"] == corpora["c"].path  # the corpus the failed re-prepare kept
     assert pre["final"]["checkpoint"] == storage.join(root, "pretrain", "p", "checkpoint_0000008")
     assert pre["best"]["checkpoint"].startswith(storage.join(root, "pretrain", "p", "checkpoint_"))
     assert storage.exists(storage.join(pre["best"]["checkpoint"], "model.safetensors"))

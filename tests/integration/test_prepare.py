@@ -12,6 +12,7 @@ import pytest
 from cluster import storage
 from cluster.data.corpus import Corpus
 from jobs import prepare as prepare_job
+from tests.conftest import REPO
 
 
 def test_manifest_counts_reconcile_and_shards_match(gpt_corpus):
@@ -56,6 +57,52 @@ def test_rerun_reproduces_identical_shards(gpt_corpus, ray_session):
     strip = lambda m: [(os.path.basename(s["file"]), s["rows"], s["sha256"]) for s in m["shards"]]  # noqa: E731
     assert strip(again.manifest) == strip(gpt_corpus.manifest)
     assert again.manifest["tokenizer"]["hash"] == gpt_corpus.manifest["tokenizer"]["hash"]
+
+
+def _sha256_ok(corpus: Corpus) -> bool:
+    return all(hashlib.sha256(open(os.path.join(corpus.path, s["file"]), "rb").read()).hexdigest() == s["sha256"]
+               for s in corpus.manifest["shards"])
+
+
+def test_a_failed_reprepare_keeps_the_previous_corpus(ray_session, capsys, monkeypatch):
+    """Re-preparing a name builds the new corpus beside the one the name stands for: a run that fails
+    after writing its shards leaves the previous corpus as it was (manifest, shards, tokenizer,
+    summary), and a pretraining run reads it; a run that succeeds then replaces it whole. Neither
+    leaves a build folder behind."""
+    from cluster.stages import prepare as stage
+    from jobs import pretrain as pretrain_job
+
+    args = ["--config", os.path.join(REPO, "configs", "prepare-synthetic.yaml"), "--set", "name=t-keep",
+            "--set", "sources.0.num_docs=600", "--set", "tokenizer.vocab_size=512",
+            "--set", "split.validation_fraction=0.1", "--set", "output.shard_mb=0.05"]
+    assert prepare_job.main(args) == 0
+    before = Corpus.open("t-keep")
+    summary = storage.read_json(os.path.join(before.path, "summary.json"))
+    prepare_dir = os.path.dirname(before.path)
+
+    def fail_after_the_shards(local: str, dest: str) -> None:
+        assert os.listdir(os.path.join(os.path.dirname(dest), "shards", "train"))  # the new shards, beside
+        assert Corpus.open("t-keep").manifest == before.manifest
+        raise PermissionError(f"injected: cannot write '{dest}'")
+
+    with monkeypatch.context() as m:
+        m.setattr(stage, "_upload_tokenizer", fail_after_the_shards)
+        assert prepare_job.main([*args, "--set", "sources.0.seed=1"]) == 1
+    assert "injected: cannot write" in capsys.readouterr().err
+    kept = Corpus.open("t-keep")
+    assert (kept.path, kept.manifest) == (before.path, before.manifest) and _sha256_ok(kept)
+    assert storage.read_json(os.path.join(kept.path, "summary.json")) == summary
+    assert [e for e in os.listdir(prepare_dir) if e.startswith(".t-keep.")] == []
+    assert pretrain_job.main(["--config", os.path.join(REPO, "configs", "gpt-tiny.yaml"), "--set", "name=t-keep-pre",
+                              "--set", "corpus=t-keep", "--set", "train.max_steps=2", "--set", "train.eval_every=2",
+                              "--set", "train.checkpoint_every=2", "--set", "train.eval_batches=1",
+                              "--set", "optim.warmup_steps=1", "--set", "scaling.threads_per_worker=2"]) == 0
+
+    assert prepare_job.main([*args, "--set", "sources.0.seed=1"]) == 0
+    replaced = Corpus.open("t-keep")
+    assert replaced.manifest["shards"] != before.manifest["shards"] and _sha256_ok(replaced)
+    assert storage.exists(os.path.join(replaced.path, "summary.json"))
+    assert [e for e in os.listdir(prepare_dir) if e.startswith(".t-keep.")] == []
 
 
 def test_files_cli_counts_every_dropped_document(tmp_path, ray_session, capsys):
