@@ -35,6 +35,7 @@ from cluster.data.ingest import epoch_datasets, quiet_data_logs
 from cluster.errors import JobError
 from cluster.objectives.tasks import EvalOptions
 from cluster.runs import RunDir, check_name
+from cluster.tracking import check_tracking
 from cluster.train import launcher
 from cluster.train.checkpoint import checkpoint_location
 from cluster.train.config import OptimConfig, ScalingSection, TrainConfig
@@ -185,12 +186,13 @@ def setup(cfg: FinetuneConfig, root: str | None = None, run: RunDir | None = Non
     tasks.check_file_columns(data_cfg, cfg.task)
     if run is not None:
         run.check_writable()
+    check_tracking(run)
     # Ray starts (or is joined) only now: a wrong checkpoint, strategy or column fails in seconds.
     runtime.connect()
-    token_types = cfg.task == "classification" and config.get("type_vocab_size", 0) >= 2
-    tokenizer = prepare_tokenizer(local_copy(base) if storage.is_uri(base) else base, cfg.task,
     if fits is not None:
         fits()
+    token_types = cfg.task == "classification" and config.get("type_vocab_size", 0) >= 2
+    tokenizer = prepare_tokenizer(local_copy(base) if storage.is_uri(base) else base, cfg.task,
                                   pair=bool(data_cfg.text_pair_column), token_types=token_types)
     prepared = task_prep.prepare_data(cfg.task, data_cfg, tokenizer, token_types, cfg.eval.generate_examples)
     from cluster.data.tokenizer import tokenizer_hash

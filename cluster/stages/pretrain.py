@@ -24,6 +24,7 @@ from cluster.data.ingest import (
 from cluster.errors import JobError
 from cluster.objectives.lm import ObjectiveConfig
 from cluster.runs import RunDir, check_name
+from cluster.tracking import check_tracking
 from cluster.train import launcher
 from cluster.train.checkpoint import NONFINITE_FILE, checkpoint_location, latest_checkpoint_state
 from cluster.train.config import OptimConfig, ScalingSection, TrainConfig
@@ -115,6 +116,7 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
             f"run '{cfg.name}' has checkpoints trained with tokenizer {previous.get('tokenizer_hash')}, but corpus "
             f"'{cfg.corpus}' uses {tok_hash}: pick another run name or the original corpus"
         )
+    check_tracking(run)
     # Ray starts (or is joined) only now: the checks above need none, and bad input fails in seconds.
     runtime.connect()
     launcher.check_resources(cfg.scaling)

@@ -120,10 +120,16 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
             "threads": cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),
             # each replica generates its share of the samples, as each training worker does
             "sample_cap": -(-cfg.eval.generate_examples // workers), "max_new_tokens": cfg.eval.max_new_tokens}
+    # max_restarts=0. Ray Data hands every pool actor its transform (this Scorer and its kwargs) and
+    # its context as object-store refs, and restarts dead actors by default; Ray Core (2.60) then
+    # logs on the driver's console, as an error, that a restart could find those arguments gone
+    # (ray-project/ray#53727), although the dataset holds them while it runs. Only a global log level
+    # would hide it otherwise. Without restarts a replica lost mid-run (its node gone) fails the
+    # evaluation as "scoring failed", with no summary written, and it is run again whole.
     scored = ds.map_batches(
         Scorer, fn_constructor_kwargs={"checkpoint": checkpoint, "spec": spec}, batch_size=cfg.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.scaling.cpus_per_worker,
-        **({"num_gpus": 1} if cfg.scaling.use_gpu else {}),
+        max_restarts=0, **({"num_gpus": 1} if cfg.scaling.use_gpu else {}),
     )
     # Rows in split order make the same batches whichever actor scores them: masked-LM masks and
     # NSP/SOP pairs are drawn per batch, so the metrics of a run do not depend on its scheduling.

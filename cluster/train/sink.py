@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cluster import storage
+from cluster import storage, tracking
 from cluster.train.placement import unwrap
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,10 @@ class MetricsSink:
         if not enabled:
             return
         self.tb = tensorboard_writer(storage.join(run_dir, "tensorboard"))
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            import mlflow
-
-            mlflow.set_experiment("raylm")
-            mlflow.start_run(run_name=run_name)
-            self.mlflow = mlflow
+        if os.environ.get(tracking.URI_VAR):
+            # the driver checked this store before Ray started (cluster.tracking.check_tracking); a
+            # refusal here (a worker with another environment) fails with the driver's message
+            self.mlflow = tracking.start_mlflow_run(run_name)
         self._remote = storage.is_uri(run_dir)
         self._rows = storage.Appender(storage.join(run_dir, "metrics.jsonl"), every_s=REMOTE_FLUSH_S)
 
