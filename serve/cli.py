@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,20 +90,21 @@ def _deployment_yaml(opts: Any, access_log: bool | None = None) -> dict[str, Any
 def cmd_run(ns: argparse.Namespace) -> int:
     from ray import serve
 
+    from serve import lifetime
     from serve.app import build_app
 
+    lifetime.check_port_free(ns.host, ns.port)
     # Built before Serve starts: an open API on a public address, or replicas the cluster cannot
     # hold, fail here in seconds (the embedded Ray has RAYLM_NUM_CPUS logical CPUs, default cores + 1).
     app = build_app(_args(_sets(ns)), host=ns.host)
-    serve.start(proxy_location=ns.proxy_location, http_options={"host": ns.host, "port": ns.port})
-    serve.run(app, name="raylm", route_prefix="/")
-    print(f"raylm serving at http://{ns.host}:{ns.port}/  (OpenAPI: /docs; Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-    return 0
+    lifetime.watch_ray(ns.port)
+
+    def start() -> None:
+        serve.start(proxy_location=ns.proxy_location, http_options={"host": ns.host, "port": ns.port})
+        serve.run(app, name="raylm", route_prefix="/")
+        print(f"raylm serving at http://{ns.host}:{ns.port}/  (OpenAPI: /docs; Ctrl-C stops)", flush=True)
+
+    return lifetime.serve_until_stopped(ns.port, start)
 
 
 def cmd_build(ns: argparse.Namespace) -> int:
