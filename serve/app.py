@@ -196,5 +196,9 @@ def __getattr__(name: str) -> Any:
     # `serve run serve.app:app` builds from $RAYLM_STORAGE/registry when the attribute is read,
     # not at import, so importing this module never needs the registry or Ray.
     if name == "app":
-        return build_app(AppArgs())
+        from serve import lifetime
+
+        app = build_app(AppArgs())
+        lifetime.watch_ray(8000)  # `serve run` serves on Serve's default port; its Ray may be killed under it
+        return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
