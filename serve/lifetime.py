@@ -80,7 +80,14 @@ def ray_alive() -> bool:
     if gcs:
         return all(info.process.poll() is None for info in gcs)
     answer: dict[str, Any] = {}
-    probe = threading.Thread(target=lambda: answer.setdefault("nodes", ray.nodes()), daemon=True)
+
+    def ask() -> None:
+        try:
+            answer["nodes"] = ray.nodes()
+        except Exception:  # noqa: BLE001 - no answer is the answer: Ray is not there
+            pass
+
+    probe = threading.Thread(target=ask, daemon=True)
     probe.start()
     probe.join(timeout=10)
     return "nodes" in answer
@@ -92,6 +99,8 @@ def watch_ray(port: int, poll_s: float = 2.0) -> threading.Thread:
     calls wait on a dead controller, and Ray's exit handler on a dead GCS, for as long as left."""
 
     def watch() -> None:
+        if not ray_alive():  # no Ray this process can reach (none started yet): nothing to watch
+            return
         while ray_alive():
             time.sleep(poll_s)
         print("error: Ray went away under this app (`ray stop`, or its head crashed); stopping", file=sys.stderr,
