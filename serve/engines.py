@@ -1,7 +1,8 @@
 """Inference for each registry task, without Ray: the Serve deployments, the benchmark's
 in-process baseline and the plain FastAPI baseline all call these.
 
-Models load from safetensors only and never run remote code. Every method takes a batch.
+Models load from safetensors only and never run remote code. Every method takes a batch. A
+`Deadline` per request stops its generation between decoding steps, from whichever thread runs it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 from transformers.utils import logging as hf_logging
 
 from cluster import registry, storage
 from cluster.train.placement import inference_placement
-from serve.schemas import ApiError
+from serve.schemas import GREEDY_BELOW, ApiError, Deadline
 
 _AUTO = {
     "generation": AutoModelForCausalLM,
@@ -50,6 +53,23 @@ def context_length(config: Any) -> int:
         if getattr(config, key, None):
             return int(getattr(config, key))
     return 1024
+
+
+class _Halt(StoppingCriteria):
+    """Stops the rows of prompts whose deadline passed, each prompt's `runs` rows together, and
+    records which prompts it cut short (a row that already ended, on EOS or padding, is not)."""
+
+    def __init__(self, deadlines: list[Deadline], runs: int, ended: tuple[int | None, ...]):
+        self.deadlines, self.runs = deadlines, runs
+        self.ended = torch.tensor([t for t in ended if t is not None], dtype=torch.long)
+        self.halted: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        passed = torch.tensor([d.passed() for d in self.deadlines]).repeat_interleave(self.runs)
+        running = ~torch.isin(input_ids[:, -1].cpu(), self.ended)
+        for row in (passed & running).nonzero().flatten().tolist():
+            self.halted.add(row // self.runs)
+        return passed.to(input_ids.device)
 
 
 class Engine:
@@ -103,9 +123,12 @@ class GenerationEngine(Engine):
         return ids
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[list[dict[str, Any]]]:
-        """Per prompt, `n` choices {text, finish_reason, tokens}; one padded batch, same params."""
-        n, greedy = params["n"], params["temperature"] == 0
+    def generate(self, prompts: list[list[int]], params: dict[str, Any],
+                 deadlines: list[Deadline] | None = None) -> list[list[dict[str, Any]] | None]:
+        """Per prompt, `n` choices {text, finish_reason, tokens}; one padded batch, same params.
+        A prompt whose deadline (`deadlines`, one per prompt) passes mid-way is stopped at the next
+        step and answered None; the others go on."""
+        n, greedy = params["n"], params["temperature"] < GREEDY_BELOW
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -118,16 +141,20 @@ class GenerationEngine(Engine):
         # Greedy decoding gives every choice the same text, and transformers refuses
         # num_return_sequences > 1 without sampling: decode once, answer it n times.
         runs = 1 if greedy else n
+        halt = _Halt(deadlines, runs, (self.eos_id, self.pad_id)) if deadlines else None
         with self.lock:
             if params.get("seed") is not None:
                 torch.manual_seed(params["seed"])
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=params["max_tokens"],
                 num_return_sequences=runs, pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True,
-                **kwargs,
+                stopping_criteria=StoppingCriteriaList([halt]) if halt else None, **kwargs,
             )
-        results = []
+        results: list[list[dict[str, Any]] | None] = []
         for i in range(len(prompts)):
+            if halt and i in halt.halted:
+                results.append(None)
+                continue
             choices = []
             for j in range(n):
                 new = out[i * runs + j % runs, width:].tolist()
@@ -179,13 +206,14 @@ class GenerationEngine(Engine):
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     # on the CPU, in fp32: the seeded generator is a CPU one, and bf16 probabilities are too coarse
     probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        keep[0] = True  # the most likely token, even when top_p underflows float32 (2e-311 -> 0)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
 
@@ -222,14 +250,23 @@ class EncoderEngine(Engine):
         """The model's logits for a tokenized batch, back on the CPU in fp32 (B, T, V) or (B, C)."""
         return self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float().cpu()
 
-    def validate(self, texts: list[str], pairs: list[str | None] | None = None) -> None:
-        """Check one request's inputs before they join a batch, so a bad one fails alone."""
+    def validate(self, texts: list[str], pairs: list[str | None] | None = None,
+                 max_masks: int | None = None) -> list[int]:
+        """Check one request's inputs before they join a batch, so a bad one fails alone; returns
+        each input's length in tokens. Fill-mask inputs need a mask token, and at most `max_masks`."""
         if self.task == "fill-mask" and any(self.tokenizer.mask_token not in t for t in texts):
             raise ApiError(400, f"each input must contain the mask token {self.tokenizer.mask_token}",
                            "inputs", "no_mask")
-        for t, p in zip(texts, pairs or [None] * len(texts), strict=False):
-            n = len((self.tokenizer(t, p) if p is not None else self.tokenizer(t))["input_ids"])
-            self.check_length(n, param="inputs")
+        lengths = []
+        for i, (t, p) in enumerate(zip(texts, pairs or [None] * len(texts), strict=False)):
+            ids = (self.tokenizer(t, p) if p is not None else self.tokenizer(t))["input_ids"]
+            self.check_length(len(ids), param="inputs")
+            masks = ids.count(self.tokenizer.mask_token_id) if self.task == "fill-mask" else 0
+            if max_masks is not None and masks > max_masks:
+                raise ApiError(400, f"input {i} holds {masks} mask tokens; this server takes at most {max_masks} per "
+                               "input (max_masks_per_input)", "inputs", "too_many_masks")
+            lengths.append(len(ids))
+        return lengths
 
     @torch.inference_mode()
     def fill_mask(self, texts: list[str], top_k: list[int]) -> list[list[dict[str, Any]]]:

@@ -10,15 +10,20 @@ from pydantic import Field, model_validator
 
 from cluster import registry
 from cluster.config import NameList, Section, build, deep_merge
+from serve.schemas import TOP_K_CEILING
 
 MULTIPLEXED = "multiplexed"  # the deployment that the `multiplex` models share
 
 # Every default in one place; `AppArgs` merges user args (YAML `args:` or `serve run k=v`) over it.
 DEFAULTS: dict[str, Any] = {
-    "ingress": {"num_replicas": 1, "num_cpus": 0.1, "max_ongoing_requests": 256, "access_log": True},
+    # The ingress only parses and forwards, so its queue is left to HAProxy in front of it.
+    "ingress": {"num_replicas": 1, "num_cpus": 0.1, "max_ongoing_requests": 256, "max_queued_requests": -1,
+                "access_log": True},
     "model": {
+        # 64 queued requests per caller: two replicas' worth of in-flight work waits, the rest
+        # answer 429 at once instead of waiting minutes for a free slot.
         "num_replicas": 1, "autoscaling": None, "num_cpus": 1.0, "num_gpus": 0.0,
-        "max_ongoing_requests": 32, "max_queued_requests": -1,
+        "max_ongoing_requests": 32, "max_queued_requests": 64,
         "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "compute_in_thread": False,
         "access_log": False,
     },
@@ -26,6 +31,12 @@ DEFAULTS: dict[str, Any] = {
     "request_timeout_s": 60.0,
     "max_body_bytes": 1_000_000,
     "max_tokens": 512,
+    # The work one request may ask for: a replica answers each request within request_timeout_s
+    # only if no single request can be made arbitrarily large.
+    "max_batch_inputs": 64,
+    "max_request_tokens": 16_384,
+    "max_masks_per_input": 8,
+    "max_top_k": 20,
 }
 
 
@@ -51,20 +62,17 @@ class DeploymentOptions(Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (also its torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
-    max_queued_requests: int = Field(-1, ge=-1, description="queued requests per caller before 503; -1 = unbounded")
+    max_queued_requests: int = Field(-1, ge=-1, description="requests queued per caller for this deployment's "
+                                     "replicas; more answer 429 with Retry-After; -1 = unbounded")
     max_batch_size: int = Field(8, ge=1, description="dynamic batch size (1 = batching off)")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="while other requests are in the replica, a new "
                                         "batch waits this long to fill; a request to an idle replica starts at once")
-    # A batch's model call runs on the replica's event loop by default. In a worker thread it
-    # contends for the GIL with the loop, which is busy receiving the next requests: on the 2-core
-    # box `bench.serve`'s generation at concurrency 32 ran at half the rate that way (the model call
-    # took 30 ms instead of 16 and batches stayed small). Serve runs sync methods on the loop too.
-    # In throughput-optimised mode Serve's health check waits on that loop as well: a replica is
-    # restarted after 3 unanswered checks in a row, so a batch that computes for longer than
-    # ~3 x health_check_timeout_s needs the thread (the replica warns when one takes over 1x).
-    compute_in_thread: bool = Field(False, description="run each batch's model call in a worker thread so the "
-                                    "replica keeps receiving requests and streaming meanwhile (long GPU batches); "
-                                    "off: the call runs on the event loop, without GIL contention")
+    # Where a batch's model call runs is the replica's choice (ModelServer._compute): a long one in a
+    # worker thread, so Serve's health checks, which wait on the event loop, keep being answered;
+    # a short one on the loop, where it does not contend for the GIL (serve/model_server.py says why).
+    compute_in_thread: bool = Field(False, description="run every batch's model call in a worker thread; off: "
+                                    "batches predicted to compute for under LOOP_BUDGET_S (0.25 s) run on the event "
+                                    "loop, longer ones (and each replica's first) in a worker thread")
     # Serve learns that a replica's process died only from a failed health check, so this period
     # is the wait before a replacement starts (Ray's default: 10 s). A check is one no-op actor
     # call: at 0.5 s the drill's replacement starts ~0.6 s after the kill instead of ~2.2 s at 2 s.
@@ -116,9 +124,19 @@ class AppArgs(Section):
                                      description="options of every model deployment")
     per_model: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                  description="per-model overrides of `model`, by name")
-    request_timeout_s: float = Field(60.0, gt=0, description="a model call taking longer answers 504")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request running longer answers 504 (a stream ends "
+                                     "with a timeout error event) and its generation is stopped")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies answer 413")
     max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+    max_batch_inputs: int = Field(DEFAULTS["max_batch_inputs"], ge=1, description="prompts (completions) or "
+                                  "inputs (encoder tasks) in one request at most; more answer 400")
+    max_request_tokens: int = Field(DEFAULTS["max_request_tokens"], ge=1, description="tokens one request may ask "
+                                    "for: its prompt or input tokens plus n x max_tokens for each prompt; more "
+                                    "answer 400")
+    max_masks_per_input: int = Field(DEFAULTS["max_masks_per_input"], ge=1, description="mask tokens in one "
+                                     "fill-mask input at most; more answer 400")
+    max_top_k: int = Field(DEFAULTS["max_top_k"], ge=1, le=TOP_K_CEILING, description="fill-mask top_k at most; "
+                           "more answer 400")
     api_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the API key "
                                        "clients send as `Authorization: Bearer KEY`; set by `raylm serve deploy` and "
                                        "`serve.cli build` from RAYLM_API_KEY (default: RAYLM_API_KEY where the app is built)")
@@ -166,14 +184,21 @@ class AppArgs(Section):
         merged = deep_merge(self.model.to_dict(), self.per_model.get(name, {}))
         return build(DeploymentOptions, merged, source=f"per_model.{name}")
 
+    def request_limits(self) -> dict[str, Any]:
+        """What each request may ask of a model replica, which the replica checks (a plain dict: it
+        crosses the Ray boundary)."""
+        keys = ("max_tokens", "max_batch_inputs", "max_request_tokens", "max_masks_per_input", "max_top_k",
+                "request_timeout_s")
+        return {key: getattr(self, key) for key in keys}
+
     def model_runtime(self, name: str | None) -> dict[str, Any]:
         """What a `ModelServer` for model `name` (None: the `multiplex` models' shared one) is built
-        with: its options, the token cap, and how many models a shared replica keeps loaded."""
+        with: its options, the request limits, and how many models a shared replica keeps loaded."""
         if name is None:
             assert self.multiplex is not None
-            return {**self.shared_options().to_dict(), "max_tokens": self.max_tokens,
+            return {**self.shared_options().to_dict(), **self.request_limits(),
                     "max_models_per_replica": self.multiplex.max_models_per_replica}
-        return {**self.options_for(name).to_dict(), "max_tokens": self.max_tokens}
+        return {**self.options_for(name).to_dict(), **self.request_limits()}
 
     def colocated_model(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The registry entry served inside the ingress with `colocate`, else None."""

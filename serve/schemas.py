@@ -3,20 +3,32 @@
 Requests follow the OpenAI completions/chat API closely enough for the official `openai` client;
 unknown fields are ignored (as OpenAI-compatible servers do) so newer clients keep working, except
 the OpenAI parameters that would change what an answer means (UNSUPPORTED_*: logprobs, echo,
-penalties, tools, ...), which are refused with a 400 naming them unless they are off.
+penalties, tools, ...), which are refused with a 400 naming them unless they are off. A number
+outside its bounds is a 400 naming the field and the bound; a body that does not parse (a missing
+field, a wrong type, text that is not Unicode) is a 422. The per-request work budget (inputs per
+request, tokens per request) is checked here too, by the model replica once prompts are tokenized.
 Nothing here imports Ray, so the schemas are tested without a cluster.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal
+import threading
+import time
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# A hard ceiling that pydantic enforces (422); the deployment's own cap and the model's context
-# are checked later with a message naming the limit (400).
+# Hard ceilings in the schema (and so in /openapi.json); the deployment's own caps (AppArgs:
+# max_tokens, max_top_k, ...) and the model's context are checked later, each with a 400 naming it.
 MAX_TOKENS_CEILING = 1_000_000
+TOP_K_CEILING = 100
+SEED_MAX = 2**63 - 1  # torch seeds are 64-bit: a larger one overflows inside the model call
+# A temperature this small divides the logits into inf/nan in float32; its distribution is the
+# argmax's to within rounding anyway, so it is decoded greedily.
+GREEDY_BELOW = 1e-2
+# pydantic error types that mean "a number outside its bounds": answered 400, naming the bound
+BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -45,25 +57,64 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    """The OpenAI error shape. Text from the request that is not valid Unicode (a lone surrogate
+    from a JSON escape) is replaced, so the body always encodes."""
+    return {"error": {"message": _printable(message), "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else _printable(param), "code": code}}
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def internal_error(request_id: str) -> ApiError:
+    """What a client reads when the server fails: no detail (that goes to the log, under the same
+    request id), so nothing about the model or the code leaks."""
+    return ApiError(500, f"the server failed to answer this request (request id {request_id}); the details are "
+                    "in the server's log under that id", code="internal_error")
+
+
+def validation_status(errors: list[dict[str, Any]]) -> int:
+    """400 when every problem is a number outside its bounds (the message names each bound), 422
+    when the body does not have the request's shape."""
+    return 400 if errors and all(e.get("type") in BOUND_ERRORS for e in errors) else 422
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """(one message listing every problem, the first offending field) from pydantic errors."""
+    """(one message listing every problem, the first offending field) from pydantic errors. A
+    field that takes one of several types (a prompt or a list of them) fails once per type, each
+    error's location naming the type's branch (`list[str]`): the message names the field only."""
     parts, first = [], None
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p)]
         key = ".".join(loc) or "body"
         first = first or (key if loc else None)
-        parts.append(f"{key}: {err.get('msg', 'invalid')}")
+        part = f"{key}: {err.get('msg', 'invalid')}"
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts) or "invalid request", first
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate escape)") from None
+    return text
 
-    model: str = Field(..., min_length=1, description="registry name of the model (GET /v1/models)")
+
+# Request text: JSON can escape a lone surrogate (`"\ud800"`), which no tokenizer takes. Prompts and
+# inputs must hold text: /openapi.json says so (minLength, minItems), and an empty one is a 400
+# naming it (CompletionRequest.prompts, as_list), not pydantic's message for each union branch.
+Text = Annotated[str, AfterValidator(_unicode)]
+Input = Annotated[str, AfterValidator(_unicode), Field(json_schema_extra={"minLength": 1})]
+NONEMPTY = Field(json_schema_extra={"minItems": 1})
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: Text = Field(..., min_length=1, description="registry name of the model (GET /v1/models)")
 
 
 def _is_default(value: Any, defaults: tuple) -> bool:
@@ -101,7 +152,7 @@ class StreamOptions(BaseModel):
 class SamplingParams(BaseModel):
     """Sampling shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     unsupported: ClassVar[dict[str, tuple]] = {}  # each request's UNSUPPORTED_* table
 
     @model_validator(mode="before")
@@ -110,11 +161,11 @@ class SamplingParams(BaseModel):
         return _refuse_unsupported(data, cls.unsupported)
 
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_CEILING, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0 (or below {GREEDY_BELOW:g}) means greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     n: int = Field(1, ge=1, le=16, description="completions per prompt")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end generation (not returned)")
-    seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
+    stop: Text | list[Text] | None = Field(None, description="up to 4 strings that end generation (not returned)")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="makes sampling reproducible")
     stream: bool = Field(False, description="server-sent events, one chunk per token, then `data: [DONE]`")
     stream_options: StreamOptions | None = Field(None, description="with stream: include_usage")
 
@@ -134,8 +185,8 @@ class SamplingParams(BaseModel):
 
 
 class CompletionRequest(_Request, SamplingParams):
-    prompt: str | list[str] = Field(..., description="a prompt or a list of prompts")
-    best_of: int | None = Field(None, ge=1, description="accepted when it equals n (every candidate is returned)")
+    prompt: Input | Annotated[list[Input], NONEMPTY] = Field(..., description="a prompt or a list of prompts")
+    best_of: int | None = Field(None, ge=1, le=16, description="accepted when it equals n (every candidate is returned)")
     unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED_COMPLETION
 
     @model_validator(mode="after")
@@ -156,11 +207,11 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Input
 
 
 class ChatCompletionRequest(_Request, SamplingParams):
-    messages: list[ChatMessage] = Field(..., description="the conversation so far")
+    messages: Annotated[list[ChatMessage], NONEMPTY] = Field(..., description="the conversation so far")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING,
                                               description="OpenAI's newer name for max_tokens; wins over it")
     unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED_CHAT
@@ -182,21 +233,23 @@ class ChatCompletionRequest(_Request, SamplingParams):
 class TextPair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str
-    text_pair: str | None = None
+    text: Input
+    text_pair: Text | None = None
 
 
 class FillMaskRequest(_Request):
-    inputs: str | list[str] = Field(..., description="text(s) with the tokenizer's mask token, e.g. [MASK]")
-    top_k: int = Field(5, ge=1, le=100, description="predictions per mask")
+    inputs: Input | Annotated[list[Input], NONEMPTY] = Field(
+        ..., description="text(s) with the tokenizer's mask token, e.g. [MASK]", examples=["the [MASK] sat on the mat."])
+    top_k: int = Field(5, ge=1, le=TOP_K_CEILING, description="predictions per mask (the server's max_top_k caps it)")
 
 
 class ClassifyRequest(_Request):
-    inputs: str | TextPair | list[str | TextPair] = Field(..., description="text, {text, text_pair}, or a list")
+    inputs: Input | TextPair | Annotated[list[Input | TextPair], NONEMPTY] = Field(
+        ..., description="text, {text, text_pair}, or a list")
 
 
 class TagRequest(_Request):
-    inputs: str | list[str] = Field(..., description="text(s) to tag")
+    inputs: Input | Annotated[list[Input], NONEMPTY] = Field(..., description="text(s) to tag")
 
 
 def as_list(inputs: Any, param: str = "inputs") -> list[Any]:
@@ -208,6 +261,54 @@ def as_list(inputs: Any, param: str = "inputs") -> list[Any]:
         if not text or not text.strip():
             raise ApiError(400, f"{param} must hold non-empty text", param, "empty_input")
     return items
+
+
+# The work one request may ask for (AppArgs: max_batch_inputs, max_request_tokens), checked by the
+# model replica before the request joins a batch, and the time it may take (request_timeout_s).
+
+
+class Deadline:
+    """When one request's model work must stop: `seconds` after it reached the replica, or as soon
+    as it is released (answered, failed, or cancelled because its client went away). Decoding
+    checks it between steps, in whichever thread runs them."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.at = None if seconds is None else time.monotonic() + seconds
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def passed(self) -> bool:
+        return self._released.is_set() or (self.at is not None and time.monotonic() >= self.at)
+
+    def error(self) -> ApiError:
+        return ApiError(504, f"the request ran longer than this server's request_timeout_s ({self.seconds:g} s); its "
+                        "generation was stopped", code="timeout")
+
+
+def check_inputs(count: int, limit: int, param: str) -> None:
+    if count > limit:
+        raise ApiError(400, f"{param} holds {count} items; this server takes at most {limit} per request "
+                       "(max_batch_inputs)", param, "too_many_inputs")
+
+
+def request_tokens(prompt_tokens: list[int], n: int = 1, max_tokens: int = 0) -> int:
+    """A request's work in tokens: every prompt's tokens, plus n x max_tokens for each prompt."""
+    return sum(prompt_tokens) + len(prompt_tokens) * n * max_tokens
+
+
+def check_request_tokens(prompt_tokens: list[int], budget: int, n: int = 1, max_tokens: int = 0,
+                         param: str = "prompt") -> None:
+    """A 400 naming max_request_tokens when the request's work is over `budget`; the param is
+    `param` (the inputs) when they alone are over it, else max_tokens."""
+    total = request_tokens(prompt_tokens, n, max_tokens)
+    if total > budget:
+        generated = f" + {len(prompt_tokens)} x n {n} x max_tokens {max_tokens}" if max_tokens else ""
+        raise ApiError(400, f"this request is {total} tokens ({sum(prompt_tokens)} input tokens{generated}); this "
+                       f"server takes at most {budget} per request (max_request_tokens)",
+                       param if sum(prompt_tokens) > budget or not max_tokens else "max_tokens", "request_too_large")
 
 
 # Responses (documented in /openapi.json).

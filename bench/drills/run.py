@@ -21,6 +21,7 @@ import time
 from bench.drills.common import REPO, Finding, as_dict, write_report
 
 GROUPS = ("security", "hostile", "serve", "faults")
+FUZZ_MIN_CASES = 2000  # schemathesis requests the hostile drill sends at least
 
 
 def _serve_models(workdir: str) -> str:
@@ -64,13 +65,15 @@ def group_hostile(workdir: str, args: argparse.Namespace) -> list[Finding]:
 
     runtime.connect()
     findings = hostile.corpus_files(workdir)
+    findings += hostile.failed_reprepare(workdir)
     registry = _serve_models(workdir)
     url = deploy(registry, "fuzz", {"model": {"num_cpus": 0.25, "max_batch_size": 4}, "ingress": {"num_cpus": 0.1},
                                     "max_tokens": 32, "max_body_bytes": 65536})
-    findings += hostile.fuzz_api(url, args.fuzz_examples)
+    findings += hostile.fuzz_api(url, args.fuzz_examples, min_cases=FUZZ_MIN_CASES)
     serve.delete("fuzz")
     findings += hostile.corrupted_weights(registry, tiny.save_bert(os.path.join(workdir, "cls"), "classification"))
     serve.shutdown()
+    findings += hostile.concurrent_publish(workdir, tiny.save_gpt(os.path.join(workdir, "race-ckpt")))
     return findings
 
 
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=5000, help="requests per load run")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seeds", type=int, default=3, help="runs with a killed training worker")
-    p.add_argument("--fuzz-examples", type=int, default=100, help="schemathesis examples per operation")
+    p.add_argument("--fuzz-examples", type=int, default=400, help="schemathesis examples per operation (400: "
+                   f"~2,500 requests, at least {FUZZ_MIN_CASES} are required)")
     p.add_argument("--output", default=os.path.join(REPO, "RELIABILITY.md"))
     p.add_argument("--inner", help=argparse.SUPPRESS)
     p.add_argument("--inner-out", help=argparse.SUPPRESS)

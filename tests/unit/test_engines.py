@@ -113,3 +113,95 @@ def test_batched_inputs_score_as_they_do_alone(classifier):
     singles = classifier.classify(texts[:2], [None, None])
     assert [s["score"] for s in singles[1]["scores"]] == pytest.approx(
         [s["score"] for s in batched[1]["scores"]], abs=1e-5)
+
+
+class CountingDeadline:
+    """A deadline that passes on its `after`-th check and counts the checks (one per decoding step)."""
+
+    def __init__(self, after: int | None):
+        self.after, self.checks = after, 0
+
+    def passed(self) -> bool:
+        self.checks += 1
+        return self.after is not None and self.checks >= self.after
+
+
+def test_a_deadline_stops_its_prompt_at_the_next_step_and_the_batch_goes_on(gpt):
+    """Each prompt of a padded batch carries its request's deadline: one that passes stops that
+    prompt's rows (answered None), the others finish; once every row is stopped, generate returns."""
+    prompts = [gpt.encode("the cat sat", 40), gpt.encode("a dog", 40)]
+    params = {"max_tokens": 40, "temperature": 0.0, "top_p": 1.0, "n": 1, "seed": None, "stop": None}
+    whole = gpt.generate(prompts, params)
+    cut, kept = CountingDeadline(after=3), CountingDeadline(after=None)
+    results = gpt.generate(prompts, params, [cut, kept])
+    assert results[0] is None and results[1] == whole[1]
+    both = [CountingDeadline(after=3), CountingDeadline(after=3)]
+    assert gpt.generate(prompts, params, both) == [None, None]
+    assert both[0].checks == 3, "generation went on after every row was stopped"
+    sampled = {**params, "temperature": 1.0, "n": 3, "seed": 5}  # n rows per prompt stop together
+    assert gpt.generate(prompts[:1], sampled, [CountingDeadline(after=2)]) == [None]
+
+
+def test_a_deadline_that_passes_after_a_prompt_ended_keeps_its_answer(gpt):
+    """A row whose last token is EOS (or padding) had ended when its deadline passed: its prompt
+    is answered, not counted as cut short."""
+    import torch
+
+    prompt = gpt.encode("the cat sat", 40)
+    word = next(t for t in prompt if t not in (gpt.eos_id, gpt.pad_id))
+    halt = engines._Halt([CountingDeadline(after=1)], runs=1, ended=(gpt.eos_id, gpt.pad_id))
+    assert halt(torch.tensor([prompt + [gpt.eos_id]]), None).tolist() == [True] and halt.halted == set()
+    assert halt(torch.tensor([prompt + [word]]), None).tolist() == [True] and halt.halted == {0}
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-3, 0.0099])
+def test_a_tiny_temperature_decodes_greedily_instead_of_dividing_into_nan(gpt, temperature):
+    """temperature 1e-40 was a 500 ("probability tensor contains either inf, nan or element < 0"):
+    below GREEDY_BELOW the answer is the greedy one, batched and streamed."""
+    prompt = gpt.encode("the cat sat", 8)
+    params = {"max_tokens": 8, "top_p": 1.0, "n": 2, "seed": None, "stop": None}
+    greedy = gpt.generate([prompt], {**params, "temperature": 0.0})
+    assert gpt.generate([prompt], {**params, "temperature": temperature}) == greedy
+    streamed = "".join(c["text"] for c in gpt.stream(prompt, {**params, "temperature": temperature}))
+    assert streamed == greedy[0][0]["text"]
+
+
+def test_the_largest_seed_samples_reproducibly(gpt):
+    """seed 2**63-1 is accepted by the schema; torch takes it, batched and streamed."""
+    from serve.schemas import SEED_MAX
+
+    prompt = gpt.encode("a dog", 6)
+    params = {"max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "n": 2, "seed": SEED_MAX, "stop": None}
+    assert gpt.generate([prompt], params) == gpt.generate([prompt], params)
+    assert list(gpt.stream(prompt, params)) == list(gpt.stream(prompt, params))
+
+
+@pytest.fixture(scope="module")
+def mlm(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mlm")
+    path = tiny.save_bert(str(base / "ckpt"), "fill-mask", max_len=64)
+    registry.publish(path, "m", "fill-mask", root=str(base / "reg"))
+    return engines.load(registry.load_entry("m", str(base / "reg")))
+
+
+def test_fill_mask_inputs_are_measured_and_their_masks_counted(mlm):
+    """validate returns each input's tokens (the request's work) and refuses more masks than the
+    server takes per input, naming the input and the limit."""
+    lengths = mlm.validate(["the [MASK] sat.", "[MASK] " * 8], max_masks=8)
+    assert lengths == [len(mlm.tokenizer("the [MASK] sat.")["input_ids"]), 10]
+    with pytest.raises(engines.ApiError) as err:
+        mlm.validate(["the [MASK] sat.", "[MASK] " * 9], max_masks=8)
+    assert (err.value.status, err.value.param, err.value.code) == (400, "inputs", "too_many_masks")
+    assert "input 1 holds 9 mask tokens" in err.value.message and "max_masks_per_input" in err.value.message
+    assert len(mlm.fill_mask(["[MASK] " * 9], [2])[0]) == 9  # called directly (jobs, benchmarks): no limit
+
+
+def test_a_top_p_that_underflows_float32_keeps_the_most_likely_token():
+    """Found by the fuzz drill: top_p 2.2e-311 is 0 in float32, every token was dropped and sampling
+    failed (a 500 on a stream). The most likely token is always kept."""
+    import torch
+
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.0])
+    gen = torch.Generator().manual_seed(0)
+    assert {engines._sample(logits, 1.0, 2.2e-311, gen) for _ in range(20)} == {1}
+    assert {engines._sample(logits, 1.0, 1.0, gen) for _ in range(200)} >= {0, 1, 3}

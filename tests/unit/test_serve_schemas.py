@@ -1,8 +1,9 @@
-"""Serve request schemas, error shapes and app args, without Ray."""
+"""Serve request schemas, error shapes, work budget and app args, without Ray."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from serve.engines import aggregate_bio
 from serve.schemas import (
+    SEED_MAX,
     ApiError,
     ChatCompletionRequest,
     ClassifyRequest,
@@ -17,9 +19,28 @@ from serve.schemas import (
     FillMaskRequest,
     TextPair,
     as_list,
+    check_inputs,
+    check_request_tokens,
     error_body,
+    request_tokens,
     validation_message,
+    validation_status,
 )
+
+
+@pytest.fixture(autouse=True)
+def _never_ray(monkeypatch):
+    monkeypatch.setattr("cluster.runtime.connect", lambda *a, **k: pytest.fail("a unit test started Ray"))
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """build_app joins or starts Ray to size replicas; here it sees a 16-CPU cluster and no Serve."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    monkeypatch.setattr("serve.app.serve_host", lambda: None)
 
 
 def test_completion_defaults_and_sampling():
@@ -43,10 +64,102 @@ def test_completion_defaults_and_sampling():
     {"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
     {"model": "m", "prompt": "x", "stop": [""]},
     {"model": "", "prompt": "x"},
+    {"model": "m", "prompt": "x", "seed": SEED_MAX + 1},
+    {"model": "m", "prompt": "x", "seed": 1180591620717411303424},
+    {"model": "m", "prompt": "x", "best_of": 17},
+    {"model": "m", "prompt": "x", "temperature": float("nan")},
+    {"model": "m", "prompt": "x", "top_p": float("inf")},
+    {"model": "m", "prompt": "x\ud800"},
+    {"model": "\udfff", "prompt": "x"},
 ])
 def test_completion_rejects(bad):
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate(bad)
+
+
+def test_a_number_out_of_bounds_is_a_400_naming_the_bound_and_a_malformed_body_a_422():
+    """The seed that overflowed torch (a 500) is refused up front with a 400 that names the bound;
+    the largest seed torch takes is accepted."""
+    assert CompletionRequest(model="m", prompt="x", seed=SEED_MAX).seed == SEED_MAX
+    with pytest.raises(ValidationError) as exc:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "seed": 1180591620717411303424})
+    assert validation_status(exc.value.errors()) == 400
+    message, param = validation_message(exc.value.errors())
+    assert param == "seed" and str(SEED_MAX) in message
+    for bad in ({"max_tokens": 0}, {"temperature": 2.5}, {"top_p": float("nan")}, {"n": 17}):
+        with pytest.raises(ValidationError) as exc:
+            CompletionRequest.model_validate({"model": "m", "prompt": "x", **bad})
+        assert validation_status(exc.value.errors()) == 400, bad
+    for malformed in ({"prompt": 3}, {"temperature": "hot"}, {"prompt": "\ud800"}, {"max_tokens": 0, "prompt": None}):
+        with pytest.raises(ValidationError) as exc:
+            CompletionRequest.model_validate({"model": "m", "prompt": "x", **malformed})
+        assert validation_status(exc.value.errors()) == 422, malformed
+
+
+def test_error_bodies_always_encode():
+    """A message quoting request text with a lone surrogate (a 404 naming the model, a validation
+    message naming a key) still encodes as JSON in UTF-8."""
+    body = error_body(404, "model 'a\ud800' does not exist", "mo\udfffdel")
+    json.dumps(body, ensure_ascii=False).encode("utf-8")
+    assert body["error"]["message"] == "model 'a?' does not exist" and body["error"]["param"] == "mo?del"
+
+
+def test_the_work_budget_arithmetic():
+    """prompt tokens + n x max_tokens for each prompt, over all prompts; each limit is a 400 that
+    names it, and the param is what the client can change."""
+    assert request_tokens([10, 20], n=3, max_tokens=100) == 30 + 2 * 3 * 100
+    assert request_tokens([5, 5]) == 10
+    check_request_tokens([10, 20], 630, n=3, max_tokens=100)  # exactly the budget
+    with pytest.raises(ApiError) as exc:
+        check_request_tokens([10, 20], 629, n=3, max_tokens=100)
+    err = exc.value
+    assert (err.status, err.param, err.code) == (400, "max_tokens", "request_too_large")
+    assert "630 tokens" in err.message and "629" in err.message and "max_request_tokens" in err.message
+    with pytest.raises(ApiError) as exc:
+        check_request_tokens([700], 629, n=1, max_tokens=1)
+    assert exc.value.param == "prompt"
+    with pytest.raises(ApiError) as exc:
+        check_request_tokens([300, 400], 629, param="inputs")
+    assert exc.value.param == "inputs" and "700 tokens (700 input tokens)" in exc.value.message
+    check_inputs(64, 64, "prompt")
+    with pytest.raises(ApiError) as exc:
+        check_inputs(65, 64, "inputs")
+    assert (exc.value.status, exc.value.param, exc.value.code) == (400, "inputs", "too_many_inputs")
+    assert "at most 64" in exc.value.message and "max_batch_inputs" in exc.value.message
+
+
+def test_request_limits_and_the_bounded_queue_are_serving_options_with_defaults_in_one_place():
+    from cluster.config import ConfigError, build, parse_overrides
+    from serve.options import DEFAULTS, AppArgs
+
+    args = AppArgs()
+    assert (args.max_batch_inputs, args.max_request_tokens, args.max_masks_per_input, args.max_top_k) == (
+        64, 16_384, 8, 20)
+    assert args.model.max_queued_requests == DEFAULTS["model"]["max_queued_requests"] > 0
+    assert args.model.serve_options()["max_queued_requests"] == DEFAULTS["model"]["max_queued_requests"]
+    set_ = build(AppArgs, parse_overrides(["max_batch_inputs=8", "max_request_tokens=1000", "max_top_k=5",
+                                           "request_timeout_s=2", "model.max_queued_requests=4"]))
+    runtime = set_.model_runtime("gpt")
+    assert {k: runtime[k] for k in ("max_batch_inputs", "max_request_tokens", "max_masks_per_input", "max_top_k",
+                                    "request_timeout_s", "max_tokens", "max_queued_requests")} == {
+        "max_batch_inputs": 8, "max_request_tokens": 1000, "max_masks_per_input": 8, "max_top_k": 5,
+        "request_timeout_s": 2.0, "max_tokens": 512, "max_queued_requests": 4}
+    with pytest.raises(ConfigError, match="max_top_k"):
+        build(AppArgs, {"max_top_k": 101})  # above the schema's ceiling, which /openapi.json states
+
+
+def test_served_model_names_are_an_enum_per_route_in_the_openapi_schema():
+    """The fuzz drill generates `model` from the schema: as an enum of the served models of the
+    route's task its cases reach the engines instead of stopping at a 404."""
+    from serve.gateway import _openapi_with_models
+
+    cards = {"g1": {"task": "generation"}, "g2": {"task": "generation"}, "c": {"task": "classification"}}
+    schema = _openapi_with_models(cards)["components"]["schemas"]
+    assert schema["CompletionRequest"]["properties"]["model"]["enum"] == ["g1", "g2"]
+    assert schema["ChatCompletionRequest"]["properties"]["model"]["enum"] == ["g1", "g2"]
+    assert schema["ClassifyRequest"]["properties"]["model"]["enum"] == ["c"]
+    assert "enum" not in schema["TagRequest"]["properties"]["model"]  # nothing serves tagging
+    assert schema["CompletionRequest"]["properties"]["seed"]["anyOf"][0]["maximum"] == SEED_MAX
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", [], ["ok", ""]])
@@ -125,7 +238,7 @@ def test_app_args_merge_defaults():
         build(AppArgs, {"model": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
 
 
-def test_importing_app_needs_no_registry(tmp_path, monkeypatch):
+def test_importing_app_needs_no_registry(tmp_path, monkeypatch, no_ray):
     import serve.app
 
     monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "nothing-here"))
@@ -203,7 +316,7 @@ def test_the_in_flight_count_comes_back_down_after_a_failure():
     assert asyncio.run(server._batched(fn, ["b"])) == ["direct b"]
 
 
-def test_colocate_needs_exactly_one_model(tmp_path, monkeypatch):
+def test_colocate_needs_exactly_one_model(tmp_path, monkeypatch, no_ray):
     from cluster.registry import RegistryError
     from serve.app import build_app
     from serve.options import AppArgs
@@ -298,7 +411,7 @@ def test_those_parameters_set_to_off_and_newer_names_are_accepted():
     assert chat.sampling()["max_tokens"] == 7 and chat.stream_options is None
 
 
-def test_only_the_ingress_writes_an_access_line_per_request_by_default():
+def test_only_the_ingress_writes_an_access_line_per_request_by_default(no_ray):
     """Serve's access log: the ingress's line per HTTP request stays; a model replica's line per call
     repeated it (without it, classification under load ran ~12% faster). A colocated model is the
     ingress, and logs as the ingress does; either can be switched."""
