@@ -89,27 +89,27 @@ def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, ru
 
 def concurrent_trials(cfg: SweepConfig) -> int:
     """How many trials run at once: `max_concurrent_trials`, lowered (and logged) to what the
-    cluster holds beside one CPU for Ray Data's tasks, which every trial's data needs. Trials beyond
-    that would take every CPU and then wait for their own data forever. A JobError, in seconds,
-    when not even one trial fits."""
+    cluster holds. A trial's data is materialized before any trial starts, so it reads no block
+    with a task of its own (cluster.train.launcher.MATERIALIZED_DATA_CPUS): the trials alone are
+    counted. A JobError, in seconds, when not even one trial fits."""
     import ray
 
     from cluster import runtime
-    from cluster.train.launcher import DATA_CPUS
+    from cluster.train.launcher import MATERIALIZED_DATA_CPUS as data_cpus
 
     trial = cfg.trial
     cpus = trial.cpus * trial.workers + (0.01 if trial.workers > 1 else 0.0)
-    need = {"CPU": cpus + DATA_CPUS, **({"GPU": trial.gpus * trial.workers} if trial.gpus else {})}
-    runtime.require(need, f"trial: one trial ({trial.workers} worker(s) x {trial.cpus:g} CPU) and {DATA_CPUS:g} CPU "
-                    "for Ray Data beside it", "lower trial.cpus or trial.workers, start Ray with more CPUs, or set "
+    need = {"CPU": cpus + data_cpus, **({"GPU": trial.gpus * trial.workers} if trial.gpus else {})}
+    runtime.require(need, f"trial: the {trial.workers} worker(s) x {trial.cpus:g} CPU of one trial",
+                    "lower trial.cpus or trial.workers, start Ray with more CPUs, or set "
                     "RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling cluster")
     have = ray.cluster_resources()
-    fit = int((have.get("CPU", 0.0) - DATA_CPUS) // cpus)
+    fit = int((have.get("CPU", 0.0) - data_cpus + 1e-9) // cpus)
     if trial.gpus:
         fit = min(fit, int(have.get("GPU", 0.0) // (trial.gpus * trial.workers)))
     if 1 <= fit < cfg.max_concurrent_trials:
-        log.warning("max_concurrent_trials %d -> %d: the cluster's %g CPUs hold %d trial(s) of %g CPU beside Ray "
-                    "Data's %g", cfg.max_concurrent_trials, fit, have.get("CPU", 0.0), fit, cpus, DATA_CPUS)
+        log.warning("max_concurrent_trials %d -> %d: the cluster's %g CPUs hold %d trial(s) of %g CPU",
+                    cfg.max_concurrent_trials, fit, have.get("CPU", 0.0), fit, cpus)
         return fit
     return cfg.max_concurrent_trials
 

@@ -222,7 +222,7 @@ def plan_run(cfg: FinetuneConfig, meta: dict[str, Any], run_dir: str, workers: i
 def finetune(cfg: FinetuneConfig, root: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     run = RunDir("finetune", cfg.name, root)
-    ts = setup(cfg, root, run, fits=lambda: launcher.check_resources(cfg.scaling))
+    ts = setup(cfg, root, run, fits=lambda: launcher.check_resources(cfg.scaling, launcher.MATERIALIZED_DATA_CPUS))
     run.begin(cfg)
     plan = plan_run(cfg, ts.meta, run.path, cfg.scaling.num_workers)
     log.info("plan: %d steps (%d per epoch, %d epochs)", plan.max_steps, plan.steps_per_epoch, plan.epochs)

@@ -116,6 +116,8 @@ def pretrain(cfg: PretrainConfig, root: str | None = None) -> dict[str, Any]:
             f"run '{cfg.name}' has checkpoints trained with tokenizer {previous.get('tokenizer_hash')}, but corpus "
             f"'{cfg.corpus}' uses {tok_hash}: pick another run name or the original corpus"
         )
+    # storage before tracking: the TensorBoard folder lies under it, and "not writable" names the cause
+    run.check_writable()
     check_tracking(run)
     # Ray starts (or is joined) only now: the checks above need none, and bad input fails in seconds.
     runtime.connect()

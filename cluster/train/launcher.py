@@ -18,9 +18,14 @@ from cluster import runtime, storage
 from cluster.errors import JobError
 from cluster.train.config import ScalingSection
 
-# Ray Data's read tasks ask for one CPU each (Ray's default for a task), and they run beside the
-# training workers for the whole run: a cluster whose CPUs the workers take all of never reads a block.
+# Pretraining streams its corpus from storage: Ray Data's read tasks ask for one CPU each (Ray's
+# default for a task) and run beside the training workers for the whole run, so a cluster whose CPUs
+# the workers take all of never reads a block. Fine-tuning and sweeps materialize their tokenized
+# rows before training starts (cluster.data.task_prep): their workers take blocks already in the
+# object store, which runs no task and needs no CPU (seen on a 2-CPU Ray with every CPU held by the
+# consumers, through iter_batches and streaming_split alike).
 DATA_CPUS = 1.0
+MATERIALIZED_DATA_CPUS = 0.0
 
 
 def check_resources(scaling: ScalingSection, data_cpus: float = DATA_CPUS) -> None:
@@ -33,8 +38,8 @@ def check_resources(scaling: ScalingSection, data_cpus: float = DATA_CPUS) -> No
     # a per-worker share that leaves the readers their CPU, in quarters
     share = int((ray.cluster_resources().get("CPU", 0.0) - data_cpus) / scaling.num_workers * 4) / 4
     fits = f" (--set scaling.cpus_per_worker={share:g} fits)" if share >= 0.25 else ""
-    runtime.require(need, f"scaling: {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU and "
-                    f"{data_cpus:g} CPU for Ray Data's readers beside them",
+    readers = f" and {data_cpus:g} CPU for Ray Data's readers beside them" if data_cpus else ""
+    runtime.require(need, f"scaling: {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU{readers}",
                     f"lower scaling.num_workers or scaling.cpus_per_worker{fits}, start Ray with more CPUs, or "
                     "set RAYLM_WAIT_FOR_RESOURCES=1 on an autoscaling cluster")
 

@@ -48,7 +48,7 @@ def test_two_training_workers_that_leave_no_cpu_for_the_data_fail_at_once(two_cp
 def test_a_sweep_whose_trial_cannot_fit_fails_at_once(two_cpus, gpt_base):
     rc, out, seconds = _job(two_cpus, os.environ["RAYLM_STORAGE"], "tune.sweep", "--config",
                             "configs/tune-topic-tiny.yaml", "--set", f"finetune.model.checkpoint={gpt_base}",
-                            "--set", "trial.cpus=2", "--set", "name=t-fit-sweep")
+                            "--set", "trial.cpus=3", "--set", "name=t-fit-sweep")
     assert rc == 1 and seconds < 60, out[-3000:]
-    assert "one trial (1 worker(s) x 2 CPU) and 1 CPU for Ray Data" in out and "CPU: need 3, cluster has 2" in out
+    assert "the 1 worker(s) x 3 CPU of one trial need more" in out and "CPU: need 3, cluster has 2" in out
     assert "Traceback" not in out

@@ -1,6 +1,6 @@
 """Whether a job fits the cluster, decided in seconds from the cluster's resources (faked here, no
-Ray): training workers leave Ray Data's readers a CPU, a sweep runs as many trials as fit beside
-its data, and on an autoscaling cluster the job waits, saying once a minute what for."""
+Ray): pretraining workers leave Ray Data's readers a CPU, fine-tuning's and a sweep's (whose data
+are materialized before training) need none beside them, a sweep runs as many trials as fit, and on an autoscaling cluster the job waits, saying once a minute what for."""
 
 from __future__ import annotations
 
@@ -46,15 +46,30 @@ def test_training_workers_leave_the_readers_a_cpu(cluster):
     launcher.check_resources(scaling("scaling.num_workers=2"))
 
 
-def test_a_sweep_runs_as_many_trials_as_fit_beside_its_data(cluster, caplog):
-    cluster["CPU"] = 2.0
+def test_fine_tuning_workers_may_take_every_cpu(cluster):
+    # Regression: fine-tuning asked for a reader's CPU its materialized data never uses, and a
+    # 2-worker job on the 3-CPU embedded Ray was refused.
+    cluster["CPU"] = 3.0
+    launcher.check_resources(scaling("scaling.num_workers=3"), launcher.MATERIALIZED_DATA_CPUS)
+    with pytest.raises(JobError) as refused:
+        launcher.check_resources(scaling("scaling.num_workers=4"), launcher.MATERIALIZED_DATA_CPUS)
+    assert "scaling: 4 worker(s) x 1 CPU need more" in str(refused.value) and "Ray Data" not in str(refused.value)
+
+
+def test_a_sweep_runs_as_many_trials_as_fit(cluster, caplog):
+    cluster["CPU"] = 1.5
     with caplog.at_level(logging.WARNING, logger="tune.trial"):
         assert concurrent_trials(sweep("max_concurrent_trials=2")) == 1
     assert "max_concurrent_trials 2 -> 1" in caplog.text
-    with pytest.raises(JobError, match="one trial .* need more than the cluster has .CPU: need 3, cluster has 2"):
-        concurrent_trials(sweep("trial.cpus=2"))
-    cluster["CPU"] = 5.0
+    cluster["CPU"] = 2.0
+    with pytest.raises(JobError, match="the 1 worker.s. x 3 CPU of one trial need more than the cluster has "
+                                       ".CPU: need 3, cluster has 2"):
+        concurrent_trials(sweep("trial.cpus=3"))
     assert concurrent_trials(sweep("max_concurrent_trials=2")) == 2
+    # Regression: two 1-CPU workers and the trial's driver sliver fit the 3-CPU embedded Ray.
+    cluster["CPU"] = 3.0
+    assert concurrent_trials(sweep("trial.workers=2", "max_concurrent_trials=2")) == 1
+    cluster["CPU"] = 5.0
     assert concurrent_trials(sweep("max_concurrent_trials=4", "trial.cpus=0.5")) == 4
     with pytest.raises(JobError, match="GPU: need 1, cluster has 0"):
         concurrent_trials(sweep("trial.gpus=1"))
