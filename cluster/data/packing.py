@@ -16,6 +16,9 @@ import numpy as np
 from cluster.data.text import hash_unit
 
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+")
+# Chinese and Japanese end a sentence without a space after it: at 。！？；…… (and the full-width
+# and half-width forms of . ! ? ;), closing quotes and brackets staying with their sentence.
+_CJK_END_RE = re.compile(r"((?:[。！？；．｡﹒﹗﹖]|…{2,})+[”’」』）》〉】〗\]\)\"']*)\s*(?=\S)")
 
 
 def pack_blocks(docs: list[np.ndarray], block_size: int, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +53,13 @@ def split_of(digest: bytes, validation_fraction: float, seed: int) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences at ., ! or ? (and their CJK forms) followed by whitespace; newlines too."""
+    """Sentences at ., ! or ? followed by whitespace, at the CJK sentence ends with or without it,
+    and at newlines."""
     out: list[str] = []
     for para in text.split("\n"):
-        out.extend(s for s in _SENTENCE_END_RE.split(para.strip()) if s)
+        para = _CJK_END_RE.sub("\\1\n", para.strip())  # a paragraph holds no newline: it marks the cuts
+        for part in para.split("\n"):
+            out.extend(s for s in _SENTENCE_END_RE.split(part) if s)
     return out
 
 

@@ -90,6 +90,18 @@ def _normalize(text: str) -> str:
     return _NEWLINES_RE.sub("\n\n", text).strip()
 
 
+# East Asian wide and full-width characters (CJK ideographs, kana, hangul, full-width forms): a
+# complete Chinese sentence is often under 20 characters, so `min_chars` counts each of these as two.
+_WIDE_RE = re.compile("[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f"
+                      "\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6"
+                      "\U00020000-\U0002fffd\U00030000-\U0003fffd]")
+
+
+def display_width(text: str) -> int:
+    """Characters counted by script width: an East Asian wide or full-width character counts 2."""
+    return len(text) if text.isascii() else len(text) + len(_WIDE_RE.findall(text))
+
+
 def charset_fraction(text: str, charsets: list[str]) -> float:
     """Fraction of non-space, non-digit, non-punctuation characters inside the given charsets."""
     ranges = [r for name in charsets for r in CHARSETS[name]]
@@ -107,11 +119,12 @@ def clean(
     charsets: list[str] | None = None,
     min_charset_fraction: float = 0.9,
 ) -> tuple[str, str]:
-    """(cleaned text, drop reason or "")."""
+    """(cleaned text, drop reason or ""). `min_chars` counts by script width (`display_width`),
+    `max_chars` counts characters."""
     text = normalize(text)
     if not text:
         return text, DROP_EMPTY
-    if len(text) < min_chars:
+    if len(text) < min_chars and display_width(text) < min_chars:
         return text, DROP_TOO_SHORT
     if len(text) > max_chars:
         return text, DROP_TOO_LONG

@@ -2,9 +2,11 @@
 
 - byte-level BPE (GPT-2/Llama style) for causal LMs: every byte is in the alphabet, so no
   character is ever unknown and decode(encode(text)) == text.
-- WordPiece with BERT special tokens for encoders. Words are mapped to byte-level characters
-  before WordPiece, and every byte exists as a word-initial and a `##` piece, so no character is
-  unknown either; decoding re-inserts spaces the BERT way (around punctuation), so it is not exact.
+- WordPiece with BERT special tokens for encoders. Each CJK ideograph is a word of its own (as
+  BERT's BasicTokenizer makes it), so an unspaced Chinese run is one token per character and whole-
+  word masking masks characters. Words are mapped to byte-level characters before WordPiece, and
+  every byte exists as a word-initial and a `##` piece, so no character is unknown either; decoding
+  re-inserts spaces the BERT way (around punctuation and ideographs), so it is not exact.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from cluster.config import Section
 
@@ -58,13 +60,20 @@ def _train_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokenizer, d
     return tok, dict(BPE_SPECIALS)
 
 
+# The code points BERT's BasicTokenizer (_is_chinese_char) splits into single-character words.
+CJK_IDEOGRAPHS = ("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
+                  "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f]")
+
+
 def _train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokenizer, dict[str, str]]:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=400))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_IDEOGRAPHS), behavior="isolated"),
+        pre_tokenizers.BertPreTokenizer(),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     specials = list(BERT_SPECIALS.values())
     trainer = trainers.WordPieceTrainer(
         vocab_size=cfg.vocab_size - len(alphabet),  # room for the "##<byte>" pieces added below

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 class CleanConfig(Section):
-    min_chars: int = Field(20, ge=0, description="drop documents shorter than this after normalising")
+    min_chars: int = Field(20, ge=0, description="drop documents shorter than this after normalising; a CJK (wide) character counts 2")
     max_chars: int = Field(1_000_000, ge=1, description="drop documents longer than this")
     dedup: bool = Field(True, description="exact de-duplication by content hash across all sources")
     charsets: StrList | None = Field(None, description=f"keep only text mostly in these: {sorted(CHARSETS)}")

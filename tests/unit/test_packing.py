@@ -42,6 +42,16 @@ def test_split_is_deterministic_and_near_fraction():
     assert a != b  # the seed salts the assignment
 
 
+def test_chinese_sentences_end_without_a_space():
+    # Regression: sentence ends needed whitespace after them, so a Chinese paragraph was one sentence
+    # and NSP/SOP pairs from it were not sentence pairs.
+    assert split_sentences("今天天气很好。我们去公园吧！你来吗？他说：“走吧！”然后走了……好；完") == [
+        "今天天气很好。", "我们去公园吧！", "你来吗？", "他说：“走吧！”", "然后走了……", "好；", "完"]
+    assert split_sentences("一。 二。\n三") == ["一。", "二。", "三"]
+    # English as before: an end needs whitespace after it, a single ellipsis is no end
+    assert split_sentences("It is 3.5 m. I think… maybe so!Yes") == ["It is 3.5 m.", "I think… maybe so!Yes"]
+
+
 def test_sentences_and_chunks_keep_every_token():
     assert split_sentences("One. Two! Three?\nFour") == ["One.", "Two!", "Three?", "Four"]
     sents = [np.arange(n, dtype=np.int32) + 100 * i for i, n in enumerate([5, 7, 20, 3])]

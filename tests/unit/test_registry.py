@@ -427,10 +427,10 @@ def test_a_lock_whose_owner_on_this_host_is_gone_is_stale_at_once(tmp_path):
 
 def test_a_held_lock_is_refreshed_so_a_long_publish_never_looks_stale(tmp_path):
     path = str(tmp_path / "lock")
-    with NameLock(path, "model 'x'", stale_s=1.5) as held:
-        time.sleep(3.0)  # twice the stale timeout: the holder's thread refreshed it meanwhile
+    with NameLock(path, "model 'x'", stale_s=0.8) as held:
+        time.sleep(1.6)  # twice the stale timeout: the holder's thread refreshed it meanwhile
         with pytest.raises(registry.RegistryError, match="locked by another publish"):
-            NameLock(path, "model 'x'", wait_s=0.5, stale_s=1.5).acquire()
+            NameLock(path, "model 'x'", wait_s=0.3, stale_s=0.8).acquire()
         assert held.held()
 
 

@@ -54,3 +54,34 @@ def test_saved_tokenizer_loads_with_transformers_alone(bpe, tmp_path):
     again = AutoTokenizer.from_pretrained(str(tmp_path))
     assert again("hello world").input_ids == bpe("hello world").input_ids
     assert tokenizer_hash(load_tokenizer(str(tmp_path))) == tokenizer_hash(bpe)
+
+
+def test_wordpiece_makes_each_ideograph_a_token_even_in_a_long_unspaced_run():
+    # Regression: an unspaced Chinese run was one "word" of 3 bytes a character; past WordPiece's
+    # 400-character word limit the whole run became a single [UNK].
+    import random
+
+    rnd = random.Random(0)
+    chars = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学"
+    texts = ENGLISH + ["".join(rnd.choice(chars) for _ in range(30)) + "。" for _ in range(300)]
+    tok = train_tokenizer(texts, TokenizerConfig(kind="wordpiece", vocab_size=1200, min_frequency=1))
+    run = "".join(rnd.choice(chars) for _ in range(2000))
+    ids = tok(run, add_special_tokens=False).input_ids
+    assert len(ids) == 2000 and tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids[:3]) == [tok.convert_ids_to_tokens(tok(c, add_special_tokens=False).input_ids)[0]
+                                                  for c in run[:3]]
+    from cluster.objectives.masking import word_start_table
+
+    assert word_start_table(tok)[ids].all()  # whole-word masking: each character is a word
+    # an ideograph the vocabulary never saw falls back to its bytes, one word: never [UNK]
+    unseen = tok("龘", add_special_tokens=False).input_ids
+    assert tok.unk_token_id not in unseen and tok.decode(unseen) == "龘"
+
+
+def test_wordpiece_splits_english_as_before(wordpiece):
+    from tokenizers import pre_tokenizers
+
+    before = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    text = "The quick-brown fox's 3.5 jumps, (over) naïve dogs!"
+    assert wordpiece.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == before.pre_tokenize_str(text)
