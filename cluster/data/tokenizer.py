@@ -38,7 +38,9 @@ BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]
 class TokenizerConfig(Section):
     kind: Literal["bpe", "wordpiece"] = Field("bpe", description="bpe for causal LMs, wordpiece for BERT family")
     vocab_size: int = Field(4096, ge=300, le=262144, description="target vocabulary size, specials included")
-    train_docs: int = Field(20000, ge=1, description="documents sampled (in corpus order) to train on")
+    train_docs: int = Field(20000, ge=1, description="documents to train on: a seeded sample across every source, "
+                            "in proportion to its weight (a corpus this small or smaller is taken whole)")
+    train_bytes: int = Field(256 * 2**20, ge=1, description="stop reading the sample after this many bytes of text")
     min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
     model_max_length: int = Field(2048, ge=8, description="context length recorded in the tokenizer")
     path: str | None = Field(None, description="reuse this saved tokenizer directory (a path or URI) instead of training")
@@ -104,10 +106,22 @@ def _train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokeni
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
-    tok, specials = (_train_bpe if cfg.kind == "bpe" else _train_wordpiece)(texts, cfg)
+    return wrap_tokenizer(train_tokenizer_json(texts, cfg), cfg)
+
+
+def train_tokenizer_json(texts: Iterable[str], cfg: TokenizerConfig) -> str:
+    """The trained tokenizer as the `tokenizers` library's JSON (what a Ray task sends back)."""
+    tok, _ = (_train_bpe if cfg.kind == "bpe" else _train_wordpiece)(texts, cfg)
+    return tok.to_str()
+
+
+def wrap_tokenizer(body: str, cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """A Hugging Face tokenizer around `train_tokenizer_json`'s JSON, with the kind's special tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=cfg.model_max_length, **specials)
+    specials = BPE_SPECIALS if cfg.kind == "bpe" else BERT_SPECIALS
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(body), model_max_length=cfg.model_max_length,
+                                  **specials)
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, path: str) -> str:

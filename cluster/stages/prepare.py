@@ -44,8 +44,8 @@ from cluster.data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
     tokenizer_hash,
-    train_tokenizer,
 )
+from cluster.data.tokenizer_sample import train_on_sample
 from cluster.errors import CorpusError
 from cluster.runs import check_name
 
@@ -111,7 +111,9 @@ def _empty(cfg: PrepareConfig, counts: Counts) -> CorpusError:
     )
 
 
-def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str):
+def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str) -> tuple[Any, str, dict | None]:
+    """(tokenizer, its local folder, what its training sample held or None when reused)."""
+    sample = None
     if cfg.tokenizer.path:
         path = source = resolve_corpus_path(cfg.tokenizer.path)
         if storage.is_uri(path):  # e.g. the tokenizer of a corpus in S3: transformers loads local folders
@@ -122,21 +124,21 @@ def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir:
         log.info("reusing tokenizer %s", cfg.tokenizer.path)
     else:
         assert kept is not None, "training a tokenizer needs the kept documents"
-        sample = kept.filter(expr="split == 'train'").limit(cfg.tokenizer.train_docs).select_columns(["text"])
-        texts = [r["text"] for r in sample.take_all()]
-        if not texts:
+        log.info("training a %s tokenizer (vocab %d) on a sample of about %d documents", cfg.tokenizer.kind,
+                 cfg.tokenizer.vocab_size, cfg.tokenizer.train_docs)
+        tok, sample = train_on_sample(kept, cfg.tokenizer, cfg.split.seed)
+        if tok is None:
             raise CorpusError(
                 f"corpus '{cfg.name}': no training documents to train the tokenizer on (every kept document "
                 "was held out for validation or weighted away by a source weight of 0)"
             )
-        log.info("training a %s tokenizer (vocab %d) on %d documents", cfg.tokenizer.kind,
-                 cfg.tokenizer.vocab_size, len(texts))
-        tok = train_tokenizer(texts, cfg.tokenizer)
+        log.info("tokenizer sample: %d documents, %.1f MB (%s)", sample["documents"], sample["bytes"] / 1e6,
+                 ", ".join(f"{k}: {v}" for k, v in sample["per_source"].items()))
     if cfg.pack.layout == "segments" and (tok.cls_token_id is None or tok.sep_token_id is None):
         raise CorpusError("pack.layout 'segments' needs a tokenizer with [CLS] and [SEP] (tokenizer.kind: wordpiece)")
     local = os.path.join(workdir, "tokenizer")
     save_tokenizer(tok, local)
-    return tok, local
+    return tok, local, sample
 
 
 def check_sources(cfg: PrepareConfig) -> None:
@@ -185,20 +187,24 @@ def build_corpus(cfg: PrepareConfig, build: CorpusBuild) -> dict[str, Any]:
     """Shards and tokenizer written into the build folder; returns the manifest to commit."""
     with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
         weights = {s.label: s.weight for s in cfg.sources}
-        tokenized, tok, tok_local = read_and_tokenize(cfg, weights, workdir)
+        tokenized, tok, tok_local, sample = read_and_tokenize(cfg, weights, workdir)
         counts, stats, n_kept = count_documents(cfg, tokenized, weights)
         log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
         eod = end_of_document_id(tok)
         shards = write_shards(cfg, tokenized, counts, weights, eod, build.file("shards"))
         check_training_rows(cfg, shards, stats)
         _upload_tokenizer(tok_local, build.file("tokenizer"))
-    return _manifest(cfg, counts, n_kept, stats, shards, tok, eod)
+    manifest = _manifest(cfg, counts, n_kept, stats, shards, tok, eod)
+    if sample is not None:
+        manifest["tokenizer"]["sample"] = sample
+    return manifest
 
 
-def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float], workdir: str) -> tuple[Any, Any, str]:
+def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
+                      workdir: str) -> tuple[Any, Any, str, dict | None]:
     """Every source read and cleaned, the tokenizer reused or trained, and every document tokenized
     (materialised: the counts and both splits' writes read it). Returns (tokenized, tokenizer,
-    the tokenizer's local folder)."""
+    the tokenizer's local folder, its training sample's counts or None)."""
     max_line = int(cfg.clean.max_line_mb * 2**20)
     datasets = [source_dataset(s, i, max_line) for i, s in enumerate(cfg.sources)]
     raw = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -212,7 +218,7 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float], workdir: st
         # A reused tokenizer is known up front, so reading, cleaning and tokenizing run fused
         # in one task per part of the input: one pass, and no text held in the object store.
         # Duplicates are tokenized too and dropped at packing (they are few in real corpora).
-        tok, tok_local = corpus_tokenizer(cfg, None, workdir)
+        tok, tok_local, sample = corpus_tokenizer(cfg, None, workdir)
         log.info("stage 1/2: read + clean + tokenize")
     else:
         log.info("stage 1/4: read + clean")
@@ -225,7 +231,7 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float], workdir: st
             select_batch, fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
             batch_size=2048, batch_format="pyarrow",
         )
-        tok, tok_local = corpus_tokenizer(cfg, kept, workdir)
+        tok, tok_local, sample = corpus_tokenizer(cfg, kept, workdir)
         log.info("stage 3/4: tokenize")
     tokenized = cleaned.map_batches(
         tokenize_batch,
@@ -235,7 +241,7 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float], workdir: st
         batch_size=None if cfg.tokenizer.path else 4096,
         batch_format="pyarrow",
     ).materialize()
-    return tokenized, tok, tok_local
+    return tokenized, tok, tok_local, sample
 
 
 def count_documents(cfg: PrepareConfig, tokenized: Any, weights: dict[str, float]) -> tuple[Counts, dict, int]:

@@ -365,7 +365,7 @@ def test_a_tokenizer_in_s3_is_reused_by_prepare(s3_root, tmp_path):
 
     cfg = PrepareConfig(sources=[{"kind": "synthetic"}], tokenizer={"path": uri})
     check_sources(cfg)
-    reused, local = corpus_tokenizer(cfg, None, str(tmp_path / "work"))
+    reused, local, _ = corpus_tokenizer(cfg, None, str(tmp_path / "work"))
     assert tokenizer_hash(reused) == tokenizer_hash(tok) and os.path.isfile(os.path.join(local, "tokenizer.json"))
     missing = storage.join(s3_root, "prepare", "none", "tokenizer")
     with pytest.raises(CorpusError, match=re.escape(f"'tokenizer.path': '{missing}' is not a tokenizer directory")):

@@ -280,3 +280,40 @@ def test_storage_that_cannot_be_written_fails_with_one_message(tmp_path, ray_ses
     assert rc == 1
     assert f"storage '{blocker / 'runs' / 'prepare' / 't-ro'}' is not writable" in err
     assert "Traceback" not in err
+
+
+def test_the_tokenizer_sees_every_source_in_proportion_and_short_chinese_lines(tmp_path, ray_session):
+    """English then Chinese, a tokenizer sample of about a quarter: both sources are in it in
+    proportion (the first train_docs documents were all English), Chinese lines of 12 characters
+    pass min_chars 20, and the WordPiece tokenizer keeps each ideograph whole. A byte cap stops
+    the sample and says so."""
+    import random
+
+    from cluster.data.tokenizer import load_tokenizer
+    from cluster.stages.prepare import PrepareConfig, prepare
+
+    rnd = random.Random(0)
+    chars = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学"
+    en = [f"Document {i} says {'more ' * (i % 7)}about clusters, models and data." for i in range(600)]
+    zh = ["".join(rnd.choice(chars) for _ in range(11)) + "。" for _ in range(600)]
+    for name, texts in (("en.jsonl", en), ("zh.jsonl", zh)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+
+    def run(name: str, tokenizer: dict) -> Corpus:
+        prepare(PrepareConfig.model_validate({
+            "name": name, "tokenizer": {"kind": "wordpiece", "vocab_size": 1200, "min_frequency": 1, **tokenizer},
+            "pack": {"block_size": 64},
+            "sources": [{"kind": "files", "name": f, "paths": [str(tmp_path / f)]} for f in ("en.jsonl", "zh.jsonl")],
+        }))
+        return Corpus.open(name)
+
+    corpus = run("t-two-scripts", {"train_docs": 300})
+    sample = corpus.manifest["tokenizer"]["sample"]
+    assert corpus.manifest["documents"]["dropped"].get("too_short", 0) == 0
+    assert 100 <= sample["per_source"]["en.jsonl"] <= 200 and 100 <= sample["per_source"]["zh.jsonl"] <= 200, sample
+    assert sample["documents"] == sum(sample["per_source"].values()) and not sample["capped"]
+    tok = load_tokenizer(corpus.tokenizer_path)
+    assert len(tok("".join(rnd.choice(chars) for _ in range(500)), add_special_tokens=False).input_ids) == 500
+
+    capped = run("t-two-scripts-capped", {"train_docs": 300, "train_bytes": 2000}).manifest["tokenizer"]["sample"]
+    assert capped["capped"] and capped["bytes"] <= 2000 and 0 < capped["documents"] < 100
