@@ -27,6 +27,7 @@ from cluster import runtime, storage
 from cluster.config import Section, StrList
 from cluster.data.corpus import MANIFEST, SPLITS, CorpusBuild, resolve_corpus_path
 from cluster.data.files import check_files
+from cluster.data.near_dedup import NearDedupConfig, mark_batch, near_duplicates
 from cluster.data.pipeline import (
     clean_batch,
     pack_batch,
@@ -56,6 +57,8 @@ class CleanConfig(Section):
     min_chars: int = Field(20, ge=0, description="drop documents shorter than this after normalising; a CJK (wide) character counts 2")
     max_chars: int = Field(1_000_000, ge=1, description="drop documents longer than this")
     dedup: bool = Field(True, description="exact de-duplication by content hash across all sources")
+    near_dedup: NearDedupConfig | None = Field(
+        None, description="MinHash LSH near-duplicate removal, e.g. {threshold: 0.8, num_perm: 128, ngram: 5}; off when unset")
     charsets: StrList | None = Field(None, description=f"keep only text mostly in these: {sorted(CHARSETS)}")
     min_charset_fraction: float = Field(0.9, gt=0, le=1, description="fraction of letters in `charsets`")
     max_line_mb: float = Field(16, gt=0, description="a longer line in a source file is an error")
@@ -214,6 +217,13 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
         batch_size=None,  # the batches the source yields (a batch size here would bundle whole parts)
         batch_format="pyarrow",
     )
+    if cfg.clean.near_dedup is not None:
+        log.info("near-duplicates: MinHash LSH over every kept document")
+        if not cfg.tokenizer.path:
+            cleaned = cleaned.materialize()  # read and cleaned once for the signatures and the rest
+        near = near_duplicates(cleaned, cfg.clean.near_dedup)
+        log.info("near-duplicates: %d distinct text(s) to drop", len(near))
+        cleaned = cleaned.map_batches(mark_batch, fn_kwargs={"hashes": near}, batch_format="pyarrow")
     if cfg.tokenizer.path:
         # A reused tokenizer is known up front, so reading, cleaning and tokenizing run fused
         # in one task per part of the input: one pass, and no text held in the object store.

@@ -317,3 +317,34 @@ def test_the_tokenizer_sees_every_source_in_proportion_and_short_chinese_lines(t
 
     capped = run("t-two-scripts-capped", {"train_docs": 300, "train_bytes": 2000}).manifest["tokenizer"]["sample"]
     assert capped["capped"] and capped["bytes"] <= 2000 and 0 < capped["documents"] < 100
+
+
+def test_near_duplicates_are_found_and_distinct_documents_kept(tmp_path, ray_session):
+    """300 distinct documents of ~130 words, 100 copies of the first 100 with one word changed
+    (Jaccard ~0.92 over word 5-grams) and 10 exact copies: near-duplicate removal drops >= 95 of the
+    100 and < 1% of the distinct ones, and exact copies stay exact de-duplication's."""
+    from cluster.data import synthetic
+    from cluster.stages.prepare import PrepareConfig, prepare
+
+    parts = [d.text for d in synthetic.documents(900, seed=11)]
+    distinct = [" ".join(parts[i:i + 3]) for i in range(0, 900, 3)]
+
+    def changed(text: str) -> str:
+        words = text.split()
+        words[len(words) // 2] = "zebra"
+        return " ".join(words)
+
+    def run(name: str, texts: list[str]) -> dict:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        prepare(PrepareConfig.model_validate({
+            "name": name, "tokenizer": {"vocab_size": 400}, "pack": {"block_size": 64},
+            "clean": {"near_dedup": {"threshold": 0.8, "num_perm": 128, "ngram": 5}},
+            "sources": [{"kind": "files", "paths": [str(tmp_path / f"{name}.jsonl")]}],
+        }))
+        return Corpus.open(name).manifest["documents"]["dropped"]
+
+    alone = run("t-near-distinct", distinct)
+    assert alone.get("near_duplicate", 0) < 3, alone
+    dropped = run("t-near-injected", distinct + [changed(t) for t in distinct[:100]] + distinct[200:210])
+    assert 95 <= dropped["near_duplicate"] <= 100 + alone.get("near_duplicate", 0), dropped
+    assert dropped["duplicate"] == 10

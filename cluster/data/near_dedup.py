@@ -1,0 +1,155 @@
+"""Near-duplicate removal: MinHash signatures, LSH bands grouped across the cluster, one document
+kept per connected component of similar documents.
+
+The unit is a distinct text (its content hash): exact copies are exact de-duplication's business,
+so two copies of one text are never each other's near-duplicate, and every copy of a text found
+near-duplicate goes with it. Per text, `num_perm` MinHash values over its word n-grams (each CJK
+ideograph a word); the signature is cut into `bands` bands of `rows` values, and texts that share
+a band's values in any band are candidates (Ray Data groups the bands by hash across the cluster).
+A candidate pair is kept when its signatures agree on at least `threshold` of their values (the
+estimated Jaccard similarity), which removes LSH's false positives. The driver holds only the
+candidate pairs and their signatures, both in proportion to the near-duplicates, never to the
+corpus. In each connected component the text with the lowest document key is kept; the others are
+dropped with reason `near_duplicate`.
+
+Why not datasketch: its MinHash is an object per document fed one shingle at a time; here one
+numpy expression signs a whole text, the shingle hash (crc32) is the same in every worker process
+(Python's `hash` is salted per process), and the LSH index must be Ray's grouping, not an
+in-memory dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from cluster.config import Section
+
+DROP_NEAR_DUPLICATE = "near_duplicate"
+_PRIME = np.uint64((1 << 61) - 1)
+_WORD_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+class NearDedupConfig(Section):
+    threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity at which two texts are near-duplicates")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash values per text")
+    ngram: int = Field(5, ge=1, le=32, description="words per shingle (a CJK ideograph is a word)")
+    bands: int = Field(16, ge=1, description="LSH bands (num_perm / bands values each): more bands find less similar pairs")
+    seed: int = Field(0, description="seed of the MinHash permutations")
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> NearDedupConfig:
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm {self.num_perm} must be a multiple of bands {self.bands}")
+        return self
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # (a * x + b) mod p with a, b drawn below the Mersenne prime p = 2^61 - 1, as MinHash is usually
+    # computed (datasketch too): the product wraps modulo 2^64 first, which mixes the bits. With a
+    # and x both below 2^32 there is no wrap and the smallest shingle hashes win most permutations.
+    rng = np.random.default_rng(seed)
+    return (rng.integers(1, int(_PRIME), num_perm, dtype=np.uint64), rng.integers(0, int(_PRIME), num_perm, dtype=np.uint64))
+
+
+def signature(text: str, ngram: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """uint32[num_perm]: the minimum of each permuted hash over the text's word n-grams."""
+    words = _WORD_RE.findall(text.lower())
+    n = max(1, len(words) - ngram + 1)
+    shingles = {" ".join(words[i:i + ngram]) for i in range(n)}
+    x = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in shingles), dtype=np.uint64, count=len(shingles))
+    return (((x[:, None] * a[None, :] + b[None, :]) % _PRIME).min(axis=0) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def signature_batch(batch: pa.Table, cfg: dict[str, Any]) -> pa.Table:
+    """One row per kept document: key, hash and signature (documents already dropped are left out)."""
+    a, b = _permutations(cfg["num_perm"], cfg["seed"])
+    keep = [not d for d in batch.column("drop").to_pylist()]
+    rows = batch.filter(pa.array(keep, pa.bool_()))
+    sigs = [signature(t, cfg["ngram"], a, b).tobytes() for t in rows.column("text").to_pylist()]
+    return pa.table({"key": rows.column("key"), "hash": rows.column("hash"), "sig": pa.array(sigs, pa.binary())})
+
+
+def band_batch(batch: pa.Table, bands: int) -> pa.Table:
+    """Each signature cut into `bands` buckets: (band, bucket, key, hash) rows."""
+    out: dict[str, list] = {"band": [], "bucket": [], "key": [], "hash": []}
+    for key, digest, sig in zip(*(batch.column(c).to_pylist() for c in ("key", "hash", "sig")), strict=True):
+        width = len(sig) // bands
+        for band in range(bands):
+            out["band"].append(band)
+            out["bucket"].append(hashlib.blake2b(sig[band * width:(band + 1) * width], digest_size=8).digest())
+            out["key"].append(key)
+            out["hash"].append(digest)
+    return pa.table(out)
+
+
+def bucket_pairs(group: pa.Table) -> pa.Table:
+    """Candidate pairs of one bucket: each distinct text (by hash, at its lowest key) paired with
+    the bucket's lowest-keyed text. A bucket of one text yields none."""
+    first: dict[bytes, int] = {}
+    for key, digest in zip(group.column("key").to_pylist(), group.column("hash").to_pylist(), strict=True):
+        first[digest] = min(key, first.get(digest, key))
+    texts = sorted((key, digest) for digest, key in first.items())
+    root = texts[0][1] if texts else b""
+    others = [digest for _, digest in texts[1:]]
+    return pa.table({"a": pa.array([root] * len(others), pa.binary()), "b": pa.array(others, pa.binary())})
+
+
+def _root(parent: dict[bytes, bytes], x: bytes) -> bytes:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+def components_to_drop(pairs: list[tuple[bytes, bytes]], sigs: dict[bytes, tuple[int, np.ndarray]],
+                       threshold: float) -> set[bytes]:
+    """Hashes to drop: of each connected component of pairs whose signatures agree on at least
+    `threshold` of their values, all but the text with the lowest key. `sigs`: hash -> (lowest key,
+    signature)."""
+    parent: dict[bytes, bytes] = {}
+    for x, y in pairs:
+        if float(np.mean(sigs[x][1] == sigs[y][1])) < threshold:
+            continue
+        parent.setdefault(x, x)
+        parent.setdefault(y, y)
+        rx, ry = _root(parent, x), _root(parent, y)
+        if rx != ry:  # the root is the text with the lowest key
+            keep, other = (rx, ry) if sigs[rx][0] < sigs[ry][0] else (ry, rx)
+            parent[other] = keep
+    return {x for x in parent if _root(parent, x) != x}
+
+
+def _involved(batch: pa.Table, hashes: set[bytes]) -> pa.Table:
+    return batch.filter(pa.array([h in hashes for h in batch.column("hash").to_pylist()], pa.bool_()))
+
+
+def near_duplicates(cleaned: Any, cfg: NearDedupConfig) -> set[bytes]:
+    """The content hashes of the texts `cleaned` (rows with key, hash, text, drop) holds that are
+    near-duplicates of a text with a lower key."""
+    sigs = cleaned.map_batches(signature_batch, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow").materialize()
+    bands = sigs.map_batches(band_batch, fn_kwargs={"bands": cfg.bands}, batch_format="pyarrow")
+    candidates = bands.groupby(["band", "bucket"]).map_groups(bucket_pairs, batch_format="pyarrow")
+    pairs = {(r["a"], r["b"]) for r in candidates.iter_rows()}
+    if not pairs:
+        return set()
+    hashes = {h for pair in pairs for h in pair}
+    found: dict[bytes, tuple[int, np.ndarray]] = {}
+    for r in sigs.map_batches(_involved, fn_kwargs={"hashes": hashes}, batch_format="pyarrow").iter_rows():
+        if r["hash"] not in found or r["key"] < found[r["hash"]][0]:
+            found[r["hash"]] = (r["key"], np.frombuffer(r["sig"], dtype=np.uint32))
+    return components_to_drop(sorted(pairs), found, cfg.threshold)
+
+
+def mark_batch(batch: pa.Table, hashes: set[bytes]) -> pa.Table:
+    """Every not yet dropped row whose text is a near-duplicate gets drop reason `near_duplicate`."""
+    drops = [DROP_NEAR_DUPLICATE if not d and h in hashes else d
+             for d, h in zip(batch.column("drop").to_pylist(), batch.column("hash").to_pylist(), strict=True)]
+    i = batch.column_names.index("drop")
+    return batch.set_column(i, pa.field("drop", pa.string()), pa.array(drops, pa.string()))

@@ -1,0 +1,69 @@
+"""Near-duplicate removal's parts, without Ray: signatures estimate Jaccard similarity, a bucket
+pairs distinct texts only, components keep their lowest-keyed text, marking spares dropped rows."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from cluster.data.near_dedup import (
+    _WORD_RE,
+    DROP_NEAR_DUPLICATE,
+    NearDedupConfig,
+    _permutations,
+    bucket_pairs,
+    components_to_drop,
+    mark_batch,
+    signature,
+)
+from cluster.data.text import content_hash
+
+
+def _shingles(text: str, n: int) -> set[str]:
+    words = _WORD_RE.findall(text.lower())
+    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def test_signatures_estimate_the_jaccard_similarity_of_word_ngrams():
+    a, b = _permutations(256, seed=0)
+    words = [f"w{i}" for i in range(120)]
+    base = " ".join(words)
+    for changed in (1, 4, 12, 40):
+        other = " ".join(f"x{i}" if i % (120 // changed) == 0 else w for i, w in enumerate(words))
+        s1, s2 = _shingles(base, 5), _shingles(other, 5)
+        true = len(s1 & s2) / len(s1 | s2)
+        est = float(np.mean(signature(base, 5, a, b) == signature(other, 5, a, b)))
+        assert abs(est - true) < 0.1, (changed, true, est)
+    assert (signature(base.upper(), 5, a, b) == signature(base, 5, a, b)).all()  # case folded
+
+
+def test_each_cjk_ideograph_is_a_word():
+    assert _WORD_RE.findall("今天天气 good day。") == ["今", "天", "天", "气", "good", "day。"]
+
+
+def test_a_bucket_pairs_distinct_texts_with_its_lowest_keyed_one():
+    h1, h2, h3 = (content_hash(t) for t in "abc")
+    group = pa.table({"key": [5, 2, 9, 7], "hash": pa.array([h1, h1, h2, h3], pa.binary())})
+    pairs = bucket_pairs(group)
+    assert list(zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist(), strict=True)) == [(h1, h3), (h1, h2)]
+    assert bucket_pairs(group.slice(0, 2)).num_rows == 0  # exact copies of one text are no pair
+
+
+def test_components_keep_their_lowest_keyed_text_and_verify_each_pair():
+    same = np.arange(64, dtype=np.uint32)
+    half = np.where(np.arange(64) < 32, same, 1000 + same).astype(np.uint32)
+    sigs = {b"a": (3, same), b"b": (1, same), b"c": (7, same), b"d": (2, half)}
+    # a-c and c-b chain into one component whose lowest key is b; d agrees on only half its values
+    assert components_to_drop([(b"a", b"c"), (b"c", b"b"), (b"a", b"d")], sigs, 0.8) == {b"a", b"c"}
+    assert components_to_drop([(b"a", b"d")], sigs, 0.5) == {b"a"}
+
+
+def test_marking_spares_rows_already_dropped():
+    h1, h2 = content_hash("a"), content_hash("b")
+    batch = pa.table({"key": [1, 2, 3], "hash": pa.array([h1, h1, h2], pa.binary()), "drop": ["", "too_short", ""]})
+    assert mark_batch(batch, {h1}).column("drop").to_pylist() == [DROP_NEAR_DUPLICATE, "too_short", ""]
+
+
+def test_bands_must_divide_the_signature():
+    with pytest.raises(ValidationError, match="num_perm 100 must be a multiple of bands 16"):
+        NearDedupConfig(num_perm=100)
