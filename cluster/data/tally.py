@@ -1,15 +1,23 @@
-"""jobs.prepare's counts: one pass over the small columns of every document (drop reasons, problem
-notes, duplicates by content hash, per-split documents, tokens, bytes and log-probability after
-source weights), and the validation top-up for a split too small to hold one row.
+"""jobs.prepare's counts, computed where the blocks are: drop reasons, problem notes, duplicates
+by content hash, per-split documents, tokens, bytes and log-probability after source weights, and
+the validation top-up for a split too small to hold one row.
+
+Ray Data does the work across the cluster: exact duplicates are found by a group-by on the content
+hash (count and lowest key per hash), and every block sums its own counts; the driver holds the
+per-block sums and the duplicates alone, never a row per document. The results do not depend on
+the cluster's size or the blocks: the lowest key of each text is the copy kept, and problem notes
+come in corpus order.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -55,7 +63,7 @@ def unwrap_error(exc: BaseException) -> BaseException:
 
 
 def validation_top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np.ndarray], np.ndarray],
-            cost: np.ndarray, need: int) -> np.ndarray:
+            cost: np.ndarray, need: int, train_total: int | None = None) -> np.ndarray:
     """Indices of the train documents to move to validation so that it holds one row.
 
     A split drawn by hash holds out nothing, or less than a row, from a small corpus (54 files at
@@ -64,7 +72,8 @@ def validation_top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np
     segments: 1 per non-empty document, against 1). When validation weighs less than `need`, the
     train documents with the lowest split hash (`units(indices)`: those a larger fraction would
     hold out first, so the choice is as deterministic as the split) move over until it does, as
-    long as train keeps `need` too; otherwise none move. The tokenizer, trained earlier on the
+    long as train keeps `need` too; otherwise none move. `train_total`: train's whole weight when
+    the arrays hold only each block's lowest-hash train documents (the candidates). The tokenizer, trained earlier on the
     train split, has seen the moved documents' text; the model has not."""
     weight = cost * copies
     short = need - int(weight[split == SPLITS.index("validation")].sum())
@@ -74,77 +83,124 @@ def validation_top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np
     order = train[np.argsort(units(train), kind="stable")]
     taken = np.cumsum(weight[order])
     k = int(np.searchsorted(taken, short)) + 1  # documents until validation weighs `need`
-    if k > len(order) or int(taken[-1]) - int(taken[k - 1]) < need:
+    total = int(taken[-1]) if train_total is None else train_total
+    if k > len(order) or total - int(taken[k - 1]) < need:
         return np.zeros(0, dtype=np.int64)
     return order[:k]
 
 
 def tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: bool, max_problems: int = 50,
           top_up: tuple[str, int, int] | None = None) -> tuple[Counts, dict[str, dict[str, float]]]:
-    """One pass over the small columns on the driver: drop counts, problem notes, the keys of
-    duplicate documents and (with `tokens`) each split's documents, tokens, bytes and log-probability
-    after source weights. Exact de-duplication needs a global view; holding 16-byte hashes on the
-    driver costs far less than a shuffle by hash and keeps the corpus order (hence determinism).
+    """Drop counts, problem notes, the keys of duplicate documents and (with `tokens`) each split's
+    documents, tokens, bytes and log-probability after source weights, computed across the cluster.
     With `top_up` = (layout, block_size, split seed) and `tokens`, a validation split too small for
     one row is topped up from train (`validation_top_up`); the moved keys are in the counts."""
-    arr, hashes, counts = _gather(ds, weights, tokens, max_problems)
-    duplicates: set[int] = set()
-    if dedup:
-        seen: set[bytes] = set()
-        for i in np.argsort(arr["key"], kind="stable"):  # the first document by key is the one kept
-            if hashes[i] in seen:
-                duplicates.add(int(arr["key"][i]))
-            else:
-                seen.add(hashes[i])
-    counts.duplicates = duplicates
-    counts.dropped[DROP_DUPLICATE] = len(duplicates)
+    first = _duplicated_texts(ds) if dedup else {}
+    spec = {"weights": weights, "tokens": tokens, "max_problems": max_problems, "first": first, "top_up": top_up}
+    names = ["key", "hash", "drop", "note", "source"] + (["split", "n_tokens", "n_bytes", "logprob"] if tokens else [])
+    blocks = ds.select_columns(names).map_batches(_block_sums, fn_kwargs=spec, batch_format="pyarrow",
+                                                   batch_size=None).take_all()
+    counts = Counts(sum(b["docs_in"] for b in blocks), {}, [], set())
+    dropped: Counter[str] = Counter()
+    for b in blocks:
+        dropped.update(json.loads(b["dropped"]))
+        counts.problems += json.loads(b["problems"])[: max_problems - len(counts.problems)]
+        counts.duplicates.update(b["duplicates"])
+    counts.dropped = {**dropped, DROP_DUPLICATE: len(counts.duplicates)}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "logprob": 0.0, "synthetic_docs": 0} for s in SPLITS}
-    if tokens and len(arr["key"]):
-        copies = arr["copies"] * ~np.isin(arr["key"], np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))
+    if tokens:
+        stats = {s: {k: sum(json.loads(b["stats"])[s][k] for b in blocks) for k in stats[s]} for s in SPLITS}
         if top_up is not None:
-            layout, block_size, seed = top_up
-            cost, need = (arr["n_tokens"] + 1, block_size) if layout == "blocks" else ((arr["n_tokens"] > 0), 1)
-            moved = validation_top_up(arr["split"], copies,
-                                      lambda idx: np.asarray([hash_unit(hashes[i], salt=seed) for i in idx]),
-                                      cost.astype(np.int64), need)
-            if len(moved):
-                arr["split"][moved] = SPLITS.index("validation")
-                counts.to_validation = {int(k) for k in arr["key"][moved]}
-        stats = _split_stats(arr, copies)
+            _top_up(blocks, top_up, counts, stats)
     return counts, stats
 
 
-def _gather(ds: ray.data.Dataset, weights: dict[str, float], tokens: bool, max_problems: int
-            ) -> tuple[dict[str, np.ndarray], list[bytes], Counts]:
-    """The kept documents' small columns as arrays (key, copies after weighting and, with `tokens`,
-    split, n_tokens, n_bytes, logprob), their content hashes, and the drop counts and notes."""
-    names = ["key", "hash", "drop", "note", "source"] + (["split", "n_tokens", "n_bytes", "logprob"] if tokens else [])
-    cols: dict[str, list] = {c: [] for c in ("key", "copies", "split", "n_tokens", "n_bytes", "logprob")}
-    hashes: list[bytes] = []
-    dropped: Counter[str] = Counter()
-    problems: list[str] = []
-    docs_in = 0
-    for batch in ds.select_columns(names).iter_batches(batch_format="pyarrow", batch_size=None):
-        docs_in += batch.num_rows
-        drops = batch.column("drop").to_pylist()
-        kept = np.flatnonzero(np.asarray([not d for d in drops], dtype=bool))
-        for drop, note in zip(drops, batch.column("note").to_pylist(), strict=True):
-            if drop:
-                dropped[drop] += 1
-                if note and len(problems) < max_problems:
-                    problems.append(f"{note} ({drop})")
-        batch = batch.take(pa.array(kept, type=pa.int64()))
-        digests = batch.column("hash").to_pylist()
-        hashes += digests
-        cols["key"].append(batch.column("key").to_numpy())
-        cols["copies"].append(np.fromiter((weight_copies(h, weights[src]) for h, src in zip(
-            digests, batch.column("source").to_pylist(), strict=True)), dtype=np.int64, count=len(digests)))
-        if tokens:
-            cols["split"].append(np.asarray([SPLITS.index(x) for x in batch.column("split").to_pylist()]))
-            for c in ("n_tokens", "n_bytes", "logprob"):
-                cols[c].append(batch.column(c).to_numpy())
-    arr = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
-    return arr, hashes, Counts(docs_in, dict(dropped), problems, set())
+def _duplicated_texts(ds: ray.data.Dataset) -> dict[bytes, int]:
+    """The lowest key of every text kept more than once: a group-by on the content hash across
+    the cluster, of which the driver takes the duplicated texts only."""
+    from ray.data.aggregate import Count, Min
+
+    kept = ds.select_columns(["key", "hash", "drop"]).filter(expr="drop == ''")
+    groups = kept.groupby("hash").aggregate(Count(alias_name="n"), Min("key", alias_name="first"))
+    return {r["hash"]: int(r["first"]) for r in groups.filter(expr="n > 1").iter_rows()}
+
+
+_BLOCK_SCHEMA = pa.schema([("docs_in", pa.int64()), ("dropped", pa.string()), ("problems", pa.string()),
+                           ("duplicates", pa.list_(pa.int64())), ("stats", pa.string()), ("candidates", pa.string())])
+
+
+def _block_sums(batch: pa.Table, weights: dict[str, float], tokens: bool, max_problems: int,
+                first: dict[bytes, int], top_up: tuple[str, int, int] | None) -> pa.Table:
+    """One row for the block: documents in, drop counts, its first problem notes, its duplicate
+    keys, and with `tokens` its per-split sums and its top-up candidates (`_candidates`)."""
+    drops, notes = batch.column("drop").to_pylist(), batch.column("note").to_pylist()
+    dropped = Counter(d for d in drops if d)
+    problems = [f"{n} ({d})" for d, n in zip(drops, notes, strict=True) if d and n][:max_problems]
+    kept = batch.filter(pa.array([not d for d in drops], pa.bool_()))
+    keys, digests = kept.column("key").to_numpy(), kept.column("hash").to_pylist()
+    is_dup = np.fromiter((h in first and first[h] != k for k, h in zip(keys.tolist(), digests, strict=True)),
+                         dtype=bool, count=len(digests))
+    row: dict[str, Any] = {"docs_in": batch.num_rows, "dropped": json.dumps(dropped), "problems": json.dumps(problems),
+                           "duplicates": keys[is_dup].tolist(), "stats": "{}", "candidates": "[]"}
+    if tokens:
+        copies = np.fromiter((weight_copies(h, weights[s]) for h, s in zip(
+            digests, kept.column("source").to_pylist(), strict=True)), dtype=np.int64, count=len(digests)) * ~is_dup
+        arr = {"key": keys, "split": np.asarray([SPLITS.index(x) for x in kept.column("split").to_pylist()], np.int64),
+               **{c: kept.column(c).to_numpy() for c in ("n_tokens", "n_bytes", "logprob")}}
+        row["stats"] = json.dumps(_split_stats(arr, copies))
+        if top_up is not None:
+            row["candidates"] = json.dumps(_candidates(arr, copies, digests, top_up))
+    return pa.Table.from_pylist([row], schema=_BLOCK_SCHEMA)
+
+
+def _cost(arr: dict[str, np.ndarray], layout: str, block_size: int) -> tuple[np.ndarray, int]:
+    """Each document's weight toward a row, and a row's (blocks: tokens + end of document against
+    block_size; segments: 1 per non-empty document, against 1)."""
+    if layout == "blocks":
+        return (arr["n_tokens"] + 1).astype(np.int64), block_size
+    return (arr["n_tokens"] > 0).astype(np.int64), 1
+
+
+def _candidates(arr: dict[str, np.ndarray], copies: np.ndarray, digests: list[bytes],
+                top_up: tuple[str, int, int]) -> dict[str, Any]:
+    """The block's validation and train weights, and its train documents of lowest split hash until
+    they weigh a row: every document a top-up could move is among some block's candidates."""
+    layout, block_size, seed = top_up
+    cost, need = _cost(arr, layout, block_size)
+    weight = cost * copies
+    train = np.flatnonzero((arr["split"] == SPLITS.index("train")) & (weight > 0))
+    units = np.asarray([hash_unit(digests[i], salt=seed) for i in train], dtype=np.float64)
+    order = train[np.argsort(units, kind="stable")]
+    n = int(np.searchsorted(np.cumsum(weight[order]), need)) + 1
+    one = {"split": np.zeros(1, np.int64), "n_tokens": None, "n_bytes": None, "logprob": None}
+    rows = [{"key": int(arr["key"][i]), "unit": float(units[np.searchsorted(train, i)]), "cost": int(cost[i]),
+             "copies": int(copies[i]),
+             "split_stats": _split_stats({**one, **{c: arr[c][i:i + 1] for c in ("n_tokens", "n_bytes", "logprob")}},
+                                         copies[i:i + 1])["train"]} for i in order[:n]]
+    return {"validation": int(weight[arr["split"] == SPLITS.index("validation")].sum()),
+            "train": int(weight[train].sum()), "rows": rows}
+
+
+def _top_up(blocks: list[dict[str, Any]], top_up: tuple[str, int, int], counts: Counts,
+            stats: dict[str, dict[str, float]]) -> None:
+    """Move the documents `validation_top_up` picks from the blocks' candidates to validation, in
+    `counts.to_validation` and in `stats`."""
+    parts = [json.loads(b["candidates"]) for b in blocks]
+    rows = [r for p in parts for r in p["rows"]]
+    if not rows:
+        return
+    need = top_up[1] if top_up[0] == "blocks" else 1
+    split = np.asarray([SPLITS.index("train")] * len(rows) + [SPLITS.index("validation")])
+    cost = np.asarray([r["cost"] for r in rows] + [sum(p["validation"] for p in parts)], np.int64)
+    copies = np.asarray([r["copies"] for r in rows] + [1], np.int64)
+    units = np.asarray([r["unit"] for r in rows] + [0.0])
+    moved = validation_top_up(split, copies, lambda idx: units[idx], cost, need,
+                              train_total=sum(p["train"] for p in parts))
+    for i in moved:
+        counts.to_validation.add(rows[i]["key"])
+        for k, v in rows[i]["split_stats"].items():
+            stats["train"][k] -= v
+            stats["validation"][k] += v
 
 
 def _split_stats(arr: dict[str, np.ndarray], copies: np.ndarray) -> dict[str, dict[str, float]]:

@@ -1,6 +1,7 @@
 """jobs.prepare's Ray Data stage functions on Arrow batches, without Ray: what each keeps, drops,
 counts and passes through."""
 
+import json
 import math
 
 import numpy as np
@@ -120,3 +121,52 @@ def test_pack_blocks_the_selected_documents_of_a_tokenized_batch():
     blocks = pack_batch(part, 16, eod_id=1)["input_ids"]
     np.testing.assert_array_equal(blocks, pack_blocks(selected, 16, eod_id=1)[0])
     assert blocks.dtype == np.int32 and blocks.shape[1] == 16 and len(blocks) > 3
+
+
+def _tally_blocks(table: pa.Table, cuts: list[int], top_up: tuple[str, int, int]):
+    """tally's per-block sums and top-up over `table` cut at `cuts`, without Ray; the duplicate
+    texts' lowest keys computed here as the group-by computes them."""
+    from cluster.data.tally import Counts, _block_sums, _top_up
+
+    seen: dict[bytes, list[int]] = {}
+    for k, h, d in zip(*(table.column(c).to_pylist() for c in ("key", "hash", "drop")), strict=True):
+        if not d:
+            seen.setdefault(h, []).append(k)
+    first = {h: min(ks) for h, ks in seen.items() if len(ks) > 1}
+    bounds = [0, *cuts, table.num_rows]
+    blocks = [_block_sums(table.slice(a, b - a), {"s": 1.5}, True, 3, first, top_up).to_pylist()[0]
+              for a, b in zip(bounds, bounds[1:], strict=False)]
+    counts = Counts(0, {}, [], set())
+    for b in blocks:
+        counts.duplicates.update(b["duplicates"])
+        counts.problems += json.loads(b["problems"])[: 3 - len(counts.problems)]
+    stats = {s: {k: sum(json.loads(b["stats"])[s][k] for b in blocks)
+                 for k in ("documents", "tokens", "bytes", "logprob", "synthetic_docs")} for s in ("train", "validation")}
+    _top_up(blocks, top_up, counts, stats)
+    return counts, stats
+
+
+def test_tally_is_the_same_whatever_the_blocks():
+    # The counts are summed per block across the cluster: cutting the corpus into other blocks
+    # must change no count, no duplicate kept, no problem note and no top-up choice.
+    rng = np.random.default_rng(0)
+    n = 400
+    texts = [f"document {i % 300}" for i in range(n)]  # 100 exact duplicates
+    drops = ["too_short" if i % 37 == 0 else "" for i in range(n)]
+    table = pa.table({
+        "key": np.arange(n, dtype=np.int64), "hash": pa.array([content_hash(t) for t in texts], pa.binary(16)),
+        "drop": drops, "note": [f"note {i}" if d else "" for i, d in enumerate(drops)], "source": ["s"] * n,
+        "split": ["validation" if i == 5 else "train" for i in range(n)],
+        "n_tokens": rng.integers(1, 50, n), "n_bytes": rng.integers(5, 200, n), "logprob": rng.normal(-50, 5, n),
+    })
+    whole = _tally_blocks(table, [], ("blocks", 256, 0))
+    for cuts in ([1], [50, 51, 333], list(range(7, n, 13))):
+        counts, stats = _tally_blocks(table, cuts, ("blocks", 256, 0))
+        assert counts.duplicates == whole[0].duplicates and counts.to_validation == whole[0].to_validation
+        assert counts.problems == whole[0].problems == ["note 0 (too_short)", "note 37 (too_short)", "note 74 (too_short)"]
+        assert {s: {k: round(v, 6) for k, v in d.items()} for s, d in stats.items()} == \
+               {s: {k: round(v, 6) for k, v in d.items()} for s, d in whole[1].items()}
+    assert len(whole[0].duplicates) == 100 - sum(1 for i in range(300, n) if drops[i] or drops[i - 300])
+    assert whole[0].to_validation  # one validation document of < 50 tokens is short of a 256-token row
+    validation = whole[1]["validation"]
+    assert validation["tokens"] + validation["documents"] >= 256  # it now weighs a row (tokens + end of document)
