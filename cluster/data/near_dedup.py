@@ -5,7 +5,7 @@ The unit is a distinct text (its content hash): exact copies are exact de-duplic
 so two copies of one text are never each other's near-duplicate, and every copy of a text found
 near-duplicate goes with it. Per text, `num_perm` MinHash values over its word n-grams (each CJK
 ideograph a word); the signature is cut into `bands` bands of `rows` values, and texts that share
-a band's values in any band are candidates (Ray Data groups the bands by hash across the cluster).
+a band's values in any band are candidates (Ray Data sorts the bands' buckets across the cluster).
 A candidate pair is kept when its signatures agree on at least `threshold` of their values (the
 estimated Jaccard similarity), which removes LSH's false positives. The driver holds only the
 candidate pairs and their signatures, both in proportion to the near-duplicates, never to the
@@ -83,10 +83,25 @@ def band_batch(batch: pa.Table, bands: int) -> pa.Table:
         width = len(sig) // bands
         for band in range(bands):
             out["band"].append(band)
-            out["bucket"].append(hashlib.blake2b(sig[band * width:(band + 1) * width], digest_size=8).digest())
+            digest8 = hashlib.blake2b(sig[band * width:(band + 1) * width], digest_size=8).digest()
+            out["bucket"].append(int.from_bytes(digest8, "little", signed=True))
             out["key"].append(key)
             out["hash"].append(digest)
-    return pa.table(out)
+    return pa.table({"band": pa.array(out["band"], pa.int32()), "bucket": pa.array(out["bucket"], pa.int64()),
+                     "key": pa.array(out["key"], pa.int64()), "hash": pa.array(out["hash"], pa.binary())})
+
+
+def shared_in_block(batch: pa.Table) -> pa.Table:
+    """The rows of a block sorted by (band, bucket) whose bucket holds more than one row in it, and
+    those of its first and last bucket whatever their size (a bucket can straddle two blocks)."""
+    if not batch.num_rows:
+        return batch
+    band, bucket = batch.column("band").to_numpy(), batch.column("bucket").to_numpy()
+    starts = np.concatenate([[True], (band[1:] != band[:-1]) | (bucket[1:] != bucket[:-1])])
+    group = np.cumsum(starts) - 1
+    size = np.bincount(group)
+    keep = (size[group] > 1) | (group == 0) | (group == group[-1])
+    return batch.filter(pa.array(keep))
 
 
 def bucket_pairs(group: pa.Table) -> pa.Table:
@@ -135,8 +150,19 @@ def near_duplicates(cleaned: Any, cfg: NearDedupConfig) -> set[bytes]:
     near-duplicates of a text with a lower key."""
     sigs = cleaned.map_batches(signature_batch, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow").materialize()
     bands = sigs.map_batches(band_batch, fn_kwargs={"bands": cfg.bands}, batch_format="pyarrow")
-    candidates = bands.groupby(["band", "bucket"]).map_groups(bucket_pairs, batch_format="pyarrow")
-    pairs = {(r["a"], r["b"]) for r in candidates.iter_rows()}
+    # Sorted by bucket, each block keeps its shared buckets (Arrow-speed), and the driver groups
+    # what is left: rows in proportion to the near-duplicates. Ray Data's groupby().map_groups()
+    # calls Python once per bucket, i.e. `bands` times per document.
+    shared = bands.sort(["band", "bucket"]).map_batches(shared_in_block, batch_format="pyarrow", batch_size=None)
+    buckets: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+    for r in shared.iter_rows():
+        buckets.setdefault((r["band"], r["bucket"]), []).append((r["key"], r["hash"]))
+    pairs: set[tuple[bytes, bytes]] = set()
+    for rows in buckets.values():
+        if len(rows) > 1:
+            group = pa.table({"key": [k for k, _ in rows], "hash": pa.array([h for _, h in rows], pa.binary())})
+            found = bucket_pairs(group)
+            pairs.update(zip(found.column("a").to_pylist(), found.column("b").to_pylist(), strict=True))
     if not pairs:
         return set()
     hashes = {h for pair in pairs for h in pair}

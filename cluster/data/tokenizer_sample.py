@@ -61,15 +61,14 @@ def _train(sample: Any, cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                   "per_source": dict(sorted(seen.items()))}
 
 
-def train_on_sample(kept: Any, cfg: TokenizerConfig, seed: int) -> tuple[Any, dict[str, Any]]:
+def train_on_sample(kept: Any, cfg: TokenizerConfig, seed: int, n_train: int) -> tuple[Any, dict[str, Any]]:
     """(the trained PreTrainedTokenizerFast, what its sample held: documents, bytes, per source),
-    or (None, {"documents": 0}) when `kept` has no training document."""
-    train = kept.filter(expr="split == 'train'")
-    n_train = train.count()
+    or (None, {"documents": 0}) when `kept` has no training document. `n_train`: how many it has
+    (the counts know it: no pass over the corpus to count them)."""
     if n_train == 0:
         return None, {"documents": 0}
     fraction = sample_fraction(n_train, cfg.train_docs)
-    sample = train.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": seed},
+    sample = kept.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": seed},
                                batch_format="pyarrow")
     body, seen = ray.get(_train.remote(sample, cfg.model_dump()))
     if not seen["documents"]:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import pyarrow.fs as pafs
 import ray
 from pydantic import Field, field_validator
+from ray.data.context import ShuffleStrategy
 
 from cluster import runtime, storage
 from cluster.config import Section, StrList
@@ -114,8 +115,10 @@ def _empty(cfg: PrepareConfig, counts: Counts) -> CorpusError:
     )
 
 
-def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str) -> tuple[Any, str, dict | None]:
-    """(tokenizer, its local folder, what its training sample held or None when reused)."""
+def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str,
+                     n_train: int = 0) -> tuple[Any, str, dict | None]:
+    """(tokenizer, its local folder, what its training sample held or None when reused). `n_train`:
+    the training documents `kept` holds (after weights and de-duplication)."""
     sample = None
     if cfg.tokenizer.path:
         path = source = resolve_corpus_path(cfg.tokenizer.path)
@@ -129,7 +132,7 @@ def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir:
         assert kept is not None, "training a tokenizer needs the kept documents"
         log.info("training a %s tokenizer (vocab %d) on a sample of about %d documents", cfg.tokenizer.kind,
                  cfg.tokenizer.vocab_size, cfg.tokenizer.train_docs)
-        tok, sample = train_on_sample(kept, cfg.tokenizer, cfg.split.seed)
+        tok, sample = train_on_sample(kept, cfg.tokenizer, cfg.split.seed, n_train)
         if tok is None:
             raise CorpusError(
                 f"corpus '{cfg.name}': no training documents to train the tokenizer on (every kept document "
@@ -166,7 +169,12 @@ def prepare(cfg: PrepareConfig, root: str | None = None) -> dict[str, Any]:
     # The new corpus is built beside the one its name stands for, which stays whole and opens until
     # the new one's manifest is written and it is swapped in; a failed build is removed.
     build = CorpusBuild.start(cfg.name, cfg.to_yaml(), root)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # The counts' and near-duplicates' group-bys shuffle by content hash. Ray Data's default hash
+    # shuffle starts aggregator actors for each one (6-10 s a group-by on 2 cores, most of a small
+    # prepare); the sort-based shuffle runs as tasks (~0.6 s) and scales with the cluster as well.
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         corpus = build.commit(build_corpus(cfg, build))
     except BaseException as exc:
@@ -190,8 +198,8 @@ def build_corpus(cfg: PrepareConfig, build: CorpusBuild) -> dict[str, Any]:
     """Shards and tokenizer written into the build folder; returns the manifest to commit."""
     with tempfile.TemporaryDirectory(prefix="raylm-prepare-") as workdir:
         weights = {s.label: s.weight for s in cfg.sources}
-        tokenized, tok, tok_local, sample = read_and_tokenize(cfg, weights, workdir)
-        counts, stats, n_kept = count_documents(cfg, tokenized, weights)
+        tokenized, tok, tok_local, sample, first = read_and_tokenize(cfg, weights, workdir)
+        counts, stats, n_kept = count_documents(cfg, tokenized, weights, first)
         log.info("stage %s: select + pack + write shards", "2/2" if cfg.tokenizer.path else "4/4")
         eod = end_of_document_id(tok)
         shards = write_shards(cfg, tokenized, counts, weights, eod, build.file("shards"))
@@ -204,10 +212,11 @@ def build_corpus(cfg: PrepareConfig, build: CorpusBuild) -> dict[str, Any]:
 
 
 def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
-                      workdir: str) -> tuple[Any, Any, str, dict | None]:
+                      workdir: str) -> tuple[Any, Any, str, dict | None, dict | None]:
     """Every source read and cleaned, the tokenizer reused or trained, and every document tokenized
     (materialised: the counts and both splits' writes read it). Returns (tokenized, tokenizer,
-    the tokenizer's local folder, its training sample's counts or None)."""
+    the tokenizer's local folder, its training sample's counts or None, the duplicated texts'
+    first keys when the counts found them already or None)."""
     max_line = int(cfg.clean.max_line_mb * 2**20)
     datasets = [source_dataset(s, i, max_line) for i, s in enumerate(cfg.sources)]
     raw = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -218,12 +227,8 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
         batch_format="pyarrow",
     )
     if cfg.clean.near_dedup is not None:
-        log.info("near-duplicates: MinHash LSH over every kept document")
-        if not cfg.tokenizer.path:
-            cleaned = cleaned.materialize()  # read and cleaned once for the signatures and the rest
-        near = near_duplicates(cleaned, cfg.clean.near_dedup)
-        log.info("near-duplicates: %d distinct text(s) to drop", len(near))
-        cleaned = cleaned.map_batches(mark_batch, fn_kwargs={"hashes": near}, batch_format="pyarrow")
+        cleaned = drop_near_duplicates(cfg, cleaned)
+    first = None
     if cfg.tokenizer.path:
         # A reused tokenizer is known up front, so reading, cleaning and tokenizing run fused
         # in one task per part of the input: one pass, and no text held in the object store.
@@ -233,15 +238,16 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
     else:
         log.info("stage 1/4: read + clean")
         cleaned = cleaned.materialize()
-        counts, _ = tally(cleaned, cfg.clean.dedup, weights, tokens=False)
+        counts, stats = tally(cleaned, cfg.clean.dedup, weights, tokens=False)
         if counts.kept == 0:
             raise _empty(cfg, counts)
+        first = counts.first
         log.info("stage 2/4: tokenizer")
         kept = cleaned.map_batches(
             select_batch, fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
             batch_size=2048, batch_format="pyarrow",
         )
-        tok, tok_local, sample = corpus_tokenizer(cfg, kept, workdir)
+        tok, tok_local, sample = corpus_tokenizer(cfg, kept, workdir, stats["train"]["documents"])
         log.info("stage 3/4: tokenize")
     tokenized = cleaned.map_batches(
         tokenize_batch,
@@ -251,14 +257,25 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
         batch_size=None if cfg.tokenizer.path else 4096,
         batch_format="pyarrow",
     ).materialize()
-    return tokenized, tok, tok_local, sample
+    return tokenized, tok, tok_local, sample, first
 
 
-def count_documents(cfg: PrepareConfig, tokenized: Any, weights: dict[str, float]) -> tuple[Counts, dict, int]:
+def drop_near_duplicates(cfg: PrepareConfig, cleaned: Any) -> Any:
+    """`cleaned` with the near-duplicates' drop reason set (clean.near_dedup)."""
+    log.info("near-duplicates: MinHash LSH over every kept document")
+    if not cfg.tokenizer.path:
+        cleaned = cleaned.materialize()  # read and cleaned once for the signatures and the rest
+    near = near_duplicates(cleaned, cfg.clean.near_dedup)
+    log.info("near-duplicates: %d distinct text(s) to drop", len(near))
+    return cleaned.map_batches(mark_batch, fn_kwargs={"hashes": near}, batch_format="pyarrow")
+
+
+def count_documents(cfg: PrepareConfig, tokenized: Any, weights: dict[str, float],
+                    first: dict[bytes, int] | None = None) -> tuple[Counts, dict, int]:
     """Drop reasons, duplicates, per-split statistics and the validation top-up; the number of
     documents kept after weighting. An empty corpus is refused here."""
     top_up = (cfg.pack.layout, cfg.pack.block_size, cfg.split.seed) if cfg.split.validation_fraction else None
-    counts, stats = tally(tokenized, cfg.clean.dedup, weights, tokens=True, top_up=top_up)
+    counts, stats = tally(tokenized, cfg.clean.dedup, weights, tokens=True, top_up=top_up, first=first)
     n_kept = sum(int(s["documents"]) for s in stats.values())
     if n_kept == 0:  # every document was filtered out or weighted away
         raise _empty(cfg, counts)

@@ -170,3 +170,13 @@ def test_tally_is_the_same_whatever_the_blocks():
     assert whole[0].to_validation  # one validation document of < 50 tokens is short of a 256-token row
     validation = whole[1]["validation"]
     assert validation["tokens"] + validation["documents"] >= 256  # it now weighs a row (tokens + end of document)
+
+
+def test_a_hash_sorted_block_sends_its_duplicated_texts_and_its_edges():
+    from cluster.data.tally import duplicated_in_block
+
+    block = pa.table({"hash": pa.array([b"a", b"a", b"b", b"c", b"c", b"c", b"d"], pa.binary()),
+                      "key": [5, 1, 2, 7, 3, 9, 4]})
+    assert sorted(duplicated_in_block(block).to_pylist(), key=lambda r: r["hash"]) == [
+        {"hash": b"a", "key_min": 1, "key_count": 2}, {"hash": b"c", "key_min": 3, "key_count": 3},
+        {"hash": b"d", "key_min": 4, "key_count": 1}]  # b is alone inside; d may go on in the next block

@@ -67,3 +67,13 @@ def test_marking_spares_rows_already_dropped():
 def test_bands_must_divide_the_signature():
     with pytest.raises(ValidationError, match="num_perm 100 must be a multiple of bands 16"):
         NearDedupConfig(num_perm=100)
+
+
+def test_a_sorted_block_keeps_its_shared_buckets_and_its_edges():
+    from cluster.data.near_dedup import shared_in_block
+
+    block = pa.table({"band": pa.array([0, 0, 0, 0, 1, 1, 1], pa.int32()), "bucket": pa.array([1, 2, 2, 3, 3, 4, 5]),
+                      "key": list(range(7)), "hash": pa.array([bytes([i]) for i in range(7)], pa.binary())})
+    # bucket (0, 2) is shared; (0, 1) and (1, 5) are the block's first and last, which may go on in
+    # a neighbouring block; (0, 3), (1, 3) and (1, 4) are alone and dropped
+    assert shared_in_block(block).column("key").to_pylist() == [0, 1, 2, 6]
