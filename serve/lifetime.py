@@ -93,16 +93,27 @@ def ray_alive() -> bool:
     return "nodes" in answer
 
 
+# Set once this process ends on purpose (Ctrl-C, SIGTERM, interpreter exit): its embedded Ray then
+# stops too, and that is no failure for `watch_ray` to report.
+_ending = threading.Event()
+
+
 def watch_ray(port: int, poll_s: float = 2.0) -> threading.Thread:
     """A daemon thread that, once this process's Ray stops answering, says so in one line, stops
     the HAProxy left on `port` and ends the process (exit 1) wherever its main thread is: Serve's
-    calls wait on a dead controller, and Ray's exit handler on a dead GCS, for as long as left."""
+    calls wait on a dead controller, and Ray's exit handler on a dead GCS, for as long as left.
+    Not while the process is ending on purpose (`_ending`): its own shutdown stops its Ray."""
+    import atexit
+
+    atexit.register(_ending.set)  # registered after ray.init's own hook, so it runs before Ray stops
 
     def watch() -> None:
         if not ray_alive():  # no Ray this process can reach (none started yet): nothing to watch
             return
-        while ray_alive():
+        while not _ending.is_set() and ray_alive():
             time.sleep(poll_s)
+        if _ending.is_set():
+            return
         print("error: Ray went away under this app (`ray stop`, or its head crashed); stopping", file=sys.stderr,
               flush=True)
         stop_haproxy(port)
@@ -124,11 +135,13 @@ def serve_until_stopped(port: int, start: Callable[[], None]) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        _ending.set()
         try:
             serve.shutdown()
         except Exception as exc:  # noqa: BLE001 - Ray may be going away too; the cleanup below still runs
             log.warning("serve.shutdown: %s", exc)
     finally:
+        _ending.set()
         signal.signal(signal.SIGTERM, previous)
         left = stop_haproxy(port)
         if left:
