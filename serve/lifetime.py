@@ -102,8 +102,12 @@ def watch_ray(port: int, poll_s: float = 2.0) -> threading.Thread:
     """A daemon thread that, once this process's Ray stops answering, says so in one line, stops
     the HAProxy left on `port` and ends the process (exit 1) wherever its main thread is: Serve's
     calls wait on a dead controller, and Ray's exit handler on a dead GCS, for as long as left.
-    Not while the process is ending on purpose (`_ending`): its own shutdown stops its Ray."""
+    Not while the process is ending on purpose (`_ending`): its own shutdown stops its Ray; nor
+    once this process let go of its Ray itself (`ray.shutdown()`, as a host process that built the
+    app in-process does): that Ray is stopped on purpose, and the process has more to do."""
     import atexit
+
+    import ray
 
     atexit.register(_ending.set)  # registered after ray.init's own hook, so it runs before Ray stops
 
@@ -112,7 +116,7 @@ def watch_ray(port: int, poll_s: float = 2.0) -> threading.Thread:
             return
         while not _ending.is_set() and ray_alive():
             time.sleep(poll_s)
-        if _ending.is_set():
+        if _ending.is_set() or not ray.is_initialized():  # ray.shutdown() disconnects before it stops Ray
             return
         print("error: Ray went away under this app (`ray stop`, or its head crashed); stopping", file=sys.stderr,
               flush=True)

@@ -240,11 +240,15 @@ def test_app_args_merge_defaults():
 
 def test_importing_app_needs_no_registry(tmp_path, monkeypatch, no_ray):
     import serve.app
+    from serve import lifetime
+
+    watched: list[int] = []  # reading `app` watches the Ray it serves on (Serve's default port)
+    monkeypatch.setattr(lifetime, "watch_ray", watched.append)
 
     monkeypatch.setenv("RAYLM_STORAGE", str(tmp_path / "nothing-here"))
     assert callable(serve.app.build_app)  # `app` is built only when read
     app = serve.app.app  # an empty registry still builds (health and /v1/models only)
-    assert app is not None
+    assert app is not None and watched == [8000]
 
 
 class FakeBatchMethod:
