@@ -123,8 +123,12 @@ class Loop:
 
     # -- evaluation over the whole validation split, reduced across ranks
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.model.eval()
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Metrics of the model in training, or of `model` (a distillation's teacher) on the same
+        validation rows. Every rank calls it: the sums are reduced across ranks."""
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
         shard = self.session.dataset("validation")
         sums: dict[str, float] = {}
         generate = getattr(self.objective, "generate", None)
@@ -137,12 +141,12 @@ class Loop:
             inputs = self.objective.collate(batch, (self.cfg.train.seed, -1, i, self.rank))
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                _, stats = self.objective.forward(self.model, inputs)
+                _, stats = self.objective.forward(model, inputs)
                 if generate and len(samples) < sample_cap:
-                    samples += generate(unwrap(self.model), inputs, sample_cap - len(samples))
+                    samples += generate(unwrap(model), inputs, sample_cap - len(samples))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        self.model.train()
+        model.train(True if model is self.model else was_training)
         metrics = self.objective.summarize(all_reduce_sum(sums, self.device))
         if generate:
             metrics.update(self.objective.score_samples(all_gather_objects(samples)))
@@ -205,6 +209,7 @@ class Loop:
         t_start = time.perf_counter()
         window = {"t0": time.perf_counter(), "wait": 0.0, "tokens": 0, "stats": {}, "steps": 0, "norm": 0.0}
         stopped_for_nan = None
+        self.model.train()  # from_pretrained hands models over in eval mode (no dropout)
         if cfg.eval_at_start and st.step == 0:
             self.log_validation(self.evaluate(), checkpoint=False)
         for epoch in range(st.epoch, plan.epochs):

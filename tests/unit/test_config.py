@@ -64,6 +64,10 @@ def config_class(filename: str):
         from cluster.stages.evaluate import EvaluateConfig
 
         return EvaluateConfig
+    if stem.startswith("distill-"):
+        from cluster.stages.distill import DistillConfig
+
+        return DistillConfig
     raise AssertionError(f"{stem}: no job claims this config; add it to config_class()")
 
 

@@ -1,0 +1,89 @@
+"""Knowledge distillation as an objective around any task objective (Hinton et al. 2015; DistilBERT).
+
+`Distill` runs the task objective on the student unchanged (its loss, metrics and evaluation), sees
+the student's logits as the task objective's own forward produced them, runs the frozen teacher on
+the same inputs and adds the soft-target term:
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * task loss
+
+T^2 keeps the soft term's gradients on the scale of the hard term's as T grows. For per-token
+logits (tagging, completion, language models) the KL is averaged over the positions the attention
+mask keeps. Evaluation is the task objective's alone: validation metrics compare with a model
+trained without a teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class _Recorder:
+    """The student as the task objective calls it, keeping the call's inputs and output."""
+
+    def __init__(self, model: Any):
+        self._model = model
+        self.kwargs: dict[str, Any] | None = None
+        self.output: Any = None
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.kwargs = kwargs
+        self.output = self._model(**kwargs)
+        return self.output
+
+    def __getattr__(self, name: str) -> Any:  # `training`, `config`, ...: the model's own
+        return getattr(self._model, name)
+
+
+def soft_target_nats(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed KL(teacher || student) at `temperature`, in nats; the number of positions summed).
+    Logits are (..., C); `mask` (the logits' leading shape) keeps positions where it is nonzero."""
+    s = torch.log_softmax(student.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (...)
+    if mask is not None:
+        keep = mask.to(kl.dtype)
+        return (kl * keep).sum(), keep.sum()
+    return kl.sum(), torch.tensor(float(kl.numel()), device=kl.device)
+
+
+class Distill:
+    """`inner` (a task objective) with `teacher`'s soft targets added to its training loss. With no
+    teacher (or alpha 0) it is `inner` exactly: the student trained alone, for comparison."""
+
+    def __init__(self, inner: Any, teacher: torch.nn.Module | None, alpha: float, temperature: float):
+        self.inner, self.teacher = inner, teacher
+        self.alpha, self.temperature = alpha, temperature
+        self.name, self.metrics = inner.name, inner.metrics
+
+    def __getattr__(self, name: str) -> Any:  # `generate`, `sample_limit`, `score_samples` when inner has them
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def collate(self, batch: dict[str, Any], seed: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        return self.inner.collate(batch, seed)
+
+    def forward(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.teacher is None or self.alpha == 0 or not model.training:
+            return self.inner.forward(model, inputs)
+        student = _Recorder(model)
+        task_loss, stats = self.inner.forward(student, inputs)
+        if student.kwargs is None:
+            raise RuntimeError(f"objective '{self.name}' did not call the model: nothing to distil")
+        with torch.no_grad():
+            teacher_logits = self.teacher(**student.kwargs).logits
+        logits = student.output.logits
+        mask = student.kwargs.get("attention_mask") if logits.dim() == 3 else None
+        nats, count = soft_target_nats(logits, teacher_logits, self.temperature, mask)
+        soft = nats / count.clamp(min=1)
+        loss = self.alpha * self.temperature ** 2 * soft + (1 - self.alpha) * task_loss
+        return loss, {**stats, "kd_nats": nats.detach(), "kd_positions": count}
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        out = self.inner.summarize({k: v for k, v in sums.items() if not k.startswith("kd_")})
+        if sums.get("kd_positions"):
+            out["kd"] = sums["kd_nats"] / sums["kd_positions"]  # KL at T, nats per position
+        return out

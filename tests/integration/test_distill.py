@@ -1,0 +1,185 @@
+"""jobs.distill on the shared local Ray: a half-depth student of the topic classifier learns from
+its teacher (and more than alone), loads with transformers alone, publishes, resumes after a kill,
+and configs that cannot work are refused before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+
+import pandas as pd
+import pytest
+
+from cluster.config import load_config
+from cluster.data import synthetic_tasks as synthetic
+from cluster.stages.distill import DistillConfig
+from cluster.stages.finetune import FinetuneConfig
+from jobs import distill as distill_job
+from jobs import finetune as finetune_job
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+DATA = ["data.train_examples=1200", "data.validation_examples=200", "train.eval_batches=13",
+        "scaling.threads_per_worker=1"]
+
+
+def distill_config(name: str, *sets: str) -> DistillConfig:
+    return load_config(DistillConfig, os.path.join(REPO, "configs", "distill-topic-tiny.yaml"),
+                       [f"name={name}", *DATA, *sets])
+
+
+def summary(name: str) -> dict:
+    with open(os.path.join(os.environ["RAYLM_STORAGE"], "distill", name, "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def teacher(gpt_base):
+    """The topic classifier fine-tuned from the tiny GPT (2 blocks): the teacher of every test here."""
+    cfg = load_config(FinetuneConfig, os.path.join(REPO, "configs", "finetune-topic-tiny.yaml"),
+                      ["name=t-dist-teacher", f"model.checkpoint={gpt_base}", *DATA, "train.max_steps=120",
+                       "train.eval_every=60", "train.checkpoint_every=60"])
+    finetune_job.run(cfg)
+    return "t-dist-teacher"
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher):
+    # A fresh student: one started from the teacher's first block already classifies these topics
+    # as well as the teacher (the synthetic task saturates), leaving nothing to compare.
+    distill_job.run(distill_config("t-distill", f"teacher={teacher}", "student.init=fresh", "train.max_steps=40",
+                                   "train.eval_every=20", "train.checkpoint_every=20"))
+    return summary("t-distill")
+
+
+def test_half_depth_student_keeps_the_teachers_accuracy_and_beats_itself_trained_alone(distilled):
+    teacher_acc = distilled["teacher"]["metrics"]["val_accuracy"]
+    student, alone = distilled["final"]["metrics"], distilled["alone"]["final"]
+    assert teacher_acc > 0.9  # a teacher worth distilling (4 classes)
+    assert student["val_accuracy"] >= 0.97 * teacher_acc, distilled
+    # Both students may reach the same accuracy on this easy task; the taught one gets there with
+    # the lower validation loss (the task's own cross-entropy, without the soft term).
+    assert student["val_accuracy"] >= alone["val_accuracy"], distilled
+    assert student["val_loss"] < alone["val_loss"], distilled
+    assert (distilled["student"]["layers"], distilled["teacher"]["layers"]) == (1, 2)
+    assert distilled["student"]["params"] < distilled["teacher"]["params"]
+    assert distilled["final"]["metrics"]["step"] == distilled["plan"]["max_steps"] == 40
+    rows = [json.loads(line) for line in open(distilled["metrics"])]
+    assert any("train_kd" in r for r in rows)  # the soft term was in the loss
+    alone_rows = [json.loads(line) for line in open(distilled["alone"]["metrics"])]
+    assert alone_rows and not any("train_kd" in r for r in alone_rows)
+
+
+def test_student_checkpoint_classifies_with_transformers_alone(distilled, tmp_path):
+    rows = synthetic.topic_classification(60, seed=11)
+    pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
+    code = textwrap.dedent(f"""
+        import sys, pandas as pd
+        from transformers import pipeline
+        assert not any(m.startswith(("cluster", "ray")) for m in sys.modules)
+        rows = pd.read_csv({str(tmp_path / 'rows.csv')!r})
+        clf = pipeline("text-classification", model={distilled['best']['checkpoint']!r})
+        print(clf.model.config.num_hidden_layers)
+        print(sum(p["label"] == gold for p, gold in zip(clf(list(rows.text)), rows.label)) / len(rows))
+    """)
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                         env={k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    layers, accuracy = out.stdout.split()
+    assert int(layers) == 1 and float(accuracy) >= 0.8 * distilled["final"]["metrics"]["val_accuracy"]
+
+
+def test_a_distilled_run_publishes_its_student(distilled, tmp_path):
+    out = subprocess.run([PYTHON, "-m", "jobs.cli", "publish", "t-distill", "--name", "t-topic-student",
+                          "--root", str(tmp_path / "registry")], capture_output=True, text=True, cwd=REPO,
+                         env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    entry = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    assert entry["task"] == "classification" and entry["metric"]["name"] == "val_accuracy"
+    assert entry["metric"]["value"] == pytest.approx(distilled["best"]["metrics"]["val_accuracy"])
+
+
+def test_a_killed_distillation_resumes_at_its_checkpoint(teacher, ray_session):
+    cfg = distill_config("t-dist-resume", f"teacher={teacher}", "compare_baseline=false", "train.max_steps=40",
+                         "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=1")
+    run_dir = os.path.join(os.environ["RAYLM_STORAGE"], "distill", cfg.name)
+    path = os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.yaml")
+    with open(path, "w") as f:
+        f.write(cfg.to_yaml())
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    with open(os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.out"), "w") as out:
+        victim = subprocess.Popen([PYTHON, "-m", "jobs.distill", "--config", path], cwd=REPO,
+                                  env=subprocess_env(ray_session), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        import time
+
+        deadline = time.time() + 300
+        while not (os.path.exists(snapshot) and "checkpoint_0000010" in open(snapshot).read()):
+            assert time.time() < deadline and victim.poll() is None, "no registered checkpoint before the kill"
+            time.sleep(0.5)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))
+    with open(snapshot) as f:
+        resume_step = json.load(f)["latest_checkpoint_result"]["metrics"]["step"]
+
+    distill_job.run(cfg)
+    s = summary(cfg.name)
+    rows = [json.loads(line) for line in open(s["metrics"])]
+    assert [r["step"] for r in rows if r["split"] == "resume"] == [resume_step]
+    assert s["final"]["metrics"]["step"] == 40 and s["teacher"]["metrics"]["val_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["student.layers=3"], "student.layers 3: student.init 'teacher_layers' copies teacher blocks, and the teacher has 2"),
+    (["student.init=fresh", "student.hidden_size=100", "student.heads=3"], "hidden_size 100 is not a multiple of heads 3"),
+    (["data.synthetic=entities", "task=tagging"], "distilling 'tagging' needs a teacher fine-tuned for it"),
+])
+def test_a_config_that_cannot_work_fails_before_any_worker_starts(teacher, sets, message, capsys):
+    rc = distill_job.main(["--config", os.path.join(REPO, "configs", "distill-topic-tiny.yaml"),
+                           "--set", "name=t-dist-bad", "--set", f"teacher={teacher}", *[a for s in sets for a in ("--set", s)]])
+    assert rc == 1 and message in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(os.environ["RAYLM_STORAGE"], "distill", "t-dist-bad"))
+
+
+def test_a_student_of_another_family_is_refused(teacher, tmp_path, capsys):
+    from serve import tiny
+
+    bert = tiny.save_bert(str(tmp_path / "bert"), "classification")
+    rc = distill_job.main(["--config", os.path.join(REPO, "configs", "distill-topic-tiny.yaml"),
+                           "--set", "name=t-dist-bad", "--set", f"teacher={teacher}", "--set", "student.init=checkpoint",
+                           "--set", f"student.checkpoint={bert}", "--set", "student.layers=null"])
+    assert rc == 1 and "is a bert model and the teacher a gpt2: distillation needs one family" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(os.environ["RAYLM_STORAGE"], "distill", "t-dist-bad"))
+
+
+def test_int8_classifier_answers_as_fp32_does_and_evaluate_reports_its_accuracy(teacher, tmp_path):
+    from cluster import registry
+    from cluster.runs import named_run, run_checkpoint
+    from cluster.stages.evaluate import EvaluateConfig
+    from jobs import evaluate as evaluate_job
+    from serve import engines
+
+    checkpoint = run_checkpoint(named_run(teacher))
+    reg = str(tmp_path / "registry")
+    registry.publish(checkpoint, "t-topic", "classification", root=reg)
+    fp32, int8 = (engines.load(registry.load_entry("t-topic", reg), mode) for mode in (None, "int8"))
+    assert (fp32.placement()["dtype"], int8.placement()["dtype"]) == ("float32", "int8")
+    texts = [r["text"] for r in synthetic.topic_classification(200, seed=7)]
+    labels = [[r["label"] for r in e.classify(texts, [None] * len(texts))] for e in (fp32, int8)]
+    assert sum(a == b for a, b in zip(*labels, strict=True)) / len(texts) >= 0.95
+
+    def scored(mode: str) -> dict:
+        cfg = load_config(EvaluateConfig, os.path.join(REPO, "configs", "evaluate-topic-tiny.yaml"),
+                          [f"name=t-eval-{mode}", f"model={checkpoint}", f"quantize={mode}",
+                           "data.validation_examples=200", "scaling.threads_per_worker=1"])
+        with open(evaluate_job.run(cfg)) as f:
+            return json.load(f)
+
+    plain, quantized = scored("none"), scored("int8")
+    assert quantized["quantize"] == "int8" and quantized["rows"] == plain["rows"] == 200
+    assert abs(quantized["metrics"]["accuracy"] - plain["metrics"]["accuracy"]) <= 0.03

@@ -1,0 +1,175 @@
+"""Distillation without Ray: the soft-target loss, the student's shape and initialisation from the
+teacher, and the configs refused before any worker starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+)
+
+from cluster.config import ConfigError, build
+from cluster.errors import JobError
+from cluster.objectives.distill import Distill, soft_target_nats
+from cluster.objectives.tasks import SequenceClassification
+from cluster.stages import distill as D
+
+LABELS = ["a", "b", "c"]
+
+
+def gpt_teacher(layers: int = 4) -> GPT2ForSequenceClassification:
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=layers, n_head=2,
+                                                    num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_soft_target_loss_is_the_kl_at_the_temperature_and_zero_for_equal_logits():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    nats, n = soft_target_nats(s, t, 2.0)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1),
+                                          log_target=True, reduction="sum")
+    assert n == 4 and torch.allclose(nats, expected, atol=1e-5)
+    assert float(soft_target_nats(t, t, 3.0)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_target_loss_counts_only_the_positions_the_mask_keeps():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    nats, n = soft_target_nats(s, t, 1.0, mask)
+    changed = s.clone()
+    changed[0, 2], changed[1, 1:] = 100.0, -100.0  # masked positions: anything
+    assert n == 3 and torch.allclose(soft_target_nats(changed, t, 1.0, mask)[0], nats)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+            "labels": torch.tensor([0, 2])}
+
+
+def test_distill_loss_mixes_soft_and_hard_terms_and_evaluation_is_the_task_alone():
+    student, teacher = gpt_teacher(1).train(), gpt_teacher(2).eval()
+    task = SequenceClassification(LABELS, pad_id=0, token_types=False)
+    torch.manual_seed(1)
+    hard, stats = task.forward(student, _batch())  # no dropout in these models: every forward agrees
+    for alpha, temperature in ((0.0, 2.0), (1.0, 2.0), (0.3, 4.0)):
+        loss, dstats = Distill(task, teacher, alpha, temperature).forward(student, _batch())
+        with torch.no_grad():
+            s = student(input_ids=_batch()["input_ids"], attention_mask=_batch()["attention_mask"]).logits
+            t = teacher(input_ids=_batch()["input_ids"], attention_mask=_batch()["attention_mask"]).logits
+        soft = soft_target_nats(s, t, temperature)[0] / 2
+        assert float(loss.detach()) == pytest.approx(float(alpha * temperature ** 2 * soft + (1 - alpha) * hard.detach()), rel=1e-4)
+        assert float(dstats["nats"]) == pytest.approx(float(stats["nats"]))  # the task's own statistics go on
+    loss.backward()  # the soft term trains the student, not the teacher
+    assert student.score.weight.grad is not None and all(p.grad is None for p in teacher.parameters())
+    student.eval()
+    with torch.no_grad():
+        loss, stats = Distill(task, teacher, 1.0, 2.0).forward(student, _batch())
+        assert "kd_nats" not in stats and float(loss) == pytest.approx(float(task.forward(student, _batch())[0]))
+    assert Distill(task, teacher, 0.5, 2.0).summarize({"nats": 2.0, "count": 2.0, "correct": 1.0, "kd_nats": 3.0,
+                                                       "kd_positions": 2.0}) == {"loss": 1.0, "accuracy": 0.5, "kd": 1.5}
+
+
+def test_student_shape_defaults_to_half_the_teachers_blocks_and_keeps_its_width():
+    config = D.student_config(D.StudentSection(), gpt_teacher(4).config)
+    assert (config.n_layer, config.n_embd, config.n_head, config.num_labels) == (2, 32, 2, 3)
+    assert D.student_config(D.StudentSection(), gpt_teacher(3).config).n_layer == 2  # rounded up
+    fresh = D.student_config(D.StudentSection(init="fresh", layers=1, hidden_size=16, heads=4, intermediate_size=24),
+                             gpt_teacher(4).config)
+    assert (fresh.n_layer, fresh.n_embd, fresh.n_head, fresh.n_inner) == (1, 16, 4, 24)
+    llama = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=4, intermediate_size=64)
+    small = D.student_config(D.StudentSection(init="fresh", hidden_size=16, heads=2), llama)
+    assert (small.num_hidden_layers, small.hidden_size, small.num_attention_heads, small.num_key_value_heads,
+            small.head_dim) == (2, 16, 2, 2, 8)
+
+
+@pytest.mark.parametrize("student, message", [
+    (D.StudentSection(layers=5), "a student larger than its teacher needs student.init 'fresh'"),
+    (D.StudentSection(hidden_size=16), "student.hidden_size 16: student.init 'teacher_layers' copies the teacher's blocks"),
+    (D.StudentSection(init="fresh", hidden_size=30, heads=4), "hidden_size 30 is not a multiple of heads 4"),
+])
+def test_student_shapes_that_cannot_work_are_refused_naming_the_key(student, message):
+    with pytest.raises(JobError, match=message):
+        D.student_config(student, gpt_teacher(4).config)
+
+
+def test_teacher_layers_copies_embeddings_head_and_every_kth_block():
+    teacher = gpt_teacher(4)
+    student = GPT2ForSequenceClassification(D.student_config(D.StudentSection(), teacher.config))
+    picks = D.picked_layers(4, 2)
+    assert picks == [0, 2] and D.picked_layers(6, 3) == [0, 2, 4] and D.picked_layers(2, 1) == [0]
+    D.copy_teacher_layers(student, teacher.state_dict(), picks)
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"])
+    assert torch.equal(s["score.weight"], t["score.weight"])
+    assert torch.equal(s["transformer.h.1.attn.c_attn.weight"], t["transformer.h.2.attn.c_attn.weight"])
+    assert torch.equal(s["transformer.h.0.mlp.c_fc.weight"], t["transformer.h.0.mlp.c_fc.weight"])
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    small = BertForSequenceClassification(D.student_config(D.StudentSection(layers=1), bert.config))
+    D.copy_teacher_layers(small, bert.state_dict(), [1])
+    assert torch.equal(small.state_dict()["bert.encoder.layer.0.output.dense.weight"],
+                       bert.state_dict()["bert.encoder.layer.1.output.dense.weight"])
+
+
+def test_configs_that_cannot_run_are_refused_before_anything_starts():
+    base = {"task": "classification", "teacher": "t"}
+    with pytest.raises(ConfigError, match="student.init 'checkpoint' needs student.checkpoint"):
+        build(D.DistillConfig, {**base, "student": {"init": "checkpoint"}})
+    with pytest.raises(ConfigError, match="student.checkpoint is read only with student.init 'checkpoint'"):
+        build(D.DistillConfig, {**base, "student": {"checkpoint": "x"}})
+    with pytest.raises(ConfigError, match="scaling.strategy 'ddp'"):
+        build(D.DistillConfig, {**base, "scaling": {"strategy": "fsdp"}})
+    with pytest.raises(ConfigError, match="alpha"):
+        build(D.DistillConfig, {**base, "distill": {"alpha": 1.5}})
+    cfg = build(D.DistillConfig, base)
+    assert cfg.model is cfg.student and cfg.as_finetune("/ckpt").model.checkpoint == "/ckpt"
+
+
+def test_a_teacher_without_the_tasks_head_or_with_other_labels_is_refused():
+    with pytest.raises(JobError, match=r"needs a teacher fine-tuned for it \(a \*ForSequenceClassification"):
+        D.check_teacher("classification", {"architectures": ["GPT2LMHeadModel"]}, "/m")
+    D.check_teacher("completion", {"architectures": ["GPT2LMHeadModel"]}, "/m")
+    teacher = {"id2label": {"0": "a", "1": "b", "2": "c"}}
+    D.check_labels(teacher, LABELS, "/m")
+    with pytest.raises(JobError, match=r"trained for labels \['a', 'b', 'c'\], the data has \['a', 'c', 'b'\]"):
+        D.check_labels(teacher, ["a", "c", "b"], "/m")
+
+
+def test_a_student_checkpoint_of_another_family_or_tokenizer_is_refused(tmp_path):
+    from serve import tiny
+
+    gpt = tiny.save_gpt(str(tmp_path / "gpt"), max_len=16)
+    teacher = GPT2ForSequenceClassification.from_pretrained(gpt, num_labels=3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gpt).save_pretrained(tmp_path / "teacher")
+    bert = tiny.save_bert(str(tmp_path / "bert"), "classification")
+    cfg = build(D.DistillConfig, {"task": "classification", "teacher": "t",
+                                  "student": {"init": "checkpoint", "checkpoint": bert}})
+    teacher_cfg = D.base_config(str(tmp_path / "teacher"))
+    with pytest.raises(JobError, match="is a bert model and the teacher a gpt2: distillation needs one family"):
+        D.plan_student(cfg, str(tmp_path / "teacher"), teacher_cfg)
+    other = tmp_path / "other-gpt"
+    tiny.save_gpt(str(other), max_len=16)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["zzzextra"])
+    tok.save_pretrained(other)
+    cfg = build(D.DistillConfig, {"task": "classification", "teacher": "t",
+                                  "student": {"init": "checkpoint", "checkpoint": str(other)}})
+    with pytest.raises(JobError, match="have different tokenizers"):
+        D.plan_student(cfg, str(tmp_path / "teacher"), teacher_cfg)
+    half = D.plan_student(build(D.DistillConfig, {"task": "classification", "teacher": "t"}),
+                          str(tmp_path / "teacher"), teacher_cfg)
+    assert (half["layers"], half["teacher_layers"], half["picks"]) == (1, 2, [0])
+    assert 0 < half["params"] < half["teacher_params"]
