@@ -201,15 +201,20 @@ def publish(
     sweep_id: str | None = None,
     force: bool = False,
     root: str | None = None,
+    quantize: str | None = None,
 ) -> str:
     """Publish `checkpoint` as a new version of registry model `name` for `task` (None: the one task
-    the checkpoint's architecture serves) and make it current; returns the version's folder. `config`
+    the checkpoint's architecture serves) and make it current; returns the version's folder.
+    `quantize` ("int8"): how Serve loads it unless a deployment says otherwise (cluster.quantize);
+    the weights stay the checkpoint's safetensors. `config`
     defaults to the one the checkpoint was trained with, when raylm wrote it. The better-metric rule
     and the version number are decided under the name's lock, so concurrent publishes take turns."""
     check_name(name, key="name")
     task, model_config = validate_checkpoint(checkpoint, task)
     check_weights(checkpoint, what=f"checkpoint '{checkpoint}'")
     metric = _check_metric(metric)
+    if quantize not in (None, "none", "int8"):
+        raise RegistryError(f"quantize '{quantize}' is not one of none, int8")
     if task in ("classification", "tagging"):
         labels = list(labels) if labels else labels_from_config(model_config)
         if not labels:
@@ -223,6 +228,7 @@ def publish(
         "source_checkpoint": checkpoint,
         "sweep_id": sweep_id,
         "weights_sha256": weights_sha256(checkpoint),
+        "quantize": quantize or "none",
     }
     dest = entry_path(name, root)
     with NameLock(storage.join(dest, versions.LOCK), f"registry model '{name}'") as lock:

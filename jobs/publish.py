@@ -2,8 +2,8 @@
 
 Copies a Hugging Face checkpoint (safetensors only) into a new version of the registry model,
 `<RAYLM_STORAGE>/registry/<name>/versions/<n>/` with its model.json, makes it the current version,
-prints its entry as JSON and the version's path last (`raylm registry list` shows every version). A finished fine-tuning run, sweep or
-pretraining run, by name or by its folder, stands for its best checkpoint (else its final one),
+prints its entry as JSON and the version's path last (`raylm registry list` shows every version). A finished fine-tuning run, sweep,
+distillation or pretraining run, by name or by its folder, stands for its best checkpoint (else its final one),
 and unless --metric is given the registry records that checkpoint's metric from the run's summary
 (a sweep's objective, a fine-tuning run's task metric, else val_loss).
 The task defaults to the one the checkpoint's architecture serves (a *ForCausalLM generates, a
@@ -23,7 +23,7 @@ from cluster.runs import CHECKPOINT_JOBS, RunLookupError, is_run_dir, named_run,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raylm publish", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="checkpoint directory or URI (model.safetensors + config + tokenizer), "
-                   "or a finished run: its folder, or its name under $RAYLM_STORAGE/finetune, /tune or /pretrain")
+                   "or a finished run: its folder, or its name under $RAYLM_STORAGE/finetune, /tune, /distill or /pretrain")
     p.add_argument("--name", required=True, help="registry name, e.g. gpt-tiny")
     p.add_argument("--task", choices=registry.TASKS,
                    help="default: the one task the checkpoint's architecture serves")
@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("max", "min"), default="max", help="whether a larger metric is better")
     p.add_argument("--labels", help="comma-separated labels (default: the checkpoint's id2label)")
     p.add_argument("--sweep-id", help="the sweep that produced the checkpoint")
+    p.add_argument("--quantize", choices=("none", "int8"), help="how Serve loads the model unless its deployment "
+                   "says otherwise: int8 Linear layers on CPU replicas (the weights stay as published)")
     p.add_argument("--root", help="registry root (default: $RAYLM_STORAGE/registry)")
     p.add_argument("--force", action="store_true", help="replace the published model even if not better")
     return p.parse_args(argv)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         path = registry.publish(
             checkpoint, args.name, args.task, metric=metric, labels=labels,
-            sweep_id=args.sweep_id, force=args.force, root=args.root,
+            sweep_id=args.sweep_id, force=args.force, root=args.root, quantize=args.quantize,
         )
     except (registry.RegistryError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ Models load from safetensors only and never run remote code. Every method takes 
 from __future__ import annotations
 
 import inspect
+import logging
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -26,8 +27,12 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from cluster import registry, storage
+from cluster.quantize import check_mode
+from cluster.quantize import quantize as quantize_model
 from cluster.train.placement import inference_placement
 from serve.schemas import GREEDY_BELOW, ApiError, Deadline
+
+log = logging.getLogger("raylm.serve")
 
 _AUTO = {
     "generation": AutoModelForCausalLM,
@@ -37,15 +42,17 @@ _AUTO = {
 }
 
 
-def load(entry: dict[str, Any]) -> Engine:
-    """The engine for a registry entry (model.json plus its `path`)."""
+def load(entry: dict[str, Any], quantize: str | None = None) -> Engine:
+    """The engine for a registry entry (model.json plus its `path`). `quantize` (the deployment's
+    option) overrides the entry's own default (`raylm publish --quantize`); see cluster.quantize."""
     cls = GenerationEngine if entry["task"] == "generation" else EncoderEngine
-    return cls(entry)
+    return cls(entry, quantize)
 
 
-def describe(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-    """Where a model runs, as /v1/models shows it: {"device": "cuda", "dtype": "bfloat16"}."""
-    return {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+def describe(device: torch.device, dtype: torch.dtype, quantize: str = "none") -> dict[str, str]:
+    """Where a model runs, as /v1/models shows it: {"device": "cuda", "dtype": "bfloat16"}; a model
+    with int8 Linear layers shows "int8"."""
+    return {"device": device.type, "dtype": quantize if quantize != "none" else str(dtype).removeprefix("torch.")}
 
 
 def context_length(config: Any) -> int:
@@ -73,7 +80,7 @@ class _Halt(StoppingCriteria):
 
 
 class Engine:
-    def __init__(self, entry: dict[str, Any]):
+    def __init__(self, entry: dict[str, Any], quantize: str | None = None):
         path = entry["path"]
         if storage.is_uri(path):  # from_pretrained reads local folders: copy the entry here first
             local = tempfile.mkdtemp(prefix=f"raylm-{entry['name']}-")
@@ -85,9 +92,16 @@ class Engine:
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in every replica's log
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self.device, self.dtype = inference_placement()
+        where = f"registry model '{self.name}'"
+        if quantize is None and entry.get("quantize", "none") != "none" and self.device.type != "cpu":
+            # the published default is for CPU replicas; a GPU replica serves the model in its own dtype
+            log.warning("%s: published with quantize '%s', which runs on CPU; serving it in %s on the %s",
+                        where, entry["quantize"], str(self.dtype).removeprefix("torch."), self.device.type)
+            quantize = "none"
+        self.quantize = check_mode(quantize or entry.get("quantize"), self.device, where)  # before the weights load
         self.model = _AUTO[self.task].from_pretrained(path, use_safetensors=True, trust_remote_code=False,
                                                       dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.model = quantize_model(self.model.to(self.device).eval(), self.quantize, self.device, where)
         self.context = context_length(self.model.config)
         if self.task == "fill-mask" and self.tokenizer.mask_token is None:
             raise ValueError(f"registry model '{self.name}' has a tokenizer without a mask token")
@@ -95,7 +109,7 @@ class Engine:
         self.lock = threading.Lock()
 
     def placement(self) -> dict[str, str]:
-        return describe(self.device, self.dtype)
+        return describe(self.device, self.dtype, self.quantize)
 
     def check_length(self, n_tokens: int, extra: int = 0, param: str = "prompt") -> None:
         if n_tokens + extra > self.context:
@@ -105,8 +119,8 @@ class Engine:
 
 
 class GenerationEngine(Engine):
-    def __init__(self, entry: dict[str, Any]):
-        super().__init__(entry)
+    def __init__(self, entry: dict[str, Any], quantize: str | None = None):
+        super().__init__(entry, quantize)
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
@@ -230,8 +244,8 @@ def _cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
 
 
 class EncoderEngine(Engine):
-    def __init__(self, entry: dict[str, Any]):
-        super().__init__(entry)
+    def __init__(self, entry: dict[str, Any], quantize: str | None = None):
+        super().__init__(entry, quantize)
         id2label = self.model.config.id2label or {}
         self.labels = entry.get("labels") or [id2label[i] for i in sorted(id2label)]
 

@@ -109,10 +109,11 @@ class ModelServer:
         from serve import engines
 
         torch.set_num_threads(max(1, round(options["num_cpus"])))
-        self.engine = None if shared else engines.load(entry)
+        self.engine = None if shared else engines.load(entry, options.get("quantize"))
         if shared:  # `multiplex`: registry entries by name; each request names one (its multiplexed model id)
             async def _load_registry_model(name: str) -> Any:
-                return await asyncio.to_thread(engines.load, shared[name])  # the loop keeps answering meanwhile
+                # the loop keeps answering meanwhile
+                return await asyncio.to_thread(engines.load, shared[name], options.get("quantize"))
 
             self._load = serve.multiplexed(max_num_models_per_replica=options["max_models_per_replica"])(
                 _load_registry_model)

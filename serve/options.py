@@ -4,7 +4,7 @@ unknown keys refused. The defaults are in one place, `DEFAULTS`, which `AppArgs`
 user's args over.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -84,9 +84,19 @@ class DeploymentOptions(Section):
     # record every HTTP request (method, route, status, latency, request id); a model replica's
     # "CALL encode OK" repeats each of them. Without it the 2-core box served classification at
     # concurrency 32 ~12% faster, generation the same (BENCHMARKS.md, Serve). Off for model deployments by default.
+    quantize: Literal["none", "int8"] | None = Field(None, description="int8: the model's Linear layers in int8 "
+                                                     "(CPU replicas only; cluster.quantize); none: as published; "
+                                                     "null: the model's default (`raylm publish --quantize`)")
     access_log: bool = Field(True, description="Serve's access log line per request in this deployment's replica "
                              "logs (default: on for the ingress, off for model deployments; with `colocate`, "
                              "ingress.access_log applies)")
+
+    @model_validator(mode="after")
+    def _quantize_on_cpu(self) -> "DeploymentOptions":
+        if self.quantize == "int8" and self.num_gpus > 0:
+            raise ValueError(f"quantize 'int8' runs on CPU replicas (PyTorch's dynamic int8 kernels), and num_gpus is "
+                             f"{self.num_gpus:g}: set num_gpus 0, or serve unquantized on the GPU")
+        return self
 
     def serve_options(self, access_log: bool | None = None) -> dict[str, Any]:
         """Ray Serve deployment options; `access_log` overrides the field (a colocated model's

@@ -84,6 +84,8 @@ class EvaluateConfig(Section):
     )
     eval: EvalOptions = Field(default_factory=EvalOptions)
     scaling: EvalScaling = Field(default_factory=EvalScaling)
+    quantize: Literal["none", "int8"] = Field("none", description="int8: score the model as Serve's `quantize: int8` "
+                                              "serves it (int8 Linear layers, CPU replicas; cluster.quantize)")
 
     @field_validator("name")
     @classmethod
@@ -95,6 +97,8 @@ class EvaluateConfig(Section):
         if (self.corpus is None) == (self.data is None):
             raise ValueError("give exactly one of corpus (language-model metrics on a prepared corpus) and data "
                              "(task metrics on labelled rows)")
+        if self.quantize == "int8" and self.scaling.use_gpu:
+            raise ValueError("quantize 'int8' runs on CPU (PyTorch's dynamic int8 kernels): set scaling.use_gpu false")
         return self
 
 
@@ -281,5 +285,6 @@ def evaluate(cfg: EvaluateConfig, root: str | None = None) -> dict[str, Any]:
     result = score(ds, checkpoint, spec, cfg, tokenizer)
     log.info("%d rows: %s", result["rows"], ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()
                                                       if isinstance(v, float)))
-    return {"model": cfg.model, "checkpoint": checkpoint, "architecture": arch, "split": cfg.split, **about,
+    return {"model": cfg.model, "checkpoint": checkpoint, "architecture": arch, "quantize": cfg.quantize,
+            "split": cfg.split, **about,
             **result, "seconds": round(time.time() - t0, 2)}

@@ -53,6 +53,7 @@ class Scorer:
         import transformers
         from transformers.utils import logging as hf_logging
 
+        from cluster.quantize import quantize
         from cluster.train.placement import autocast_dtype, inference_placement
 
         hf_logging.disable_progress_bar()
@@ -66,7 +67,7 @@ class Scorer:
         model_cls = getattr(transformers, spec["architecture"])
         self.model = hub.from_pretrained(model_cls.from_pretrained, local_copy(checkpoint), use_safetensors=True,
                                          trust_remote_code=False, dtype=dtype)
-        self.model.to(self.device).eval()
+        self.model = quantize(self.model.to(self.device).eval(), spec.get("quantize"), self.device, "quantize")
         self.objective = objectives.build(spec, model_tokenizer(local_copy(checkpoint), spec))
         self.generated = 0
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
@@ -116,7 +117,7 @@ def score(ds: ray.data.Dataset, checkpoint: str, spec: dict[str, Any], cfg: Eval
     ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
     workers = cfg.scaling.workers
-    spec = {**spec, "seed": cfg.seed, "precision": cfg.precision, "use_gpu": cfg.scaling.use_gpu,
+    spec = {**spec, "seed": cfg.seed, "precision": cfg.precision, "use_gpu": cfg.scaling.use_gpu, "quantize": cfg.quantize,
             "threads": cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)),
             # each replica generates its share of the samples, as each training worker does
             "sample_cap": -(-cfg.eval.generate_examples // workers), "max_new_tokens": cfg.eval.max_new_tokens}
