@@ -124,7 +124,7 @@ def run_metric(run_dir: str) -> dict[str, Any] | None:
 
 
 # The jobs whose finished runs stand for a checkpoint, in the order a bare name is looked up.
-CHECKPOINT_JOBS = ("finetune", "tune", "pretrain")
+CHECKPOINT_JOBS = ("finetune", "tune", "distill", "prune", "pretrain")
 
 
 class RunLookupError(ValueError):
@@ -132,7 +132,7 @@ class RunLookupError(ValueError):
 
 
 def named_run(name: str, root: str | None = None) -> str | None:
-    """The folder of the finished fine-tuning run, sweep or pretraining run called `name` under the
+    """The folder of the finished fine-tuning run, sweep, distillation or pretraining run called `name` under the
     storage root; None when there is no run of that name."""
     runs = [storage.join(root or storage_root(), job, name) for job in CHECKPOINT_JOBS]
     found = [r for r in runs if storage.exists(storage.join(r, "summary.json"))]

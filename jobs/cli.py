@@ -14,6 +14,8 @@ COMMANDS = {
     "prepare": "jobs.prepare",
     "pretrain": "jobs.pretrain",
     "finetune": "jobs.finetune",
+    "distill": "jobs.distill",
+    "prune": "jobs.prune",
     "evaluate": "jobs.evaluate",
     "demo": "jobs.demo",
     "sweep": "tune.sweep",
