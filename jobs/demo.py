@@ -3,7 +3,8 @@
 prepare (Ray Data) -> pretrain a tiny GPT (Ray Train) -> sample from it with plain transformers ->
 sweep fine-tuning hyperparameters for topic classification (Ray Tune, ASHA) and publish the best
 classifier and the pretrained GPT to the registry -> score the classifier on held-out rows
-(jobs.evaluate, Ray Data) -> serve both (Ray Serve) and query them over HTTP. `make demo` runs this.
+(jobs.evaluate, Ray Data) -> distil the classifier into a 1-block student (jobs.distill) and
+publish it -> serve them (Ray Serve) and query them over HTTP. `make demo` runs this.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tune.config import SweepConfig
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROMPTS = ["The", "In the match", "The market"]
-GPT_NAME, CLASSIFIER_NAME = "demo-gpt", "demo-topic"  # registry names
+GPT_NAME, CLASSIFIER_NAME, STUDENT_NAME = "demo-gpt", "demo-topic", "demo-topic-student"  # registry names
 
 
 def sample(checkpoint: str, prompts: list[str], max_new_tokens: int = 40, seed: int = 0) -> list[str]:
@@ -160,11 +161,54 @@ def evaluate_stage() -> None:
     print(f"   accuracy {scored['accuracy']:.3f}, macro-F1 {scored['macro_f1']:.3f} on held-out rows", flush=True)
 
 
+def p50_latency_ms(engine, text: str, calls: int = 40) -> float:
+    """Median in-process latency of one classification (after two warm-up calls)."""
+    import statistics
+    import time
+
+    times = []
+    for i in range(calls + 2):
+        t0 = time.perf_counter()
+        engine.classify([text], [None])
+        if i >= 2:
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def distill_stage(steps: int | None) -> None:
+    """The published classifier distilled into a 1-block student, published; teacher vs student."""
+    from cluster.stages.distill import DistillConfig
+    from jobs import distill as distill_job
+    from serve import engines
+
+    print("== 6. distil: the classifier into a 1-block student (Ray Train), publish it", flush=True)
+    sets = ["name=demo-topic-student", f"teacher={CLASSIFIER_NAME}", "compare_baseline=false"]
+    cfg = load_config(DistillConfig, os.path.join(CONFIGS, "distill-topic-tiny.yaml"),
+                      sets + ([f"train.max_steps={steps}"] if steps else []))
+    summary = storage.read_json(distill_job.run(cfg))
+    best = summary["best"] or summary["final"]
+    metric = {"name": "val_accuracy", "value": best["metrics"]["val_accuracy"], "mode": "max"}
+    registry.publish(best["checkpoint"], STUDENT_NAME, "classification", metric=metric, force=True)
+    teacher, student = summary["teacher"], summary["student"]
+    text = "Shares of Vela Bank rose 12 percent in Calder."
+    rows = [("teacher", teacher, engines.load(registry.find(CLASSIFIER_NAME))),
+            ("student", student, engines.load(registry.find(STUDENT_NAME))),
+            ("student int8", student, engines.load(registry.find(STUDENT_NAME), "int8"))]
+    accuracy = {"teacher": teacher["metrics"]["val_accuracy"], "student": best["metrics"]["val_accuracy"]}
+    for label, about, engine in rows:
+        acc = accuracy.get(label)
+        print(f"   {label:<13} {about['layers']} block(s), {about['params'] / 1e6:.2f}M parameters, "
+              f"validation accuracy {'(not scored)' if acc is None else f'{acc:.3f}'}, "
+              f"p50 {p50_latency_ms(engine, text):.1f} ms per text in-process", flush=True)
+    print(f"   registry: {registry.find(STUDENT_NAME)['path']} (classification)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the gpt-tiny config's)")
     p.add_argument("--docs", type=int, default=None, help="synthetic documents (default: the config's)")
+    p.add_argument("--distill-steps", type=int, default=None, help="distillation steps (default: the config's)")
     p.add_argument("--port", type=int, default=0, help="HTTP port for the serve stage (default: a free one)")
     args = p.parse_args(argv)
     setup_logging()
@@ -173,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare_stage(args.docs)
         sweep_path = sweep_stage(pretrain_stage(args.steps))
         evaluate_stage()
-        print("== 6. serve: the registry on Ray Serve, queried over HTTP", flush=True)
+        distill_stage(args.distill_steps)
+        print("== 7. serve: the registry on Ray Serve, queried over HTTP", flush=True)
         serve_and_query(args.port)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """`python -m jobs.demo`, what `make demo` runs, on the shared local Ray: every stage succeeds and the
 console shows no traceback and no error line. One demo run prints each stage's console (prepare,
-pretrain, sampling, sweep, evaluate, serve) in about 2-3 minutes on 2 cores; a test per stage would
+pretrain, sampling, sweep, evaluate, distil, serve) in about 2-3 minutes on 2 cores; a test per stage would
 first have to run most of the stages before it again."""
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ def test_error_line_matches_what_ray_and_python_print_on_errors():
 def test_the_demo_runs_every_stage_with_no_error_on_its_console(ray_session, tmp_path):
     env = subprocess_env(ray_session)
     env["RAYLM_STORAGE"] = str(tmp_path)  # its corpus, runs and registry apart from the other tests'
-    proc = subprocess.run([PYTHON, "-m", "jobs.demo", "--steps", "30", "--docs", "2000"], cwd=REPO, env=env,
+    proc = subprocess.run([PYTHON, "-m", "jobs.demo", "--steps", "30", "--docs", "2000",
+                                                "--distill-steps", "30"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, out[-6000:]
-    assert [n for n in range(1, 7) if f"== {n}. " not in out] == [], out[-6000:]
+    assert [n for n in range(1, 8) if f"== {n}. " not in out] == [], out[-6000:]
+    assert "   student int8 " in out and "demo-topic-student" in out
     assert "   classify   > " in out and out.rstrip().endswith(os.path.join(str(tmp_path), "tune", "demo-topic",
                                                                              "summary.json"))
     assert [line for line in out.splitlines() if ERROR_LINE.search(line)] == []
