@@ -40,6 +40,9 @@ from cluster.train.plan import Plan
 
 log = logging.getLogger(__name__)
 
+# the teacher's checkpoint and validation metrics, written by rank 0 before the student's first step
+TEACHER_FILE = "teacher.json"
+
 # student.<key> -> the transformers config attribute it sets (GPT-2 maps these names to n_layer,
 # n_embd and n_head itself; its feed-forward width is n_inner)
 SHAPE_KEYS = {"layers": "num_hidden_layers", "hidden_size": "hidden_size", "heads": "num_attention_heads",
@@ -320,9 +323,6 @@ def run_worker(cfg: DistillConfig, plan: Plan, meta: dict[str, Any], session: An
     loop.run()
 
 
-TEACHER_FILE = "teacher.json"
-
-
 def worker_main(config: dict) -> None:
     from cluster.train.session import TrainSession
 
@@ -343,6 +343,11 @@ def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
     ft = cfg.as_finetune(teacher)
     ts = finetune.setup(ft, root, run, fits=lambda: launcher.check_resources(cfg.scaling, launcher.MATERIALIZED_DATA_CPUS))
     check_labels(teacher_cfg, ts.meta["labels"], teacher)
+    earlier = storage.read_json(run.file(TEACHER_FILE)) if storage.exists(run.file(TEACHER_FILE)) else None
+    if earlier and earlier.get("checkpoint") != teacher:
+        # resuming would go on training a student of another teacher
+        raise JobError(f"run '{run.path}' distils from teacher {earlier.get('checkpoint')}, and teacher now names "
+                       f"{teacher}: choose another name for a student of this teacher")
     run.begin(cfg)
     plan = finetune.plan_run(ft, ts.meta, run.path, cfg.scaling.num_workers)
     log.info("plan: %d steps (%d per epoch, %d epochs)", plan.max_steps, plan.steps_per_epoch, plan.epochs)

@@ -172,6 +172,30 @@ def test_int8_classifier_answers_as_fp32_does_and_evaluate_reports_its_accuracy(
     texts = [r["text"] for r in synthetic.topic_classification(200, seed=7)]
     labels = [[r["label"] for r in e.classify(texts, [None] * len(texts))] for e in (fp32, int8)]
     assert sum(a == b for a, b in zip(*labels, strict=True)) / len(texts) >= 0.95
+    # and served: a deployment with quantize int8 answers /v1/classify with the fp32 model's labels
+    import httpx
+    from ray import serve
+
+    from cluster.runtime import free_ports
+    from serve.app import build_app
+
+    (port,) = free_ports(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"registry": reg, "models": ["t-topic"], "ingress": {"num_cpus": 0.05},
+                             "per_model": {"t-topic": {"num_cpus": 0.25, "quantize": "int8"}}}),
+                  name="raylm", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            card = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == "t-topic")
+            served = []
+            for i in range(0, len(texts), 25):
+                r = client.post("/v1/classify", json={"model": "t-topic", "inputs": texts[i: i + 25]})
+                assert r.status_code == 200, r.text
+                served += [x["label"] for x in r.json()["results"]]
+    finally:
+        serve.shutdown()
+    assert "int8" in json.dumps(card)
+    assert sum(a == b for a, b in zip(labels[0], served, strict=True)) / len(texts) >= 0.95
 
     def scored(mode: str) -> dict:
         cfg = load_config(EvaluateConfig, os.path.join(REPO, "configs", "evaluate-topic-tiny.yaml"),

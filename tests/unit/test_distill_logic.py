@@ -173,3 +173,22 @@ def test_a_student_checkpoint_of_another_family_or_tokenizer_is_refused(tmp_path
                           str(tmp_path / "teacher"), teacher_cfg)
     assert (half["layers"], half["teacher_layers"], half["picks"]) == (1, 2, [0])
     assert 0 < half["params"] < half["teacher_params"]
+
+
+def test_a_run_that_distils_another_teacher_is_not_resumed(tmp_path, monkeypatch):
+    # The check runs on the driver before the run folder is touched: a re-submitted run whose
+    # teacher now names another checkpoint would go on training a student of the first.
+    from cluster import storage
+
+    run = tmp_path / "distill" / "s"
+    run.mkdir(parents=True)
+    storage.write_json_atomic(str(run / D.TEACHER_FILE), {"checkpoint": "/old/teacher", "metrics": {}})
+    cfg = build(D.DistillConfig, {"task": "classification", "teacher": "t", "name": "s"})
+    monkeypatch.setattr(D, "resolve_teacher", lambda name, root: "/new/teacher")
+    monkeypatch.setattr(D, "base_config", lambda *a, **k: {"architectures": ["GPT2ForSequenceClassification"]})
+    monkeypatch.setattr(D, "plan_student", lambda *a: {"layers": 1, "teacher_layers": 2, "init": "fresh",
+                                                       "params": 1, "teacher_params": 2})
+    monkeypatch.setattr(D.finetune, "setup", lambda *a, **k: type("T", (), {"meta": {"labels": None}})())
+    with pytest.raises(JobError, match="distils from teacher /old/teacher, and teacher now names /new/teacher"):
+        D.distill(cfg, root=str(tmp_path))
+    assert not (run / "config.yaml").exists()
