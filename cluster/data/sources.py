@@ -41,6 +41,8 @@ class SourceConfig(Section):
     # synthetic
     num_docs: int = Field(20000, ge=1, description="synthetic: number of documents")
     seed: int = Field(0, description="synthetic: generator seed")
+    language: Literal["en", "zh"] = Field("en", description="synthetic: English (cluster.data.synthetic) or "
+                                          "Chinese (cluster.data.synthetic_zh), each with its exact entropy floor")
     # files
     paths: StrList = Field(default_factory=list, description="files: paths, folders or globs, local or object-store URIs (s3://...)")
     text_column: str = Field("text", description="files/hf: column or JSON key holding the text")
@@ -187,10 +189,11 @@ def file_dataset(source: SourceConfig, source_id: int, max_line_bytes: int) -> r
     )
 
 
-def _synthetic_batch(batch: dict[str, Any], seed: int, source_id: int, label: str) -> pa.Table:
-    from cluster.data import synthetic
+def _synthetic_batch(batch: dict[str, Any], seed: int, source_id: int, label: str, language: str = "en") -> pa.Table:
+    from cluster.data import synthetic, synthetic_zh
 
-    docs = [synthetic.document(seed, int(i)) for i in batch["id"]]
+    generator = synthetic_zh if language == "zh" else synthetic
+    docs = [generator.document(seed, int(i)) for i in batch["id"]]
     n = len(docs)
     return pa.table({
         "text": [d.text for d in docs],
@@ -206,7 +209,7 @@ def synthetic_dataset(source: SourceConfig, source_id: int) -> ray.data.Dataset:
     blocks = max(1, min(64, source.num_docs // 2000))
     return ray.data.range(source.num_docs, override_num_blocks=blocks).map_batches(
         _synthetic_batch,
-        fn_kwargs={"seed": source.seed, "source_id": source_id, "label": source.label},
+        fn_kwargs={"seed": source.seed, "source_id": source_id, "label": source.label, "language": source.language},
         batch_size=1000,
     )
 
