@@ -56,7 +56,7 @@ class Distill:
     def __init__(self, inner: Any, teacher: torch.nn.Module | None, alpha: float, temperature: float):
         self.inner, self.teacher = inner, teacher
         self.alpha, self.temperature = alpha, temperature
-        self.name, self.metrics = inner.name, inner.metrics
+        self.name, self.metrics = inner.name, getattr(inner, "metrics", ())
 
     def __getattr__(self, name: str) -> Any:  # `generate`, `sample_limit`, `score_samples` when inner has them
         if name == "inner":

@@ -53,7 +53,7 @@ LAYER_KEY = re.compile(r"^(.*?\.(?:h|layer|layers))\.(\d+)\.(.+)$")
 
 # what a teacher for each task is: the architecture suffixes its config.json names
 TEACHER_HEADS = {"classification": ("ForSequenceClassification",), "tagging": ("ForTokenClassification",),
-                 "completion": ("ForCausalLM", "LMHeadModel")}
+                 "completion": ("ForCausalLM", "LMHeadModel"), "lm": ("ForCausalLM", "LMHeadModel")}
 
 
 class StudentSection(Section):
@@ -87,9 +87,12 @@ class DistillSection(Section):
 
 class DistillConfig(Section):
     name: str = Field("distill", description="run name: <RAYLM_STORAGE>/distill/<name>/; same name resumes")
-    task: Literal["classification", "tagging", "completion"] = Field(description="what the student learns")
-    teacher: str = Field(description="a fine-tuned checkpoint for the task: a directory or URI, a fine-tuning run or "
-                         "sweep (its best checkpoint) or a registry name")
+    task: Literal["classification", "tagging", "completion", "lm"] = Field(
+        description="what the student learns: a fine-tuning task on `data`, or lm: next-token prediction on `corpus`")
+    teacher: str = Field(description="a checkpoint for the task: a directory or URI, a fine-tuning run, sweep or (lm) "
+                         "pretraining run (its best checkpoint) or a registry name")
+    corpus: str | None = Field(None, description="lm: the prepared corpus (name or path), tokenized with the "
+                               "teacher's tokenizer")
     student: StudentSection = Field(default_factory=StudentSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     compare_baseline: bool = Field(False, description="also train the same student without the teacher, for comparison")
@@ -107,6 +110,9 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> DistillConfig:
+        if (self.task == "lm") != (self.corpus is not None):
+            raise ValueError("task 'lm' distils on a prepared corpus: give corpus with it, and data (not corpus) "
+                             "with the fine-tuning tasks")
         if self.scaling.strategy == "fsdp":
             raise ValueError("distillation runs with scaling.strategy 'ddp' (a teacher beside an FSDP-sharded student "
                              "is not supported)")
@@ -218,11 +224,16 @@ def copy_teacher_layers(student: Any, teacher_state: dict[str, Any], picks: list
     student.load_state_dict(new)
 
 
+def model_class(task: str) -> str:
+    """The transformers Auto class of a task's teacher and student ("lm": a causal LM on a corpus)."""
+    return "AutoModelForCausalLM" if task == "lm" else TASKS[task][0]
+
+
 def load_model(task: str, path: str) -> Any:
     """A task model from a checkpoint folder: safetensors only, no remote code."""
     import transformers
 
-    return getattr(transformers, TASKS[task][0]).from_pretrained(local_copy(path), use_safetensors=True,
+    return getattr(transformers, model_class(task)).from_pretrained(local_copy(path), use_safetensors=True,
                                                                    trust_remote_code=False)
 
 
@@ -233,7 +244,7 @@ def plan_student(cfg: DistillConfig, teacher: str, teacher_cfg: dict[str, Any]) 
     import transformers
     from transformers import AutoConfig
 
-    model_cls = getattr(transformers, TASKS[cfg.task][0])
+    model_cls = getattr(transformers, model_class(cfg.task))
     tconfig = AutoConfig.from_pretrained(local_copy(teacher))
     if cfg.student.init == "checkpoint":
         path = resolve_checkpoint(cfg.student.checkpoint or "")
@@ -282,12 +293,14 @@ def build_student(cfg: DistillConfig, meta: dict[str, Any], teacher: Any | None)
 
     torch.manual_seed(cfg.train.seed)
     student = meta["student"]
+    if student["init"] == "checkpoint" and cfg.task == "lm":
+        return load_model("lm", student["checkpoint"])
     if student["init"] == "checkpoint":
         return finetune.build_task_model(cfg.as_finetune(student["checkpoint"]), meta, local_copy(student["checkpoint"]))
     from transformers import AutoConfig
 
     config = student_config(cfg.student, AutoConfig.from_pretrained(local_copy(meta["teacher"])))
-    model = getattr(transformers, TASKS[cfg.task][0]).from_config(config)
+    model = getattr(transformers, model_class(cfg.task)).from_config(config)
     if student["init"] == "teacher_layers":
         source = teacher if teacher is not None else load_model(cfg.task, meta["teacher"])
         copy_teacher_layers(model, {k: v.detach().cpu() for k, v in source.state_dict().items()}, student["picks"])
@@ -314,20 +327,40 @@ def run_worker(cfg: DistillConfig, plan: Plan, meta: dict[str, Any], session: An
                         cfg.distill.alpha, cfg.distill.temperature)
     loop = Loop(cfg, plan, objective, model, tokenizer, session)
     loop.resume()
-    if teacher is not None and loop.state.step == 0:
-        # the teacher on the student's validation rows, through the same evaluation (every rank takes part)
-        scores = loop.evaluate(teacher)
-        if session.rank == 0:
-            storage.write_json_atomic(storage.join(plan.run_dir, TEACHER_FILE),
-                                      {"checkpoint": meta["teacher"], "metrics": {f"val_{k}": v for k, v in scores.items()}})
+    if teacher is not None:
+        score_teacher(loop, teacher, plan, meta, session.rank)
     loop.run()
 
 
 def worker_main(config: dict) -> None:
     from cluster.train.session import TrainSession
 
+    if config["meta"].get("corpus"):
+        from cluster.stages.distill_corpus import corpus_worker
+
+        return corpus_worker(DistillConfig.model_validate(config["cfg"]), Plan(**config["plan"]), config["meta"],
+                             alone=config["alone"])
     run_worker(DistillConfig.model_validate(config["cfg"]), Plan(**config["plan"]), config["meta"], TrainSession(),
                alone=config["alone"])
+
+
+def check_same_teacher(run: RunDir, teacher: str) -> None:
+    """A re-submitted run resumes its student: refused when `teacher` now names another checkpoint."""
+    earlier = storage.read_json(run.file(TEACHER_FILE)) if storage.exists(run.file(TEACHER_FILE)) else None
+    if earlier and earlier.get("checkpoint") != teacher:
+        raise JobError(f"run '{run.path}' distils from teacher {earlier.get('checkpoint')}, and teacher now names "
+                       f"{teacher}: choose another name for a student of this teacher")
+
+
+def score_teacher(loop: Any, teacher: Any, plan: Plan, meta: dict[str, Any], rank: int) -> None:
+    """The teacher on the student's validation rows, through the same evaluation, before the first
+    step (every rank takes part); rank 0 writes it to the run folder."""
+    if loop.state.step != 0:
+        return
+    scores = loop.evaluate(teacher)
+    if rank == 0:
+        storage.write_json_atomic(storage.join(plan.run_dir, TEACHER_FILE),
+                                  {"checkpoint": meta["teacher"], "metrics": {f"val_{k}": v for k, v in scores.items()}})
 
 
 def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
@@ -340,14 +373,14 @@ def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
     student = plan_student(cfg, teacher, teacher_cfg)
     log.info("student: %d of the teacher's %d blocks (%s), %.2fM of %.2fM parameters", student["layers"],
              student["teacher_layers"], student["init"], student["params"] / 1e6, student["teacher_params"] / 1e6)
+    if cfg.task == "lm":
+        from cluster.stages.distill_corpus import distill_on_corpus
+
+        return distill_on_corpus(cfg, run, teacher, student, t0, root)
     ft = cfg.as_finetune(teacher)
     ts = finetune.setup(ft, root, run, fits=lambda: launcher.check_resources(cfg.scaling, launcher.MATERIALIZED_DATA_CPUS))
     check_labels(teacher_cfg, ts.meta["labels"], teacher)
-    earlier = storage.read_json(run.file(TEACHER_FILE)) if storage.exists(run.file(TEACHER_FILE)) else None
-    if earlier and earlier.get("checkpoint") != teacher:
-        # resuming would go on training a student of another teacher
-        raise JobError(f"run '{run.path}' distils from teacher {earlier.get('checkpoint')}, and teacher now names "
-                       f"{teacher}: choose another name for a student of this teacher")
+    check_same_teacher(run, teacher)
     run.begin(cfg)
     plan = finetune.plan_run(ft, ts.meta, run.path, cfg.scaling.num_workers)
     log.info("plan: %d steps (%d per epoch, %d epochs)", plan.max_steps, plan.steps_per_epoch, plan.epochs)

@@ -131,6 +131,11 @@ def test_configs_that_cannot_run_are_refused_before_anything_starts():
         build(D.DistillConfig, {**base, "scaling": {"strategy": "fsdp"}})
     with pytest.raises(ConfigError, match="alpha"):
         build(D.DistillConfig, {**base, "distill": {"alpha": 1.5}})
+    with pytest.raises(ConfigError, match="task 'lm' distils on a prepared corpus"):
+        build(D.DistillConfig, {**base, "task": "lm"})
+    with pytest.raises(ConfigError, match="task 'lm' distils on a prepared corpus"):
+        build(D.DistillConfig, {**base, "corpus": "c"})
+    assert build(D.DistillConfig, {**base, "task": "lm", "corpus": "c"}).corpus == "c"
     cfg = build(D.DistillConfig, base)
     assert cfg.model is cfg.student and cfg.as_finetune("/ckpt").model.checkpoint == "/ckpt"
 
@@ -192,3 +197,23 @@ def test_a_run_that_distils_another_teacher_is_not_resumed(tmp_path, monkeypatch
     with pytest.raises(JobError, match="distils from teacher /old/teacher, and teacher now names /new/teacher"):
         D.distill(cfg, root=str(tmp_path))
     assert not (run / "config.yaml").exists()
+
+
+def test_a_causal_lm_student_learns_from_every_position_of_the_teacher():
+    # Regression: Distill read `metrics` from its task objective, which the corpus objectives lack.
+    from transformers import GPT2LMHeadModel
+
+    from cluster.objectives.lm import CausalLM
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=1,
+                        eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    student, teacher = GPT2LMHeadModel(config).train(), GPT2LMHeadModel(config).eval()
+    task = CausalLM(bytes_per_token=2.0)
+    ids = {"input_ids": torch.randint(2, 50, (2, 8))}
+    loss, stats = Distill(task, teacher, 1.0, 1.0).forward(student, ids)
+    assert float(stats["kd_positions"]) == 16  # no attention mask: every position of both rows
+    with torch.no_grad():
+        s, t = student(**ids).logits, teacher(**ids).logits
+    assert float(loss.detach()) == pytest.approx(float(soft_target_nats(s, t, 1.0)[0] / 16), rel=1e-4)
+    assert "bits_per_byte" in Distill(task, teacher, 1.0, 1.0).summarize({**{k: float(v) for k, v in stats.items()}})
