@@ -15,6 +15,7 @@ from ray import tune
 from cluster import storage
 from cluster.data.ingest import epoch_datasets, quiet_data_logs
 from cluster.stages.finetune import FinetuneConfig, plan_run, run_worker
+from cluster.train.session import quiet_exit_on_sigterm
 from tune.config import SweepConfig, TrialConfig, trial_config
 
 if TYPE_CHECKING:  # the sweep's driver imports this module; trials import torch when they start
@@ -29,6 +30,7 @@ class TuneSession:
     def __init__(self, datasets: dict[str, Any], use_gpu: bool = False) -> None:
         import torch
 
+        quiet_exit_on_sigterm()
         self.rank, self.world = 0, 1
         self.datasets = datasets
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

@@ -9,6 +9,7 @@ session (`tune.trial.TuneSession`) instead of a copy of the loop.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 import torch
@@ -31,6 +32,26 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, dir_name: str | None = None) -> None:
         """Report metrics, with a checkpoint directory to persist when given."""
+
+
+def quiet_exit_on_sigterm() -> None:
+    """When a run or trial ends, Ray removes its placement group and the raylet SIGTERMs the worker
+    process (SIGKILL 200 ms later); Ray's handler raises SystemExit in the main thread. When that
+    lands inside a finalizer (a weakref callback of a garbage collection), Python cannot raise it
+    and prints "Exception ignored in ... Traceback ... SystemExit: 1" on the worker's stderr,
+    which reaches the job's console from a run that worked. Such an unraisable SystemExit is left
+    unprinted; every other unraisable exception still goes to the hook that was there."""
+    if getattr(sys.unraisablehook, "raylm_quiet_exit", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        previous(unraisable)
+
+    hook.raylm_quiet_exit = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def quiet_report_log() -> None:
@@ -58,6 +79,7 @@ class TrainSession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         quiet_report_log()
+        quiet_exit_on_sigterm()
         # Datasets this worker reads itself (a small validation split: `cluster.data.ingest.RankSlice`),
         # by name; every other name is the TorchTrainer dataset's shard.
         self.local: dict[str, Any] = {}

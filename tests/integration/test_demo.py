@@ -41,4 +41,7 @@ def test_the_demo_runs_every_stage_with_no_error_on_its_console(ray_session, tmp
     assert "   student int8 " in out and "demo-topic-student" in out
     assert "   classify   > " in out and out.rstrip().endswith(os.path.join(str(tmp_path), "tune", "demo-topic",
                                                                              "summary.json"))
-    assert [line for line in out.splitlines() if ERROR_LINE.search(line)] == []
+    lines = out.splitlines()
+    errors = [i for i, line in enumerate(lines) if ERROR_LINE.search(line)]
+    # each error line with what follows it (a traceback's frames and exception), to say what failed
+    assert errors == [], "\n----\n".join("\n".join(lines[max(0, i - 3):i + 30]) for i in errors)
