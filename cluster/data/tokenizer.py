@@ -77,21 +77,26 @@ def _train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig) -> tuple[Tokeni
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     specials = list(BERT_SPECIALS.values())
+    # Every byte as a continuation piece ("##<byte>"), registered before training in a fixed order.
+    # tokenizers' WordPiece trainer (BPE underneath) otherwise gives these pieces ids in the order it
+    # walks a hash map, different in every process, and breaks ties between equally frequent merges
+    # by those ids: the same sample trained a different vocabulary each run (tokenizers #1794, 0.23.3).
+    # Handed in as special tokens they take fixed ids; they are made ordinary vocabulary below. Having
+    # every byte as a piece is also the byte fallback: every word can be split, so [UNK] never appears.
+    pieces = ["##" + ch for ch in sorted(alphabet)]
     trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size - len(alphabet),  # room for the "##<byte>" pieces added below
+        vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=specials,
+        special_tokens=specials + pieces,
         initial_alphabet=alphabet,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    # Byte fallback: a word WordPiece cannot split is mapped whole to [UNK]; having every byte as a
-    # continuation piece means every word can be split, so [UNK] never appears.
     spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
     vocab = spec["model"]["vocab"]
-    for ch in alphabet:
-        for piece in (ch, "##" + ch):
-            vocab.setdefault(piece, len(vocab))
+    for ch in alphabet:  # bytes the sample never held
+        vocab.setdefault(ch, len(vocab))
     tok = Tokenizer.from_str(json.dumps(spec))
     # WordPiece joins words with a literal space, which is not a byte-level character: map it to
     # the byte-level space so the ByteLevel decoder turns every piece back into bytes.

@@ -3,9 +3,9 @@
 The sample is a seeded draw over the kept training documents after source weights (a source of
 weight 2 is drawn twice as often as one of weight 1), decided per document from its content hash:
 it depends neither on the order the sources are listed in nor on the cluster's size, and a corpus
-no larger than `tokenizer.train_docs` is taken whole, in corpus order. One Ray task reads the
-sample and trains the tokenizer, so the driver never holds the texts; it stops reading at
-`tokenizer.train_bytes`.
+no larger than `tokenizer.train_docs` is taken whole, in corpus order. The sample is drawn into the object store,
+then one Ray task reads it and trains the tokenizer, so the driver never holds the texts; it stops
+reading at `tokenizer.train_bytes`.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def train_on_sample(kept: Any, cfg: TokenizerConfig, seed: int, n_train: int) ->
     if n_train == 0:
         return None, {"documents": 0}
     fraction = sample_fraction(n_train, cfg.train_docs)
+    # Drawn before the training task starts: that task holds a CPU while it reads, and a pipeline
+    # still running behind it would wait for a CPU it holds (a 1-CPU cluster never finished).
     sample = kept.map_batches(sample_batch, fn_kwargs={"fraction": fraction, "seed": seed},
-                               batch_format="pyarrow")
+                               batch_format="pyarrow").materialize()
     body, seen = ray.get(_train.remote(sample, cfg.model_dump()))
     if not seen["documents"]:
         return None, seen

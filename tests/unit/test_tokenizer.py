@@ -85,3 +85,24 @@ def test_wordpiece_splits_english_as_before(wordpiece):
                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     text = "The quick-brown fox's 3.5 jumps, (over) naïve dogs!"
     assert wordpiece.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == before.pre_tokenize_str(text)
+
+
+def test_wordpiece_training_is_deterministic_whatever_the_order():
+    # Regression: tokenizers' WordPiece trainer numbered its "##" pieces in hash-map order, so the same
+    # sample trained a different vocabulary on every call (and a corpus's shards changed from run to run).
+    import random
+
+    from cluster.data.synthetic import documents
+
+    texts = [d if isinstance(d, str) else d.text for d in documents(600, seed=0)]
+    shuffled = random.Random(1).sample(texts, len(texts))
+    cfg = TokenizerConfig(kind="wordpiece", vocab_size=900)
+    trained = [train_tokenizer(t, cfg) for t in (texts, texts, texts, shuffled)]
+    assert len({tokenizer_hash(t) for t in trained}) == 1
+    assert len(trained[0]) == 900
+
+
+def test_wordpiece_byte_pieces_are_vocabulary_not_special_tokens(wordpiece):
+    assert sorted(wordpiece.all_special_tokens) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    ids = wordpiece("a ##b x")["input_ids"]
+    assert wordpiece.convert_ids_to_tokens(ids)[1:-1] == ["a", "#", "#", "b", "x"]
