@@ -30,6 +30,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from cluster.config import Section
+from cluster.data.duplicates import sort_blocks
 
 DROP_NEAR_DUPLICATE = "near_duplicate"
 _PRIME = np.uint64((1 << 61) - 1)
@@ -153,7 +154,8 @@ def near_duplicates(cleaned: Any, cfg: NearDedupConfig) -> set[bytes]:
     # Sorted by bucket, each block keeps its shared buckets (Arrow-speed), and the driver groups
     # what is left: rows in proportion to the near-duplicates. Ray Data's groupby().map_groups()
     # calls Python once per bucket, i.e. `bands` times per document.
-    shared = bands.sort(["band", "bucket"]).map_batches(shared_in_block, batch_format="pyarrow", batch_size=None)
+    shared = sort_blocks(bands).sort(["band", "bucket"]).map_batches(shared_in_block, batch_format="pyarrow",
+                                                                     batch_size=None)
     buckets: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
     for r in shared.iter_rows():
         buckets.setdefault((r["band"], r["bucket"]), []).append((r["key"], r["hash"]))

@@ -22,6 +22,7 @@ from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
 from cluster import storage
+from cluster.data.duplicates import duplicate_rows
 from cluster.data.packing import chunk_sentences, pack_flat, split_of, split_sentences
 from cluster.data.text import clean, content_hash, hash_unit
 
@@ -60,13 +61,16 @@ def weight_copies(digest: bytes, weight: float) -> int:
     return int(whole) + int(weight > whole and hash_unit(digest, salt=7) < weight - whole)
 
 
-def select_batch(batch: pa.Table, duplicates: set[int], weights: dict[str, float], split: str | None = None,
+def select_batch(batch: pa.Table, first: Any, weights: dict[str, float], split: str | None = None,
                   to_validation: set[int] | frozenset[int] = frozenset()) -> pa.Table:
-    """Drop filtered rows and duplicates (and rows of other splits when `split` is given, the keys in
-    `to_validation` counting as validation); apply each source's weight as a deterministic number of copies."""
+    """Drop filtered rows and duplicates (copies of a text in `first`, the duplicated texts' lowest
+    keys or their reference: `cluster.data.duplicates`), and rows of other splits when `split` is
+    given, the keys in `to_validation` counting as validation; apply each source's weight as a
+    deterministic number of copies."""
     keep = pc.equal(batch.column("drop"), "")
-    if duplicates:
-        keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("key"), pa.array(list(duplicates), pa.int64()))))
+    if first is not None:
+        copies = duplicate_rows(batch.column("hash"), batch.column("key").to_numpy(), first)
+        keep = pc.and_(keep, pa.array(~copies))
     if split is not None:
         in_split = pc.equal(batch.column("split"), split)
         if to_validation:

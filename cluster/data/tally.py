@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import ray
 
 from cluster.data.corpus import SPLITS
+from cluster.data.duplicates import duplicate_rows, duplicated_texts
 from cluster.data.pipeline import weight_copies
 from cluster.data.text import DROP_DUPLICATE, hash_unit
 from cluster.errors import CorpusError
@@ -37,9 +38,10 @@ class Counts:
     docs_in: int
     dropped: dict[str, int]
     problems: list[str]
-    duplicates: set[int]
     to_validation: set[int] = field(default_factory=set)  # train documents moved to validation (`top_up`)
-    first: dict[bytes, int] = field(default_factory=dict)  # the lowest key of each text kept more than once
+    # The lowest key of each text kept more than once (`cluster.data.duplicates`), by reference;
+    # None without de-duplication.
+    first: ray.ObjectRef | None = None
 
     @property
     def kept(self) -> int:
@@ -93,26 +95,30 @@ def validation_top_up(split: np.ndarray, copies: np.ndarray, units: Callable[[np
 
 def tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: bool, max_problems: int = 50,
           top_up: tuple[str, int, int] | None = None,
-          first: dict[bytes, int] | None = None) -> tuple[Counts, dict[str, dict[str, float]]]:
-    """Drop counts, problem notes, the keys of duplicate documents and each split's documents after
-    source weights (with `tokens` also its tokens, bytes and log-probability), computed across the
+          first: ray.ObjectRef | None = None) -> tuple[Counts, dict[str, dict[str, float]]]:
+    """Drop counts (duplicates among them), problem notes and each split's documents and bytes of
+    text after source weights (with `tokens` also its tokens and log-probability), computed across the
     cluster. With `top_up` = (layout, block_size, split seed) and `tokens`, a validation split too
     small for one row is topped up from train (`validation_top_up`); the moved keys are in the
     counts. `first`: an earlier tally's `Counts.first` of the same documents, which spares the
-    group-by."""
-    if first is None:
-        first = _duplicated_texts(ds) if dedup else {}
+    sort. With `dedup`, `Counts.first` references the duplicated texts' lowest keys, which
+    `select_batch` drops the other copies by."""
+    if first is None and dedup:
+        from ray.data.expressions import col
+
+        first = duplicated_texts(ds.filter(expr=col("drop") == "").select_columns(["hash", "key"]))
     spec = {"weights": weights, "tokens": tokens, "max_problems": max_problems, "first": first, "top_up": top_up}
-    names = ["key", "hash", "drop", "note", "source", "split"] + (["n_tokens", "n_bytes", "logprob"] if tokens else [])
+    # Without tokens, the text's bytes (for the tokenizer sample's size); select_columns fuses
+    # with the map below, so no column is copied.
+    names = ["key", "hash", "drop", "note", "source", "split"] + (["n_tokens", "n_bytes", "logprob"] if tokens else ["text"])
     blocks = ds.select_columns(names).map_batches(_block_sums, fn_kwargs=spec, batch_format="pyarrow",
                                                    batch_size=None).take_all()
-    counts = Counts(sum(b["docs_in"] for b in blocks), {}, [], set(), first=first)
+    counts = Counts(sum(b["docs_in"] for b in blocks), {}, [], first=first)
     dropped: Counter[str] = Counter()
     for b in blocks:
         dropped.update(json.loads(b["dropped"]))
         counts.problems += json.loads(b["problems"])[: max_problems - len(counts.problems)]
-        counts.duplicates.update(b["duplicates"])
-    counts.dropped = {**dropped, DROP_DUPLICATE: len(counts.duplicates)}
+    counts.dropped = {**dropped, DROP_DUPLICATE: sum(b["duplicates"] for b in blocks)}
     keys = ("documents", "tokens", "bytes", "logprob", "synthetic_docs")
     stats = {s: {k: sum(json.loads(b["stats"])[s][k] for b in blocks) for k in keys} for s in SPLITS}
     if tokens and top_up is not None:
@@ -120,57 +126,31 @@ def tally(ds: ray.data.Dataset, dedup: bool, weights: dict[str, float], tokens: 
     return counts, stats
 
 
-def _duplicated_texts(ds: ray.data.Dataset) -> dict[bytes, int]:
-    """The lowest key of every text kept more than once, found across the cluster: Ray Data sorts
-    the kept (hash, key) pairs by hash, each sorted block counts its own texts with Arrow's group-by,
-    and the driver merges what the blocks send: their duplicated texts and the first and last text
-    of each block (a text can straddle two blocks). Ray Data's own groupby().aggregate() took ~15 s
-    for 240,000 texts on 2 cores (a Python call per group); this takes ~1 s."""
-    from ray.data.expressions import col
-
-    kept = ds.filter(expr=col("drop") == "").select_columns(["hash", "key"]).sort("hash")
-    merged: dict[bytes, tuple[int, int]] = {}
-    for r in kept.map_batches(duplicated_in_block, batch_format="pyarrow", batch_size=None).iter_rows():
-        key, n = merged.get(r["hash"], (r["key_min"], 0))
-        merged[r["hash"]] = (min(key, r["key_min"]), n + r["key_count"])
-    return {h: key for h, (key, n) in merged.items() if n > 1}
-
-
-def duplicated_in_block(batch: pa.Table) -> pa.Table:
-    """(hash, key_min, key_count) of a hash-sorted block's texts that occur more than once in it,
-    and of its first and last text whatever their count."""
-    groups = batch.group_by("hash").aggregate([("key", "min"), ("key", "count")])
-    if not batch.num_rows:
-        return groups
-    ends = pa.array([batch.column("hash")[0].as_py(), batch.column("hash")[-1].as_py()], batch.schema.field("hash").type)
-    keep = pc.or_(pc.greater(groups.column("key_count"), 1), pc.is_in(groups.column("hash"), value_set=ends))
-    return groups.filter(keep)
-
-
 _BLOCK_SCHEMA = pa.schema([("docs_in", pa.int64()), ("dropped", pa.string()), ("problems", pa.string()),
-                           ("duplicates", pa.list_(pa.int64())), ("stats", pa.string()), ("candidates", pa.string())])
+                           ("duplicates", pa.int64()), ("stats", pa.string()), ("candidates", pa.string())])
 
 
 def _block_sums(batch: pa.Table, weights: dict[str, float], tokens: bool, max_problems: int,
-                first: dict[bytes, int], top_up: tuple[str, int, int] | None) -> pa.Table:
-    """One row for the block: documents in, drop counts, its first problem notes, its duplicate
-    keys, and with `tokens` its per-split sums and its top-up candidates (`_candidates`)."""
+                first: ray.ObjectRef | None, top_up: tuple[str, int, int] | None) -> pa.Table:
+    """One row for the block: documents in, drop counts, its first problem notes, its number of
+    duplicates, and with `tokens` its per-split sums and its top-up candidates (`_candidates`)."""
     drops, notes = batch.column("drop").to_pylist(), batch.column("note").to_pylist()
     dropped = Counter(d for d in drops if d)
     problems = [f"{n} ({d})" for d, n in zip(drops, notes, strict=True) if d and n][:max_problems]
     kept = batch.filter(pa.array([not d for d in drops], pa.bool_()))
     keys, digests = kept.column("key").to_numpy(), kept.column("hash").to_pylist()
-    is_dup = np.fromiter((h in first and first[h] != k for k, h in zip(keys.tolist(), digests, strict=True)),
-                         dtype=bool, count=len(digests))
+    is_dup = duplicate_rows(kept.column("hash"), keys, first)
     row: dict[str, Any] = {"docs_in": batch.num_rows, "dropped": json.dumps(dropped), "problems": json.dumps(problems),
-                           "duplicates": keys[is_dup].tolist(), "candidates": "[]"}
+                           "duplicates": int(is_dup.sum()), "candidates": "[]"}
     copies = np.fromiter((weight_copies(h, weights[s]) for h, s in zip(
         digests, kept.column("source").to_pylist(), strict=True)), dtype=np.int64, count=len(digests)) * ~is_dup
     arr = {"key": keys, "split": np.asarray([SPLITS.index(x) for x in kept.column("split").to_pylist()], np.int64)}
     if tokens:
         arr.update({c: kept.column(c).to_numpy() for c in ("n_tokens", "n_bytes", "logprob")})
-    else:  # documents per split only
-        arr.update({"n_tokens": np.zeros(len(keys), np.int64), "n_bytes": np.zeros(len(keys), np.int64),
+    else:  # documents and bytes of text per split only
+        n_bytes = (pc.binary_length(kept.column("text")).to_numpy().astype(np.int64) if "text" in kept.column_names
+                   else np.zeros(len(keys), np.int64))
+        arr.update({"n_tokens": np.zeros(len(keys), np.int64), "n_bytes": n_bytes,
                     "logprob": np.full(len(keys), np.nan)})
     row["stats"] = json.dumps(_split_stats(arr, copies))
     if tokens and top_up is not None:

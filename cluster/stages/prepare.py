@@ -1,11 +1,13 @@
 """jobs.prepare's stage: raw text -> a corpus of sharded token blocks.
 
-Ray Data steps: read (files in parts) -> clean + split -> tokenize -> [driver: counts, duplicates,
-per-split statistics] -> select (drop, de-duplicate, weight) + pack -> write Parquet. A tokenizer to
-train is trained on the cleaned text between cleaning and tokenizing; a reused one lets reading,
-cleaning and tokenizing run fused, one task per part of the input. Everything is written into a
-build folder beside the corpus the name stands for, the manifest last, and swapped in then
-(cluster/data/corpus.py: CorpusBuild), so a failed run leaves the previous corpus as it was.
+Ray Data steps: read (files in parts) -> clean + split -> tokenize -> counts, duplicates and
+per-split statistics (cluster/data/tally.py: computed across the cluster, the driver holds one row
+of sums per block and a reference to the duplicated texts) -> select (drop, de-duplicate, weight) +
+pack -> write Parquet. A tokenizer to train is trained on the cleaned text between cleaning and
+tokenizing; a reused one lets reading, cleaning and tokenizing run fused, one task per part of the
+input. Everything is written into a build folder beside the corpus the name stands for, the
+manifest last, and swapped in then (cluster/data/corpus.py: CorpusBuild), so a failed run leaves
+the previous corpus as it was.
 """
 
 from __future__ import annotations
@@ -116,9 +118,10 @@ def _empty(cfg: PrepareConfig, counts: Counts) -> CorpusError:
 
 
 def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir: str,
-                     n_train: int = 0) -> tuple[Any, str, dict | None]:
-    """(tokenizer, its local folder, what its training sample held or None when reused). `n_train`:
-    the training documents `kept` holds (after weights and de-duplication)."""
+                     n_train: int = 0, train_bytes: int = 0) -> tuple[Any, str, dict | None]:
+    """(tokenizer, its local folder, what its training sample held or None when reused). `n_train`,
+    `train_bytes`: the training documents `kept` holds (after weights and de-duplication) and
+    their bytes of text."""
     sample = None
     if cfg.tokenizer.path:
         path = source = resolve_corpus_path(cfg.tokenizer.path)
@@ -132,7 +135,7 @@ def corpus_tokenizer(cfg: PrepareConfig, kept: ray.data.Dataset | None, workdir:
         assert kept is not None, "training a tokenizer needs the kept documents"
         log.info("training a %s tokenizer (vocab %d) on a sample of about %d documents", cfg.tokenizer.kind,
                  cfg.tokenizer.vocab_size, cfg.tokenizer.train_docs)
-        tok, sample = train_on_sample(kept, cfg.tokenizer, cfg.split.seed, n_train)
+        tok, sample = train_on_sample(kept, cfg.tokenizer, cfg.split.seed, n_train, train_bytes)
         if tok is None:
             raise CorpusError(
                 f"corpus '{cfg.name}': no training documents to train the tokenizer on (every kept document "
@@ -244,10 +247,11 @@ def read_and_tokenize(cfg: PrepareConfig, weights: dict[str, float],
         first = counts.first
         log.info("stage 2/4: tokenizer")
         kept = cleaned.map_batches(
-            select_batch, fn_kwargs={"duplicates": counts.duplicates, "weights": weights},
+            select_batch, fn_kwargs={"first": counts.first, "weights": weights},
             batch_size=2048, batch_format="pyarrow",
         )
-        tok, tok_local, sample = corpus_tokenizer(cfg, kept, workdir, stats["train"]["documents"])
+        tok, tok_local, sample = corpus_tokenizer(cfg, kept, workdir, stats["train"]["documents"],
+                                                 stats["train"]["bytes"])
         log.info("stage 3/4: tokenize")
     tokenized = cleaned.map_batches(
         tokenize_batch,
@@ -271,7 +275,7 @@ def drop_near_duplicates(cfg: PrepareConfig, cleaned: Any) -> Any:
 
 
 def count_documents(cfg: PrepareConfig, tokenized: Any, weights: dict[str, float],
-                    first: dict[bytes, int] | None = None) -> tuple[Counts, dict, int]:
+                    first: Any = None) -> tuple[Counts, dict, int]:
     """Drop reasons, duplicates, per-split statistics and the validation top-up; the number of
     documents kept after weighting. An empty corpus is refused here."""
     top_up = (cfg.pack.layout, cfg.pack.block_size, cfg.split.seed) if cfg.split.validation_fraction else None
@@ -293,7 +297,7 @@ def write_shards(cfg: PrepareConfig, tokenized: Any, counts: Counts, weights: di
     def write(split: str) -> list[dict]:
         part = tokenized.map_batches(
             select_batch, batch_size=4096, batch_format="pyarrow",
-            fn_kwargs={"duplicates": counts.duplicates, "weights": weights, "split": split,
+            fn_kwargs={"first": counts.first, "weights": weights, "split": split,
                        "to_validation": counts.to_validation},
         )
         if cfg.pack.layout == "blocks":

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from cluster.data.duplicates import duplicated_in_block, merge_duplicated
 from cluster.data.files import DOC_SCHEMA
 from cluster.data.packing import pack_blocks
 from cluster.data.pipeline import clean_batch, pack_batch, select_batch, tokenize_batch, weight_copies
@@ -50,22 +51,30 @@ def test_tokenize_counts_utf8_bytes_of_kept_documents_only():
     assert out.column("key").to_pylist() == [0, 1, 2]
 
 
+def first_keys(lowest: dict[bytes, int]):
+    """The duplicated texts' lowest keys as `cluster.data.duplicates` holds them."""
+    return merge_duplicated(pa.table({"hash": pa.array(list(lowest), pa.binary(16)), "key_min": list(lowest.values()),
+                                      "key_count": [2] * len(lowest)}))
+
+
 def test_select_drops_filtered_duplicates_and_other_splits():
     batch = pa.table({"key": pa.array([10, 11, 12, 13], pa.int64()), "source": ["s"] * 4,
                       "hash": pa.array([bytes([i]) * 16 for i in range(4)], pa.binary(16)),
                       "drop": ["", "too_short", "", ""], "split": ["train", "train", "validation", "train"]})
-    assert select_batch(batch, set(), {"s": 1.0}).column("key").to_pylist() == [10, 12, 13]
-    assert select_batch(batch, {13}, {"s": 1.0}, "train").column("key").to_pylist() == [10]
-    assert select_batch(batch, {13}, {"s": 1.0}, "validation").column("key").to_pylist() == [12]
+    assert select_batch(batch, None, {"s": 1.0}).column("key").to_pylist() == [10, 12, 13]
+    # 13's text was first seen at key 5 (another block); 10's text is duplicated, and 10 is its first copy
+    first = first_keys({bytes([3]) * 16: 5, bytes([0]) * 16: 10})
+    assert select_batch(batch, first, {"s": 1.0}, "train").column("key").to_pylist() == [10]
+    assert select_batch(batch, first, {"s": 1.0}, "validation").column("key").to_pylist() == [12]
 
 
 def test_select_counts_documents_moved_to_validation_there():
     batch = pa.table({"key": pa.array([10, 11, 12, 13], pa.int64()), "source": ["s"] * 4,
                       "hash": pa.array([bytes([i]) * 16 for i in range(4)], pa.binary(16)),
                       "drop": [""] * 4, "split": ["train", "train", "validation", "train"]})
-    assert select_batch(batch, set(), {"s": 1.0}, "validation", {13}).column("key").to_pylist() == [12, 13]
-    assert select_batch(batch, set(), {"s": 1.0}, "train", {13}).column("key").to_pylist() == [10, 11]
-    assert select_batch(batch, set(), {"s": 1.0}, None, {13}).column("key").to_pylist() == [10, 11, 12, 13]
+    assert select_batch(batch, None, {"s": 1.0}, "validation", {13}).column("key").to_pylist() == [12, 13]
+    assert select_batch(batch, None, {"s": 1.0}, "train", {13}).column("key").to_pylist() == [10, 11]
+    assert select_batch(batch, None, {"s": 1.0}, None, {13}).column("key").to_pylist() == [10, 11, 12, 13]
 
 
 TRAIN, VAL = 0, 1
@@ -104,7 +113,7 @@ def test_select_applies_source_weights_as_copies_in_order():
     batch = pa.table({"key": pa.array(np.arange(n), pa.int64()), "source": sources,
                       "hash": pa.array(hashes, pa.binary(16)), "drop": [""] * n, "split": ["train"] * n})
     weights = {"a": 2.0, "b": 0.25}
-    keys = select_batch(batch, set(), weights).column("key").to_pylist()
+    keys = select_batch(batch, None, weights).column("key").to_pylist()
     expected = [i for i in range(n) for _ in range(weight_copies(hashes[i], weights[sources[i]]))]
     assert keys == expected
     assert keys.count(1) == 2  # weight 2: every document twice
@@ -116,7 +125,8 @@ def test_pack_blocks_the_selected_documents_of_a_tokenized_batch():
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
     tokenized = tokenize_batch(clean_batch(docs(texts), CLEAN, SPLIT), tok.backend_tokenizer.to_str(), "blocks", 128)
     # selection takes rows out of the middle of the list column (and repeats some): offsets no longer start at 0
-    part = select_batch(tokenized.slice(5), {7, 8}, {"s": 1.5}, "train")
+    hashes = tokenized.column("hash").to_pylist()
+    part = select_batch(tokenized.slice(5), first_keys({hashes[7]: -1, hashes[8]: -1}), {"s": 1.5}, "train")
     selected = [np.asarray(ids, dtype=np.int32) for ids in part.column("ids").to_pylist()]
     blocks = pack_batch(part, 16, eod_id=1)["input_ids"]
     np.testing.assert_array_equal(blocks, pack_blocks(selected, 16, eod_id=1)[0])
@@ -132,13 +142,13 @@ def _tally_blocks(table: pa.Table, cuts: list[int], top_up: tuple[str, int, int]
     for k, h, d in zip(*(table.column(c).to_pylist() for c in ("key", "hash", "drop")), strict=True):
         if not d:
             seen.setdefault(h, []).append(k)
-    first = {h: min(ks) for h, ks in seen.items() if len(ks) > 1}
+    first = first_keys({h: min(ks) for h, ks in seen.items() if len(ks) > 1})
     bounds = [0, *cuts, table.num_rows]
     blocks = [_block_sums(table.slice(a, b - a), {"s": 1.5}, True, 3, first, top_up).to_pylist()[0]
               for a, b in zip(bounds, bounds[1:], strict=False)]
-    counts = Counts(0, {}, [], set())
+    counts = Counts(0, {}, [])
+    counts.dropped["duplicate"] = sum(b["duplicates"] for b in blocks)
     for b in blocks:
-        counts.duplicates.update(b["duplicates"])
         counts.problems += json.loads(b["problems"])[: 3 - len(counts.problems)]
     stats = {s: {k: sum(json.loads(b["stats"])[s][k] for b in blocks)
                  for k in ("documents", "tokens", "bytes", "logprob", "synthetic_docs")} for s in ("train", "validation")}
@@ -162,18 +172,17 @@ def test_tally_is_the_same_whatever_the_blocks():
     whole = _tally_blocks(table, [], ("blocks", 256, 0))
     for cuts in ([1], [50, 51, 333], list(range(7, n, 13))):
         counts, stats = _tally_blocks(table, cuts, ("blocks", 256, 0))
-        assert counts.duplicates == whole[0].duplicates and counts.to_validation == whole[0].to_validation
+        assert counts.dropped == whole[0].dropped and counts.to_validation == whole[0].to_validation
         assert counts.problems == whole[0].problems == ["note 0 (too_short)", "note 37 (too_short)", "note 74 (too_short)"]
         assert {s: {k: round(v, 6) for k, v in d.items()} for s, d in stats.items()} == \
                {s: {k: round(v, 6) for k, v in d.items()} for s, d in whole[1].items()}
-    assert len(whole[0].duplicates) == 100 - sum(1 for i in range(300, n) if drops[i] or drops[i - 300])
+    assert whole[0].dropped["duplicate"] == 100 - sum(1 for i in range(300, n) if drops[i] or drops[i - 300])
     assert whole[0].to_validation  # one validation document of < 50 tokens is short of a 256-token row
     validation = whole[1]["validation"]
     assert validation["tokens"] + validation["documents"] >= 256  # it now weighs a row (tokens + end of document)
 
 
 def test_a_hash_sorted_block_sends_its_duplicated_texts_and_its_edges():
-    from cluster.data.tally import duplicated_in_block
 
     block = pa.table({"hash": pa.array([b"a", b"a", b"b", b"c", b"c", b"c", b"d"], pa.binary()),
                       "key": [5, 1, 2, 7, 3, 9, 4]})

@@ -19,6 +19,16 @@ def test_a_small_corpus_is_taken_whole_in_order():
     assert out.column_names == ["source", "text"] and out.column("text").to_pylist() == batch.column("text").to_pylist()
 
 
+def test_a_draw_larger_than_the_byte_cap_is_drawn_smaller():
+    # Regression: the draw took train_docs of the documents and the byte cap cut it in corpus
+    # order, so 20,000 books of 13 KB (260 MB > 256 MiB) lost the last-listed sources' documents.
+    cap = 256 * 2**20
+    fraction = sample_fraction(1_000_000, 20_000, 20_000 * 13 * 2**10 * 50, cap)
+    assert 0.9 * cap < fraction * 20_000 * 13 * 2**10 * 50 < cap
+    assert sample_fraction(1_000_000, 20_000, 10 * 2**20, cap) == 0.02  # under the cap: by documents
+    assert sample_fraction(500, 20_000, 2 * cap, cap) == 0.5 * 0.95  # few documents but large
+
+
 def test_every_source_is_drawn_in_proportion_whatever_its_place_or_batch():
     # Regression: the tokenizer trained on the first train_docs documents in corpus order, so a
     # source listed after a large one was never seen.
