@@ -6,7 +6,9 @@ the same inputs and adds the soft-target term:
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * task loss
 
-T^2 keeps the soft term's gradients on the scale of the hard term's as T grows. For per-token
+T^2 keeps the soft term's gradients on the scale of the hard term's as T grows. With `hidden` > 0
+the mean squared error between both models' last hidden states (the same width: the student keeps
+the teacher's hidden_size) is added at that weight, as DistilBERT's cosine term aligns them. For per-token
 logits (tagging, completion, language models) the KL is averaged over the positions the attention
 mask keeps. Evaluation is the task objective's alone: validation metrics compare with a model
 trained without a teacher.
@@ -22,12 +24,14 @@ import torch
 class _Recorder:
     """The student as the task objective calls it, keeping the call's inputs and output."""
 
-    def __init__(self, model: Any):
-        self._model = model
+    def __init__(self, model: Any, hidden_states: bool = False):
+        self._model, self._hidden_states = model, hidden_states
         self.kwargs: dict[str, Any] | None = None
         self.output: Any = None
 
     def __call__(self, **kwargs: Any) -> Any:
+        if self._hidden_states:
+            kwargs = {**kwargs, "output_hidden_states": True}
         self.kwargs = kwargs
         self.output = self._model(**kwargs)
         return self.output
@@ -49,13 +53,29 @@ def soft_target_nats(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     return kl.sum(), torch.tensor(float(kl.numel()), device=kl.device)
 
 
-class Distill:
-    """`inner` (a task objective) with `teacher`'s soft targets added to its training loss. With no
-    teacher (or alpha 0) it is `inner` exactly: the student trained alone, for comparison."""
+def hidden_state_sq_error(student: torch.Tensor, teacher: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed mean-over-width squared error between two (batch, positions, width) hidden states;
+    the number of positions summed). `mask` (batch, positions) keeps positions where it is nonzero."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"hidden states of shapes {tuple(student.shape)} and {tuple(teacher.shape)}: the hidden-state "
+                         "term needs the teacher's width")
+    err = (student.float() - teacher.float()).pow(2).mean(-1)  # (batch, positions)
+    if mask is not None:
+        keep = mask.to(err.dtype)
+        return (err * keep).sum(), keep.sum()
+    return err.sum(), torch.tensor(float(err.numel()), device=err.device)
 
-    def __init__(self, inner: Any, teacher: torch.nn.Module | None, alpha: float, temperature: float):
+
+class Distill:
+    """`inner` (a task objective) with `teacher`'s soft targets (and with `hidden` > 0 its last hidden
+    state) added to its training loss. With no teacher (or alpha and hidden 0) it is `inner`
+    exactly: the student trained alone, for comparison."""
+
+    def __init__(self, inner: Any, teacher: torch.nn.Module | None, alpha: float, temperature: float,
+                 hidden: float = 0.0):
         self.inner, self.teacher = inner, teacher
-        self.alpha, self.temperature = alpha, temperature
+        self.alpha, self.temperature, self.hidden = alpha, temperature, hidden
         self.name, self.metrics = inner.name, getattr(inner, "metrics", ())
 
     def __getattr__(self, name: str) -> Any:  # `generate`, `sample_limit`, `score_samples` when inner has them
@@ -67,23 +87,31 @@ class Distill:
         return self.inner.collate(batch, seed)
 
     def forward(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if self.teacher is None or self.alpha == 0 or not model.training:
+        if self.teacher is None or (self.alpha == 0 and self.hidden == 0) or not model.training:
             return self.inner.forward(model, inputs)
-        student = _Recorder(model)
+        student = _Recorder(model, hidden_states=self.hidden > 0)
         task_loss, stats = self.inner.forward(student, inputs)
         if student.kwargs is None:
             raise RuntimeError(f"objective '{self.name}' did not call the model: nothing to distil")
         with torch.no_grad():
-            teacher_logits = self.teacher(**student.kwargs).logits
+            teacher_out = self.teacher(**student.kwargs)
         logits = student.output.logits
         mask = student.kwargs.get("attention_mask") if logits.dim() == 3 else None
-        nats, count = soft_target_nats(logits, teacher_logits, self.temperature, mask)
+        nats, count = soft_target_nats(logits, teacher_out.logits, self.temperature, mask)
         soft = nats / count.clamp(min=1)
         loss = self.alpha * self.temperature ** 2 * soft + (1 - self.alpha) * task_loss
-        return loss, {**stats, "kd_nats": nats.detach(), "kd_positions": count}
+        out = {**stats, "kd_nats": nats.detach(), "kd_positions": count}
+        if self.hidden > 0:
+            sq, n = hidden_state_sq_error(student.output.hidden_states[-1], teacher_out.hidden_states[-1],
+                                          student.kwargs.get("attention_mask"))
+            loss = loss + self.hidden * sq / n.clamp(min=1)
+            out.update({"kd_hidden_sq": sq.detach(), "kd_hidden_positions": n})
+        return loss, out
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         out = self.inner.summarize({k: v for k, v in sums.items() if not k.startswith("kd_")})
         if sums.get("kd_positions"):
             out["kd"] = sums["kd_nats"] / sums["kd_positions"]  # KL at T, nats per position
+        if sums.get("kd_hidden_positions"):
+            out["kd_hidden_mse"] = sums["kd_hidden_sq"] / sums["kd_hidden_positions"]
         return out

@@ -10,7 +10,8 @@ device, under the same autocast. With `compare_baseline` the same student, from 
 initialisation, is trained again for the same steps without the teacher, so the summary says what
 the teacher added.
 
-Causal LM and MLM distillation on a prepared corpus, a hidden-state loss and FSDP are not built
+Causal LM distillation on a prepared corpus is cluster.stages.distill_corpus. MLM distillation on a
+corpus, a hidden-state term between different widths (a learned projection) and FSDP are not built
 yet: a config that asks for them is refused.
 """
 
@@ -83,6 +84,8 @@ class StudentSection(Section):
 class DistillSection(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets (1 - alpha: the task's labels)")
     temperature: float = Field(2.0, gt=0, description="softmax temperature of both models' logits in the soft term")
+    hidden: float = Field(0.0, ge=0, description="weight of the mean squared error between the student's and the "
+                          "teacher's last hidden states, added to the loss (the student keeps the teacher's width)")
 
 
 class DistillConfig(Section):
@@ -259,6 +262,10 @@ def plan_student(cfg: DistillConfig, teacher: str, teacher_cfg: dict[str, Any]) 
         path, config = None, student_config(cfg.student, tconfig)
         layers = _layers(config)
         picks = picked_layers(_layers(tconfig), layers) if cfg.student.init == "teacher_layers" else None
+    if cfg.distill.hidden and config.hidden_size != tconfig.hidden_size:
+        raise JobError(f"distill.hidden: the student's width ({config.hidden_size}) is not the teacher's "
+                       f"({tconfig.hidden_size}); the hidden-state term compares the two as they are (no projection): "
+                       "keep the teacher's hidden_size or set distill.hidden 0")
     with torch.device("meta"):
         student_params = sum(p.numel() for p in model_cls.from_config(config).parameters())
         teacher_params = sum(p.numel() for p in model_cls.from_config(tconfig).parameters())
@@ -324,7 +331,7 @@ def run_worker(cfg: DistillConfig, plan: Plan, meta: dict[str, Any], session: An
     model = build_student(cfg, meta, teacher)
     ft = cfg.as_finetune(meta["teacher"])
     objective = Distill(objectives.build(finetune.objective_spec(ft, meta), tokenizer), teacher,
-                        cfg.distill.alpha, cfg.distill.temperature)
+                        cfg.distill.alpha, cfg.distill.temperature, cfg.distill.hidden)
     loop = Loop(cfg, plan, objective, model, tokenizer, session)
     loop.resume()
     if teacher is not None:

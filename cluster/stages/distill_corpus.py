@@ -131,7 +131,7 @@ def corpus_worker(cfg: Any, plan: Plan, meta: dict[str, Any], alone: bool) -> No
     teacher = None if alone else D.load_model("lm", meta["teacher"]).eval().requires_grad_(False).to(session.device)
     model = D.build_student(cfg, meta, teacher)
     objective = Distill(objectives.build({"kind": "clm", "bytes_per_token": plan.bytes_per_token}, tokenizer), teacher,
-                        cfg.distill.alpha, cfg.distill.temperature)
+                        cfg.distill.alpha, cfg.distill.temperature, cfg.distill.hidden)
     loop = Loop(cfg, plan, objective, model, tokenizer, session, ahead=ahead)
     loop.resume()
     if teacher is not None:

@@ -102,8 +102,9 @@ def test_a_distilled_run_publishes_its_student(distilled, tmp_path):
 
 
 def test_a_killed_distillation_resumes_at_its_checkpoint(teacher, ray_session):
+    # with the hidden-state term (the student keeps the teacher's width)
     cfg = distill_config("t-dist-resume", f"teacher={teacher}", "compare_baseline=false", "train.max_steps=40",
-                         "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=1")
+                         "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=1", "distill.hidden=0.5")
     run_dir = os.path.join(os.environ["RAYLM_STORAGE"], "distill", cfg.name)
     path = os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.yaml")
     with open(path, "w") as f:
@@ -132,12 +133,16 @@ def test_a_killed_distillation_resumes_at_its_checkpoint(teacher, ray_session):
     rows = [json.loads(line) for line in open(s["metrics"])]
     assert [r["step"] for r in rows if r["split"] == "resume"] == [resume_step]
     assert s["final"]["metrics"]["step"] == 40 and s["teacher"]["metrics"]["val_accuracy"] > 0.5
+    train = [r for r in rows if r["split"] == "train"]
+    assert train and all(r["train_kd_hidden_mse"] > 0 for r in train), train[-1]
 
 
 @pytest.mark.parametrize("sets, message", [
     (["student.layers=3"], "student.layers 3: student.init 'teacher_layers' copies teacher blocks, and the teacher has 2"),
     (["student.init=fresh", "student.hidden_size=100", "student.heads=3"], "hidden_size 100 is not a multiple of heads 3"),
     (["data.synthetic=entities", "task=tagging"], "distilling 'tagging' needs a teacher fine-tuned for it"),
+    (["student.init=fresh", "student.hidden_size=16", "student.heads=2", "distill.hidden=1"],
+     "distill.hidden: the student's width (16) is not the teacher's"),
 ])
 def test_a_config_that_cannot_work_fails_before_any_worker_starts(teacher, sets, message, capsys):
     rc = distill_job.main(["--config", os.path.join(REPO, "configs", "distill-topic-tiny.yaml"),

@@ -217,3 +217,48 @@ def test_a_causal_lm_student_learns_from_every_position_of_the_teacher():
         s, t = student(**ids).logits, teacher(**ids).logits
     assert float(loss.detach()) == pytest.approx(float(soft_target_nats(s, t, 1.0)[0] / 16), rel=1e-4)
     assert "bits_per_byte" in Distill(task, teacher, 1.0, 1.0).summarize({**{k: float(v) for k, v in stats.items()}})
+
+
+def test_the_hidden_state_term_adds_the_masked_mse_of_the_last_hidden_states():
+    from cluster.objectives.distill import hidden_state_sq_error
+
+    student, teacher = gpt_teacher(1).train(), gpt_teacher(2).eval()
+    task = SequenceClassification(LABELS, pad_id=0, token_types=False)
+    batch = _batch()
+    hard, _ = task.forward(student, batch)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    mask = batch["attention_mask"].float()
+    mse = float((((s.hidden_states[-1] - t.hidden_states[-1]) ** 2).mean(-1) * mask).sum() / mask.sum())
+    assert mse > 0
+    soft = float(soft_target_nats(s.logits, t.logits, 2.0)[0] / 2)
+    loss, stats = Distill(task, teacher, 0.3, 2.0, hidden=0.5).forward(student, batch)
+    assert float(loss.detach()) == pytest.approx(0.3 * 4 * soft + 0.7 * float(hard.detach()) + 0.5 * mse, rel=1e-4)
+    assert Distill(task, teacher, 0.3, 2.0).summarize({k: float(v) for k, v in stats.items()})["kd_hidden_mse"] == \
+        pytest.approx(mse, rel=1e-4)
+    # alpha 0: the task loss and the hidden-state term, still with the teacher
+    loss0, _ = Distill(task, teacher, 0.0, 2.0, hidden=2.0).forward(student, batch)
+    assert float(loss0.detach()) == pytest.approx(float(hard.detach()) + 2.0 * mse, rel=1e-4)
+    loss0.backward()  # the term trains the student's blocks, never the teacher
+    assert student.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    # masked positions do not count; other widths are refused
+    changed = s.hidden_states[-1].clone()
+    changed[1, 3] += 100.0
+    assert torch.allclose(hidden_state_sq_error(changed, t.hidden_states[-1], batch["attention_mask"])[0],
+                          hidden_state_sq_error(s.hidden_states[-1], t.hidden_states[-1], batch["attention_mask"])[0])
+    with pytest.raises(ValueError, match="needs the teacher's width"):
+        hidden_state_sq_error(torch.zeros(1, 2, 16), torch.zeros(1, 2, 32))
+
+
+def test_a_hidden_state_term_between_other_widths_is_refused_before_any_worker(tmp_path):
+    teacher = gpt_teacher(4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    teacher_cfg = teacher.config.to_dict()
+    cfg = build(D.DistillConfig, {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0},
+                                  "student": {"init": "fresh", "hidden_size": 16, "heads": 2}})
+    with pytest.raises(JobError, match=r"distill.hidden: the student's width \(16\) is not the teacher's \(32\)"):
+        D.plan_student(cfg, str(tmp_path / "teacher"), teacher_cfg)
+    same = build(D.DistillConfig, {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0}})
+    assert D.plan_student(same, str(tmp_path / "teacher"), teacher_cfg)["layers"] == 2
