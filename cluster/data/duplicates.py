@@ -11,8 +11,6 @@ duplicate keys, and passed the set to every selecting task.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -94,18 +92,14 @@ def sort_blocks(ds: ray.data.Dataset, rows: int = SORT_BLOCK_ROWS) -> ray.data.D
     return ds.map_batches(_same, batch_format="pyarrow", batch_size=rows)
 
 
-_merge_task: Any = None
+_merge_task = ray.remote(num_cpus=1)(merge_duplicated)
 
 
 def duplicated_texts(kept: ray.data.Dataset) -> ray.ObjectRef:
     """The reference to `merge_duplicated` over `kept` (the kept documents' hash and key columns),
     computed across the cluster: Ray Data sorts the pairs by hash (in few large blocks:
     `SORT_BLOCK_ROWS`), each sorted block counts its own texts with Arrow's group-by, and one task
-    merges what the blocks send. Ray Data's own
-    groupby().aggregate() took ~15 s for 240,000 texts on 2 cores (a Python call per group); this
-    takes ~1 s."""
-    global _merge_task
-    if _merge_task is None:
-        _merge_task = ray.remote(num_cpus=1)(merge_duplicated)
+    merges what the blocks send. Ray Data's own groupby().aggregate() took ~15 s for 240,000 texts
+    on 2 cores (a Python call per group); this takes ~1 s."""
     per_block = sort_blocks(kept).sort("hash").map_batches(duplicated_in_block, batch_format="pyarrow", batch_size=None)
     return _merge_task.remote(*per_block.to_arrow_refs())
