@@ -1,6 +1,8 @@
-"""jobs.distill: train a smaller student from a fine-tuned teacher on Ray Train workers.
+"""jobs.distill: train a smaller student from a fine-tuned teacher (task data) or a pretrained one
+(a prepared corpus: `task: lm` for GPT/Llama, `task: mlm` for BERT/RoBERTa/ALBERT) on Ray Train workers.
 
     python -m jobs.distill --config configs/distill-topic-tiny.yaml [--set student.layers=1 distill.alpha=0.7]
+    python -m jobs.distill --config configs/distill-bert-tiny.yaml
     ray job submit --working-dir . -- python -m jobs.distill --config configs/distill-topic-tiny.yaml
 A re-submitted run with the same name resumes from its latest checkpoint; `raylm publish <name>`
 publishes the student.

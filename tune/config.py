@@ -1,5 +1,6 @@
-"""The sweep's typed config: search space domains, scheduler, search algorithm, trial resources and
-publishing; every problem a trial would hit late is checked before any trial starts.
+"""The sweep's typed config: the run every trial starts from (a fine-tuning or a distillation
+config), search space domains, scheduler, search algorithm, trial resources and publishing; every
+problem a trial would hit late is checked before any trial starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ray import tune
 from cluster.config import ConfigError, Section, build, set_dotted
 from cluster.objectives.metrics import DEFAULT_METRIC, METRICS
 from cluster.runs import check_name
+from cluster.stages.distill import CORPUS_TASKS, DistillConfig
 from cluster.stages.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ class Domain(Section):
         return next(k for k in ("loguniform", "uniform", "randint", "choice", "grid") if getattr(self, k) is not None)
 
     def values(self) -> list[Any]:
-        """Representative values (the bounds for ranges): the key is checked with each before any trial."""
+        """Representative values (the bounds for ranges; randint's high is excluded): the key is checked with
+        each before any trial."""
+        if self.kind == "randint":
+            return [self.randint[0], self.randint[1] - 1]
         return list(getattr(self, self.kind))
 
     def to_tune(self, grid_choices: bool = False) -> Any:
@@ -95,9 +100,11 @@ class PublishConfig(Section):
 
 class SweepConfig(Section):
     name: str = Field("sweep", description="<RAYLM_STORAGE>/tune/<name>/; the same name and config resumes")
-    finetune: FinetuneConfig = Field(description="the fine-tuning run every trial starts from")
-    search: dict[str, Domain] = Field(default_factory=dict, description="dotted finetune keys -> domains, "
-                                      "e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+    finetune: FinetuneConfig | None = Field(None, description="the fine-tuning run every trial starts from")
+    distill: DistillConfig | None = Field(None, description="or the distillation every trial starts from (a "
+                                          "fine-tuning task's data; its student learns beside the teacher)")
+    search: dict[str, Domain] = Field(default_factory=dict, description="dotted keys of the base run -> domains, "
+                                      "e.g. optim.lr: {loguniform: [1e-4, 1e-2]}, distill.alpha: {uniform: [0.2, 0.9]}")
     metric: str | None = Field(None, description="validation metric to optimise (default by task)")
     mode: Literal["max", "min"] | None = Field(None, description="default: the metric's natural direction")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -115,17 +122,35 @@ class SweepConfig(Section):
     @model_validator(mode="after")
     def _name(self) -> SweepConfig:
         check_name(self.name)
+        if (self.finetune is None) == (self.distill is None):
+            raise ValueError("give exactly one of finetune (a fine-tuning sweep) and distill (a distillation sweep)")
+        if self.distill is not None and self.distill.task in CORPUS_TASKS:
+            raise ValueError(f"distill.task '{self.distill.task}': a sweep distils on a fine-tuning task's data "
+                             "(classification, tagging, completion); run jobs.distill for a corpus")
+        if self.distill is not None and self.distill.compare_baseline:
+            raise ValueError("distill.compare_baseline: a sweep's trials train with the teacher only; set it false "
+                             "and run jobs.distill with the best trial's config to compare")
         return self
 
     @property
+    def base(self) -> FinetuneConfig | DistillConfig:
+        """The run every trial starts from."""
+        return self.finetune if self.finetune is not None else self.distill
+
+    @property
+    def base_key(self) -> str:
+        """Where that run sits in this config: finetune or distill."""
+        return "finetune" if self.finetune is not None else "distill"
+
+    @property
     def objective(self) -> tuple[str, str]:
-        task = self.finetune.task
+        task = self.base.task
         metric = self.metric or DEFAULT_METRIC[task]
         return metric, self.mode or METRICS[task].get(metric, "max")
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The base fine-tune config with the trial's dotted values set."""
+    """The base run's config (fine-tuning or distillation) with the trial's dotted values set."""
     out = copy.deepcopy(base)
     for key, value in params.items():
         set_dotted(out, key, value)
@@ -137,7 +162,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
 def check_sweep(cfg: SweepConfig) -> None:
     """Every problem a trial would hit late, reported at once before any trial starts."""
     problems = []
-    task = cfg.finetune.task
+    task = cfg.base.task
     metric, _ = cfg.objective
     if not cfg.search and not (cfg.scheduler.kind == "pbt" and cfg.scheduler.mutations):
         problems.append("search: the search space is empty; give at least one key, e.g. "
@@ -149,16 +174,19 @@ def check_sweep(cfg: SweepConfig) -> None:
         problems.append(f"mode '{cfg.mode}' would pick the worst trial: '{metric}' is better when "
                         f"{'higher' if METRICS[task][metric] == 'max' else 'lower'} (set mode: "
                         f"{METRICS[task][metric]}, or leave mode out)")
-    fixed = [k for k in cfg.search if k == "task" or k.startswith(("model.checkpoint", "data.", "scaling."))]
+    fixed = [k for k in cfg.search if k in ("task", "teacher", "corpus", "compare_baseline")
+             or k.startswith(("model.checkpoint", "data.", "scaling.", "student.checkpoint"))]
     if fixed:
-        problems.append(f"search keys {fixed}: the data, base checkpoint and tokenizer are prepared once per sweep "
-                        "and trial resources come from trial.*; search training keys (optim.*, train.*, "
-                        "strategy.*) instead, or run one sweep per base model / dataset")
-    base = cfg.finetune.to_dict()
+        searchable = "optim.*, train.*, strategy.*" if cfg.finetune is not None else \
+            "optim.*, train.*, distill.*, student.* shape"
+        problems.append(f"search keys {fixed}: the data, base checkpoint or teacher and tokenizer are prepared once per "
+                        f"sweep and trial resources come from trial.*; search training keys ({searchable}) instead, "
+                        "or run one sweep per base model / dataset")
+    base = cfg.base.to_dict()
     for key, domain in {**cfg.search, **cfg.scheduler.mutations}.items():
         for value in domain.values():
             try:
-                build(FinetuneConfig, trial_config(base, {key: value}), source=f"search.{key}")
+                build(type(cfg.base), trial_config(base, {key: value}), source=f"search.{key}")
             except ConfigError as exc:
                 problems.append(str(exc).replace("config key '", f"search key '{key}' -> '"))
                 break

@@ -1,4 +1,5 @@
-"""The sweep's driver: check the config, prepare the data once, run (or restore) the Tuner, then
+"""The sweep's driver: check the config, prepare the data once (for a distillation sweep also resolve
+the teacher and check every searched student shape against it), run (or restore) the Tuner, then
 write the results table and plot and publish the best trial's checkpoint to the registry.
 
 Re-running an interrupted sweep (same name, same config) restores it with `Tuner.restore`: finished
@@ -17,7 +18,7 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from cluster import registry, storage
-from cluster.checkpoints import TASKS
+from cluster.checkpoints import TASKS, local_copy
 from cluster.config import same_config
 from cluster.errors import JobError
 from cluster.runs import RunDir
@@ -53,20 +54,20 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
         raise JobError(f"sweep '{cfg.name}' already exists at '{run.path}' with a different config; use another "
                        "name, or delete that folder to start over")
     concurrency: dict[str, int] = {}
-    ts = setup(cfg.finetune, root, run, fits=lambda: concurrency.update(trials=concurrent_trials(cfg)))
+    ts, meta, ft = base_setup(cfg, root, run, fits=lambda: concurrency.update(trials=concurrent_trials(cfg)))
     run.begin(cfg)
     fitted = cfg.model_copy(update={"max_concurrent_trials": concurrency["trials"]})
-    base_plan = plan_run(cfg.finetune, ts.meta, run.path, cfg.trial.workers)
+    base_plan = plan_run(ft, meta, run.path, cfg.trial.workers)
     trainable = tune.with_parameters(
-        trial_main, base=cfg.finetune.to_dict(), meta=ts.meta, data={"train": ts.train, "validation": ts.validation},
-        trial={**cfg.trial.to_dict(), "metric": metric, "mode": mode}, sweep_dir=run.path,
+        trial_main, base=cfg.base.to_dict(), meta=meta, data={"train": ts.train, "validation": ts.validation},
+        trial={**cfg.trial.to_dict(), "metric": metric, "mode": mode, "base": cfg.base_key}, sweep_dir=run.path,
     )
     trainable = tune.with_resources(trainable, trial_resources(cfg.trial))
     tune_env_defaults(os.environ)
     pbt = cfg.scheduler.kind == "pbt"
     # PBT clones the checkpoint a top trial had at its last perturbation; it saves one per evaluation
-    interval = cfg.scheduler.perturbation_interval or cfg.finetune.train.eval_every
-    keep_recent = -(-interval // cfg.finetune.train.eval_every) + 1
+    interval = cfg.scheduler.perturbation_interval or cfg.base.train.eval_every
+    keep_recent = -(-interval // cfg.base.train.eval_every) + 1
     if restoring:
         log.info("restoring sweep '%s' from %s", cfg.name, run.path)
         tuner = tune.Tuner.restore(run.path, trainable, resume_unfinished=True, resume_errored=True)
@@ -79,7 +80,7 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
                 metric=metric, mode=mode, num_samples=cfg.num_samples,
                 # a generator of our own carries the limit (build_search); Tune applies it to the rest
                 max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator) else fitted.max_concurrent_trials,
-                scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.finetune.train.eval_every),
+                scheduler=build_scheduler(cfg, base_plan.max_steps, cfg.base.train.eval_every),
                 search_alg=search_alg, reuse_actors=cfg.reuse_actors,
             ),
             run_config=tune.RunConfig(
@@ -95,7 +96,37 @@ def sweep(cfg: SweepConfig, root: str | None = None) -> dict[str, Any]:
             ),
         )
     results = tuner.fit()
-    return finish(cfg, run, ts, results, base_plan.max_steps, t0, restored=restoring)
+    return finish(cfg, run, ts, meta, results, base_plan.max_steps, t0, restored=restoring)
+
+
+def base_setup(cfg: SweepConfig, root: str | None, run: RunDir, fits: Any) -> tuple[TaskSetup, dict[str, Any], Any]:
+    """(the data prepared once, what every trial reads of it, the fine-tuning config it was prepared
+    for). A distillation sweep prepares it as jobs.distill does, on the teacher's tokenizer, after
+    the teacher is resolved and the base student and every searched student.* / distill.hidden value
+    (ranges at their bounds) are planned against it: a shape no trial could build fails here."""
+    if cfg.finetune is not None:
+        ts = setup(cfg.finetune, root, run, fits=fits)
+        return ts, ts.meta, cfg.finetune
+    from cluster.stages import distill as D
+
+    d = cfg.distill
+    teacher = D.resolve_teacher(d.teacher, root)
+    teacher_cfg = D.base_config(local_copy(teacher) if storage.is_uri(teacher) else teacher, key="distill.teacher",
+                                runs="a fine-tuning run")
+    D.check_teacher(d.task, teacher_cfg, teacher)
+    student = D.plan_student(d, teacher, teacher_cfg)
+    for key, domain in cfg.search.items():
+        if key.startswith("student.") or key == "distill.hidden":
+            for value in domain.values():
+                try:
+                    D.plan_student(D.DistillConfig.model_validate(trial_config(d.to_dict(), {key: value})), teacher,
+                                   teacher_cfg)
+                except JobError as exc:
+                    raise JobError(f"search key '{key}' -> {value!r}: {exc}") from None
+    ft = d.as_finetune(teacher)
+    ts = setup(ft, root, run, fits=fits)
+    D.check_labels(teacher_cfg, ts.meta["labels"], teacher)
+    return ts, {**ts.meta, "teacher": teacher, "student": student}, ft
 
 
 def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -108,10 +139,10 @@ def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cf
     if best.get("best_step") == 0:  # the evaluation before any step: the base model with an untrained head
         return {"published": False, "name": name,
                 "reason": f"no trial improved on the untuned model ({metric} {best[metric]:.4g} before any step); "
-                          "train longer (finetune.train.max_steps) or search other learning rates"}
+                          f"train longer ({cfg.base_key}.train.max_steps) or search other learning rates"}
     try:
         path = registry.publish(
-            best["checkpoint"], name, TASKS[cfg.finetune.task][1],
+            best["checkpoint"], name, TASKS[cfg.base.task][1],
             metric={"name": metric, "value": best[metric], "mode": mode}, labels=ts.meta["labels"],
             config=trial_cfg, sweep_id=f"{cfg.name}/{best['trial_id']}", force=cfg.publish.force,
         )
@@ -120,8 +151,8 @@ def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cf
     return {"published": True, "name": name, "path": path}
 
 
-def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, results: Any, max_steps: int, t0: float,
-           restored: bool) -> dict[str, Any]:
+def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, meta: dict[str, Any], results: Any, max_steps: int,
+           t0: float, restored: bool) -> dict[str, Any]:
     metric, mode = cfg.objective
     rows = trial_rows(cfg, results, max_steps)
     keys = ["trial_id", *cfg.search, *[k for k in cfg.scheduler.mutations if k not in cfg.search], "untuned", metric,
@@ -136,16 +167,25 @@ def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, results: Any, max_steps
         raise JobError(f"sweep '{cfg.name}': no trial reported '{metric}' with a checkpoint "
                        f"({len(errors)} of {len(rows)} trials failed; see {run.path})")
     searched = [*cfg.search, *cfg.scheduler.mutations]
-    trial_cfg = trial_config(cfg.finetune.to_dict(), {k: best[k] for k in searched if best.get(k) is not None})
+    trial_cfg = trial_config(cfg.base.to_dict(), {k: best[k] for k in searched if best.get(k) is not None})
     published = publish_best(cfg, ts, best, trial_cfg)
     print(f"published '{published['name']}': {published['path']}" if published["published"]
           else f"not published: {published['reason']}", flush=True)
+    distilled = {}
+    if cfg.distill is not None:
+        from cluster.stages import distill as D
+
+        student = D.plan_student(D.DistillConfig.model_validate(trial_cfg), meta["teacher"],
+                                 D.base_config(local_copy(meta["teacher"])))
+        distilled = {"teacher": {"checkpoint": meta["teacher"], "params": student["teacher_params"],
+                                 "layers": student["teacher_layers"]},
+                     "student": {k: student[k] for k in ("init", "layers", "params")}}
     return {
-        "task": cfg.finetune.task, "metric": metric, "mode": mode, "restored": restored,
+        "task": cfg.base.task, "metric": metric, "mode": mode, "restored": restored,
         "trials": len(rows), "errored": errors, "stopped_early": sum(r["status"] == "STOPPED" for r in rows),
         "trial_steps": sum(r["steps"] for r in rows), "max_steps_per_trial": max_steps,
         "best": {k: best[k] for k in ("trial_id", metric, "best_step", "checkpoint")} | {
             "config": {k: best[k] for k in [*cfg.search, *cfg.scheduler.mutations] if k in best}},
-        "baseline": ts.baseline, "registry": published, "results": table, "plot": plot,
+        "baseline": ts.baseline, **distilled, "registry": published, "results": table, "plot": plot,
         "seconds": round(time.time() - t0, 2),
     }

@@ -1,7 +1,7 @@
-"""One sweep trial = one fine-tuning run through cluster.stages.finetune (the same loop, objectives
-and strategies). With one worker a trial is a Tune function trainable running the loop in its own
-process (TuneSession); with N workers it runs Ray Train (cluster.train.launcher)
-inside the trial and forwards its reports to Tune."""
+"""One sweep trial = one fine-tuning run through cluster.stages.finetune, or one distillation through
+cluster.stages.distill (the same loop, objectives and strategies). With one worker a trial is a Tune
+function trainable running the loop in its own process (TuneSession); with N workers it runs Ray
+Train (cluster.train.launcher) inside the trial and forwards its reports to Tune."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from cluster import storage
+from cluster.checkpoints import local_copy
 from cluster.data.ingest import epoch_datasets, quiet_data_logs
 from cluster.stages.finetune import FinetuneConfig, plan_run, run_worker
 from cluster.train.session import quiet_exit_on_sigterm
@@ -56,33 +57,53 @@ def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any
     ctx = tune.get_context()
     cfg_dict = trial_config(base, config)
     cfg_dict["name"] = f"trial-{ctx.get_trial_id()}"
-    cfg = FinetuneConfig.model_validate(cfg_dict)
+    distill = trial["base"] == "distill"
+    if distill:
+        from cluster.stages import distill as D
+
+        cfg = D.DistillConfig.model_validate(cfg_dict)
+        # this trial's student: its shape may be searched (checked against the teacher before the sweep)
+        meta = {**meta, "student": D.plan_student(cfg, meta["teacher"], D.base_config(local_copy(meta["teacher"])))}
+    else:
+        cfg = FinetuneConfig.model_validate(cfg_dict)
     run_dir = storage.join(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))
     quiet_data_logs()
     if trial["workers"] == 1:
         cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = 1, trial["cpus"]
-        plan = replace(plan_run(cfg, meta, run_dir, 1), progress=False)
+        plan = replace(plan_run(_finetune_view(cfg, meta), meta, run_dir, 1), progress=False)
         session = TuneSession(epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
                               use_gpu=trial["gpus"] > 0)
-        run_worker(cfg, plan, meta, session)
+        if distill:
+            D.run_worker(cfg, plan, meta, session, alone=False)
+        else:
+            run_worker(cfg, plan, meta, session)
         return
     _trial_on_train(cfg, meta, data, trial, run_dir, ctx.get_trial_id(), sweep_dir)
 
 
-def _trial_on_train(cfg: FinetuneConfig, meta: dict, data: dict, trial: dict, run_dir: str, trial_id: str,
+def _finetune_view(cfg: Any, meta: dict[str, Any]) -> FinetuneConfig:
+    """The fine-tuning config a trial's steps are planned with: a distillation's, on its teacher."""
+    return cfg if isinstance(cfg, FinetuneConfig) else cfg.as_finetune(meta["teacher"])
+
+
+def _trial_on_train(cfg: Any, meta: dict, data: dict, trial: dict, run_dir: str, trial_id: str,
                     sweep_dir: str) -> None:
     """N workers: a TorchTrainer inside the trial; TuneReportCallback forwards each report (with the
     checkpoint's path) to Tune. Re-running the trial resumes the Train run of the same name."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.stages.finetune import worker_main
+    from cluster.stages import distill, finetune
     from cluster.train import launcher
 
     # GPUs first: the worker count is checked against them (FSDP needs GPUs) as it is assigned
     cfg.scaling.use_gpu, cfg.scaling.gpus_per_worker = trial["gpus"] > 0, trial["gpus"] or 1
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = trial["workers"], trial["cpus"]
-    plan = replace(plan_run(cfg, meta, run_dir, trial["workers"]), progress=False)
-    launcher.fit(worker_main, {"cfg": cfg.to_dict(), "plan": asdict(plan), "meta": meta}, cfg.scaling, name=trial_id,
+    plan = replace(plan_run(_finetune_view(cfg, meta), meta, run_dir, trial["workers"]), progress=False)
+    config = {"cfg": cfg.to_dict(), "plan": asdict(plan), "meta": meta}
+    worker_main = finetune.worker_main
+    if trial["base"] == "distill":
+        config, worker_main = {**config, "alone": False}, distill.worker_main
+    launcher.fit(worker_main, config, cfg.scaling, name=trial_id,
                  storage_path=storage.join(sweep_dir, "train-runs"),
                  datasets=epoch_datasets(data["train"], data["validation"], plan.epochs, cfg.train.seed),
                  keep=1, metric=trial["metric"], mode=trial["mode"], callbacks=[TuneReportCallback()],

@@ -8,15 +8,18 @@ the same inputs and adds the soft-target term:
 
 T^2 keeps the soft term's gradients on the scale of the hard term's as T grows. With `hidden` > 0
 the mean squared error between both models' last hidden states (the same width: the student keeps
-the teacher's hidden_size) is added at that weight, as DistilBERT's cosine term aligns them. For per-token
-logits (tagging, completion, language models) the KL is averaged over the positions the attention
-mask keeps. Evaluation is the task objective's alone: validation metrics compare with a model
-trained without a teacher.
+the teacher's hidden_size) is added at that weight, as DistilBERT's cosine term aligns them. For
+per-token logits (tagging, completion, causal language models) the KL is averaged over the
+positions the attention mask keeps; with `positions="labels"` (masked LM) over the positions the
+task scores (labels != -100, the masked tokens: DistilBERT's `restrict_ce_to_mask`), since at the
+others both models mostly copy the input. A sentence-pair head (NSP/SOP) learns from its own labels
+only. Evaluation is the task objective's alone: validation metrics compare with a model trained
+without a teacher.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -67,15 +70,21 @@ def hidden_state_sq_error(student: torch.Tensor, teacher: torch.Tensor,
     return err.sum(), torch.tensor(float(err.numel()), device=err.device)
 
 
+def _token_logits(output: Any) -> torch.Tensor:
+    """The logits the soft targets compare: BERT's and ALBERT's pretraining heads call their token
+    logits `prediction_logits` (beside the pair head's), every other head `logits`."""
+    return output.prediction_logits if hasattr(output, "prediction_logits") else output.logits
+
+
 class Distill:
     """`inner` (a task objective) with `teacher`'s soft targets (and with `hidden` > 0 its last hidden
     state) added to its training loss. With no teacher (or alpha and hidden 0) it is `inner`
     exactly: the student trained alone, for comparison."""
 
     def __init__(self, inner: Any, teacher: torch.nn.Module | None, alpha: float, temperature: float,
-                 hidden: float = 0.0):
+                 hidden: float = 0.0, positions: Literal["attention", "labels"] = "attention"):
         self.inner, self.teacher = inner, teacher
-        self.alpha, self.temperature, self.hidden = alpha, temperature, hidden
+        self.alpha, self.temperature, self.hidden, self.positions = alpha, temperature, hidden, positions
         self.name, self.metrics = inner.name, getattr(inner, "metrics", ())
 
     def __getattr__(self, name: str) -> Any:  # `generate`, `sample_limit`, `score_samples` when inner has them
@@ -95,9 +104,11 @@ class Distill:
             raise RuntimeError(f"objective '{self.name}' did not call the model: nothing to distil")
         with torch.no_grad():
             teacher_out = self.teacher(**student.kwargs)
-        logits = student.output.logits
-        mask = student.kwargs.get("attention_mask") if logits.dim() == 3 else None
-        nats, count = soft_target_nats(logits, teacher_out.logits, self.temperature, mask)
+        logits, teacher_logits = _token_logits(student.output), _token_logits(teacher_out)
+        mask = None
+        if logits.dim() == 3:
+            mask = inputs["labels"] != -100 if self.positions == "labels" else student.kwargs.get("attention_mask")
+        nats, count = soft_target_nats(logits, teacher_logits, self.temperature, mask)
         soft = nats / count.clamp(min=1)
         loss = self.alpha * self.temperature ** 2 * soft + (1 - self.alpha) * task_loss
         out = {**stats, "kd_nats": nats.detach(), "kd_positions": count}

@@ -10,9 +10,9 @@ device, under the same autocast. With `compare_baseline` the same student, from 
 initialisation, is trained again for the same steps without the teacher, so the summary says what
 the teacher added.
 
-Causal LM distillation on a prepared corpus is cluster.stages.distill_corpus. MLM distillation on a
-corpus, a hidden-state term between different widths (a learned projection) and FSDP are not built
-yet: a config that asks for them is refused.
+Causal and masked LM distillation on a prepared corpus is cluster.stages.distill_corpus. A
+hidden-state term between different widths (a learned projection) and FSDP are not built yet: a
+config that asks for them is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from cluster.config import Section
 from cluster.data import tasks
 from cluster.data.ingest import epoch_datasets
 from cluster.errors import JobError
+from cluster.objectives.lm import ObjectiveConfig
 from cluster.objectives.tasks import EvalOptions
 from cluster.runs import RunDir, RunLookupError, check_name, named_run, run_checkpoint
 from cluster.stages import finetune
@@ -54,7 +55,11 @@ LAYER_KEY = re.compile(r"^(.*?\.(?:h|layer|layers))\.(\d+)\.(.+)$")
 
 # what a teacher for each task is: the architecture suffixes its config.json names
 TEACHER_HEADS = {"classification": ("ForSequenceClassification",), "tagging": ("ForTokenClassification",),
-                 "completion": ("ForCausalLM", "LMHeadModel"), "lm": ("ForCausalLM", "LMHeadModel")}
+                 "completion": ("ForCausalLM", "LMHeadModel"), "lm": ("ForCausalLM", "LMHeadModel"),
+                 "mlm": ("ForPreTraining", "ForMaskedLM")}
+
+# the tasks learnt from a prepared corpus (the rest from fine-tuning's task data)
+CORPUS_TASKS = ("lm", "mlm")
 
 
 class StudentSection(Section):
@@ -90,12 +95,15 @@ class DistillSection(Section):
 
 class DistillConfig(Section):
     name: str = Field("distill", description="run name: <RAYLM_STORAGE>/distill/<name>/; same name resumes")
-    task: Literal["classification", "tagging", "completion", "lm"] = Field(
-        description="what the student learns: a fine-tuning task on `data`, or lm: next-token prediction on `corpus`")
-    teacher: str = Field(description="a checkpoint for the task: a directory or URI, a fine-tuning run, sweep or (lm) "
-                         "pretraining run (its best checkpoint) or a registry name")
-    corpus: str | None = Field(None, description="lm: the prepared corpus (name or path), tokenized with the "
+    task: Literal["classification", "tagging", "completion", "lm", "mlm"] = Field(
+        description="what the student learns: a fine-tuning task on `data`, or on `corpus` lm (next-token "
+        "prediction, a GPT/Llama teacher) or mlm (masked LM, a BERT/RoBERTa/ALBERT teacher)")
+    teacher: str = Field(description="a checkpoint for the task: a directory or URI, a fine-tuning run, sweep or "
+                         "(lm, mlm) pretraining run (its best checkpoint) or a registry name")
+    corpus: str | None = Field(None, description="lm, mlm: the prepared corpus (name or path), tokenized with the "
                                "teacher's tokenizer")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig,
+                                       description="mlm: masking and the sentence-pair task, as pretraining's")
     student: StudentSection = Field(default_factory=StudentSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     compare_baseline: bool = Field(False, description="also train the same student without the teacher, for comparison")
@@ -113,9 +121,9 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> DistillConfig:
-        if (self.task == "lm") != (self.corpus is not None):
-            raise ValueError("task 'lm' distils on a prepared corpus: give corpus with it, and data (not corpus) "
-                             "with the fine-tuning tasks")
+        if (self.task in CORPUS_TASKS) != (self.corpus is not None):
+            raise ValueError("tasks 'lm' and 'mlm' distil on a prepared corpus: give corpus with them, and data "
+                             "(not corpus) with the fine-tuning tasks")
         if self.scaling.strategy == "fsdp":
             raise ValueError("distillation runs with scaling.strategy 'ddp' (a teacher beside an FSDP-sharded student "
                              "is not supported)")
@@ -157,8 +165,10 @@ def resolve_teacher(name: str, root: str | None = None) -> str:
 def check_teacher(task: str, config: dict[str, Any], where: str) -> None:
     archs = config.get("architectures") or []
     if not any(a.endswith(TEACHER_HEADS[task]) for a in archs):
+        made = "pretrained (pretrain one with jobs.pretrain" if task in CORPUS_TASKS else \
+            "fine-tuned for it (fine-tune one with jobs.finetune"
         raise JobError(f"teacher '{where}' is {archs or config.get('model_type')}: distilling '{task}' needs a teacher "
-                       f"fine-tuned for it (a *{TEACHER_HEADS[task][0]}; fine-tune one with jobs.finetune)")
+                       f"{made}: a *{' or *'.join(TEACHER_HEADS[task])})")
 
 
 def _layers(config: Any) -> int:
@@ -228,8 +238,9 @@ def copy_teacher_layers(student: Any, teacher_state: dict[str, Any], picks: list
 
 
 def model_class(task: str) -> str:
-    """The transformers Auto class of a task's teacher and student ("lm": a causal LM on a corpus)."""
-    return "AutoModelForCausalLM" if task == "lm" else TASKS[task][0]
+    """The transformers Auto class of a task's teacher and student ("lm": a causal LM on a corpus,
+    "mlm": an encoder with its pretraining heads, BertForPreTraining, RobertaForMaskedLM, ...)."""
+    return {"lm": "AutoModelForCausalLM", "mlm": "AutoModelForPreTraining"}.get(task) or TASKS[task][0]
 
 
 def load_model(task: str, path: str) -> Any:
@@ -300,8 +311,8 @@ def build_student(cfg: DistillConfig, meta: dict[str, Any], teacher: Any | None)
 
     torch.manual_seed(cfg.train.seed)
     student = meta["student"]
-    if student["init"] == "checkpoint" and cfg.task == "lm":
-        return load_model("lm", student["checkpoint"])
+    if student["init"] == "checkpoint" and cfg.task in CORPUS_TASKS:
+        return load_model(cfg.task, student["checkpoint"])
     if student["init"] == "checkpoint":
         return finetune.build_task_model(cfg.as_finetune(student["checkpoint"]), meta, local_copy(student["checkpoint"]))
     from transformers import AutoConfig
@@ -380,7 +391,7 @@ def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
     student = plan_student(cfg, teacher, teacher_cfg)
     log.info("student: %d of the teacher's %d blocks (%s), %.2fM of %.2fM parameters", student["layers"],
              student["teacher_layers"], student["init"], student["params"] / 1e6, student["teacher_params"] / 1e6)
-    if cfg.task == "lm":
+    if cfg.task in CORPUS_TASKS:
         from cluster.stages.distill_corpus import distill_on_corpus
 
         return distill_on_corpus(cfg, run, teacher, student, t0, root)

@@ -1,10 +1,14 @@
-"""jobs.distill with `task: lm`: a causal LM student taught by a pretrained teacher on a prepared
-corpus, with pretraining's data path (Parquet shards streamed per epoch, the validation split read
-by each rank) and the one training loop; the loss is the soft-target term plus next-token
-prediction (cluster.objectives.distill around cluster.objectives.lm's CLM), and every evaluation
-reports bits per byte against the corpus's entropy floor.
+"""jobs.distill with `task: lm` or `task: mlm`: a student taught by a pretrained teacher on a
+prepared corpus, with pretraining's data path (Parquet shards streamed per epoch, the validation
+split read by each rank) and the one training loop.
 
-Masked-LM (encoder) distillation on a corpus is not built yet: an encoder teacher is refused.
+- lm: a causal LM (GPT-2, Llama) on a corpus of token blocks; the loss is the soft-target term plus
+  next-token prediction (cluster.objectives.distill around cluster.objectives.lm's CLM), and every
+  evaluation reports bits per byte against the corpus's entropy floor.
+- mlm: an encoder (BERT, RoBERTa, ALBERT, with the heads pretraining gave it) on a corpus of sentence
+  segments; the loss is the soft-target term over the masked tokens plus pretraining's own objective
+  (MLM, with NSP for BERT and SOP for ALBERT unless `objective.pair` says otherwise), masked as
+  pretraining masks, so a student trained alone is that family's pretraining.
 """
 
 from __future__ import annotations
@@ -31,36 +35,68 @@ from cluster.train.plan import Plan, plan_steps
 log = logging.getLogger(__name__)
 
 
-def check_corpus(corpus: Corpus, teacher: str, teacher_cfg: dict[str, Any]) -> None:
-    """The corpus the teacher can read: blocks of its tokenizer's tokens that fit its context."""
+# the sentence-pair head each encoder family's pretraining model has (RoBERTa's has none)
+PAIR_HEADS = {"bert": "nsp", "albert": "sop"}
+
+
+def teacher_context(teacher_cfg: dict[str, Any]) -> int:
+    """The most tokens one row of the teacher may hold (0: no limit the config states). RoBERTa numbers
+    positions from padding_idx + 1, so pad_token_id + 1 of its position slots are never used."""
+    context = teacher_cfg.get("n_positions") or teacher_cfg.get("max_position_embeddings") or 0
+    if teacher_cfg.get("model_type") == "roberta" and context:
+        context -= (teacher_cfg.get("pad_token_id") or 0) + 1
+    return int(context)
+
+
+def check_corpus(cfg: Any, corpus: Corpus, teacher: str, teacher_cfg: dict[str, Any]) -> str | None:
+    """The corpus the teacher can read: its tokenizer's tokens, in rows that fit its context, laid out
+    for the task (blocks for lm, sentence segments for mlm). Returns the mlm sentence-pair task."""
     from transformers import AutoTokenizer
 
-    if corpus.layout != "blocks":
-        raise JobError(f"corpus '{corpus.path}' has layout '{corpus.layout}'; a causal LM student learns from "
-                       "'blocks' (prepare it with pack.layout blocks)")
-    theirs = AutoTokenizer.from_pretrained(local_copy(teacher)).get_vocab()
+    layout = "blocks" if cfg.task == "lm" else "segments"
+    if corpus.layout != layout:
+        who = "a causal LM student" if cfg.task == "lm" else "a masked LM (encoder) student"
+        raise JobError(f"corpus '{corpus.path}' has layout '{corpus.layout}'; {who} learns from '{layout}' (prepare it "
+                       f"with pack.layout {layout})")
+    tokenizer = AutoTokenizer.from_pretrained(local_copy(teacher))
+    theirs = tokenizer.get_vocab()
     ours = AutoTokenizer.from_pretrained(corpus.local_tokenizer_dir()).get_vocab()
     if theirs != ours:
         raise JobError(f"corpus '{corpus.path}' is tokenized with another tokenizer than the teacher '{teacher}' "
                        f"({len(ours)} and {len(theirs)} tokens): prepare it with --set tokenizer.path=<the teacher>")
-    context = teacher_cfg.get("n_positions") or teacher_cfg.get("max_position_embeddings") or 0
-    if context and corpus.manifest["block_size"] > context:
-        raise JobError(f"corpus '{corpus.path}' has blocks of {corpus.manifest['block_size']} tokens, longer than the "
-                       f"teacher's context ({context})")
+    context = teacher_context(teacher_cfg)
+    if cfg.task == "lm":
+        if context and corpus.manifest["block_size"] > context:
+            raise JobError(f"corpus '{corpus.path}' has blocks of {corpus.manifest['block_size']} tokens, longer than "
+                           f"the teacher's context ({context})")
+        return None
+    if tokenizer.mask_token is None:
+        raise JobError(f"teacher '{teacher}': its tokenizer has no mask token, so it cannot fill masked tokens")
+    need = corpus.manifest["max_segment_tokens"] + 3  # [CLS] A [SEP] B [SEP]
+    if context and need > context:
+        raise JobError(f"corpus '{corpus.path}' has segments of up to {need - 3} tokens (+3 special), longer than the "
+                       f"teacher's context ({context}): prepare it with --set pack.max_segment_tokens={context - 3}")
+    family = teacher_cfg.get("model_type")
+    pair = cfg.objective.pair_task(family)
+    if pair and pair != PAIR_HEADS.get(family):
+        raise JobError(f"objective.pair '{pair}': the teacher is a {family} model, whose pretraining heads have "
+                       f"{'no sentence-pair head' if family not in PAIR_HEADS else PAIR_HEADS[family].upper()}; "
+                       f"set objective.pair {PAIR_HEADS.get(family, 'none')} or none")
+    return pair
 
 
 def distill_on_corpus(cfg: Any, run: RunDir, teacher: str, student: dict[str, Any], t0: float,
                       root: str | None) -> dict[str, Any]:
     teacher_cfg = D.base_config(local_copy(teacher), key="teacher")
     corpus = Corpus.open(cfg.corpus, root)
-    check_corpus(corpus, teacher, teacher_cfg)
+    pair = check_corpus(cfg, corpus, teacher, teacher_cfg)
     D.check_same_teacher(run, teacher)
     run.check_writable()
     check_tracking(run)
     runtime.connect()  # only now: the checks above need no Ray
     launcher.check_resources(cfg.scaling)
     run.begin(cfg)
-    block = corpus.manifest["block_size"]
+    block = corpus.manifest["block_size"] if cfg.task == "lm" else corpus.manifest["max_segment_tokens"]
     steps = plan_steps(corpus.split_info("train")["rows"], cfg.scaling.num_workers, cfg.train, block,
                        f"corpus '{corpus.path}'")
     plan = Plan(run_dir=run.path, tokenizer_dir=corpus.tokenizer_path, tokenizer_hash=corpus.manifest["tokenizer"]["hash"],
@@ -68,7 +104,8 @@ def distill_on_corpus(cfg: Any, run: RunDir, teacher: str, student: dict[str, An
                 **steps)
     log.info("plan: %d steps (%d per epoch, %d epochs), %d tokens/step", plan.max_steps, plan.steps_per_epoch,
              plan.epochs, plan.tokens_per_step)
-    meta = {"teacher": teacher, "student": student, "corpus": corpus.path, "pad_id": teacher_cfg.get("pad_token_id")}
+    meta = {"teacher": teacher, "student": student, "corpus": corpus.path, "pad_id": teacher_cfg.get("pad_token_id"),
+            "pair": pair, "max_len": teacher_context(teacher_cfg) or block + 3}
 
     def fit(plan: Plan, name: str, storage_path: str, alone: bool) -> Any:
         warmup = start_data_actors()
@@ -92,11 +129,11 @@ def distill_on_corpus(cfg: Any, run: RunDir, teacher: str, student: dict[str, An
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
     scores = storage.read_json(run.file(D.TEACHER_FILE)) if storage.exists(run.file(D.TEACHER_FILE)) else {}
     return {
-        "task": "lm", "corpus": corpus.path, "steps": metrics.get("step"),
+        "task": cfg.task, "corpus": corpus.path, "steps": metrics.get("step"),
         "final": {"checkpoint": checkpoint_location(result.checkpoint),
                   "metrics": {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("step", "epoch")}},
         "best": {"checkpoint": checkpoint_location(best[0]), "metrics": best[1]} if best else None,
-        "entropy_floor_bpb": corpus.entropy_floor("validation"),
+        **({"entropy_floor_bpb": corpus.entropy_floor("validation")} if cfg.task == "lm" else {}),
         "teacher": {"checkpoint": teacher, "params": student["teacher_params"], "layers": student["teacher_layers"],
                     "metrics": scores.get("metrics")},
         "student": {"init": student["init"], "checkpoint": student["checkpoint"], "layers": student["layers"],
@@ -128,10 +165,16 @@ def corpus_worker(cfg: Any, plan: Plan, meta: dict[str, Any], alone: bool) -> No
         tok_dir = Corpus(os.path.dirname(tok_dir), {"tokenizer": {"path": "tokenizer", "hash": plan.tokenizer_hash}}
                          ).local_tokenizer_dir()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    teacher = None if alone else D.load_model("lm", meta["teacher"]).eval().requires_grad_(False).to(session.device)
+    teacher = None
+    if not alone:
+        teacher = D.load_model(cfg.task, meta["teacher"]).eval().requires_grad_(False).to(session.device)
     model = D.build_student(cfg, meta, teacher)
-    objective = Distill(objectives.build({"kind": "clm", "bytes_per_token": plan.bytes_per_token}, tokenizer), teacher,
-                        cfg.distill.alpha, cfg.distill.temperature, cfg.distill.hidden)
+    if cfg.task == "lm":
+        spec = {"kind": "clm", "bytes_per_token": plan.bytes_per_token}
+    else:  # pretraining's masked LM (cluster.stages.pretrain.objective_spec), on the teacher's context
+        spec = {"kind": "mlm", "mlm": cfg.objective.masking(meta["pair"], meta["max_len"]), "seed": cfg.train.seed}
+    objective = Distill(objectives.build(spec, tokenizer), teacher, cfg.distill.alpha, cfg.distill.temperature,
+                        cfg.distill.hidden, positions="attention" if cfg.task == "lm" else "labels")
     loop = Loop(cfg, plan, objective, model, tokenizer, session, ahead=ahead)
     loop.resume()
     if teacher is not None:

@@ -131,19 +131,26 @@ def test_configs_that_cannot_run_are_refused_before_anything_starts():
         build(D.DistillConfig, {**base, "scaling": {"strategy": "fsdp"}})
     with pytest.raises(ConfigError, match="alpha"):
         build(D.DistillConfig, {**base, "distill": {"alpha": 1.5}})
-    with pytest.raises(ConfigError, match="task 'lm' distils on a prepared corpus"):
-        build(D.DistillConfig, {**base, "task": "lm"})
-    with pytest.raises(ConfigError, match="task 'lm' distils on a prepared corpus"):
+    for task in ("lm", "mlm"):
+        with pytest.raises(ConfigError, match="tasks 'lm' and 'mlm' distil on a prepared corpus"):
+            build(D.DistillConfig, {**base, "task": task})
+        assert build(D.DistillConfig, {**base, "task": task, "corpus": "c"}).corpus == "c"
+    with pytest.raises(ConfigError, match="tasks 'lm' and 'mlm' distil on a prepared corpus"):
         build(D.DistillConfig, {**base, "corpus": "c"})
-    assert build(D.DistillConfig, {**base, "task": "lm", "corpus": "c"}).corpus == "c"
     cfg = build(D.DistillConfig, base)
     assert cfg.model is cfg.student and cfg.as_finetune("/ckpt").model.checkpoint == "/ckpt"
 
 
 def test_a_teacher_without_the_tasks_head_or_with_other_labels_is_refused():
-    with pytest.raises(JobError, match=r"needs a teacher fine-tuned for it \(a \*ForSequenceClassification"):
+    with pytest.raises(JobError, match=r"needs a teacher fine-tuned for it \(fine-tune one with jobs.finetune: a "
+                       r"\*ForSequenceClassification\)"):
         D.check_teacher("classification", {"architectures": ["GPT2LMHeadModel"]}, "/m")
     D.check_teacher("completion", {"architectures": ["GPT2LMHeadModel"]}, "/m")
+    D.check_teacher("mlm", {"architectures": ["BertForPreTraining"]}, "/m")
+    D.check_teacher("mlm", {"architectures": ["RobertaForMaskedLM"]}, "/m")
+    with pytest.raises(JobError, match=r"distilling 'mlm' needs a teacher pretrained \(pretrain one with "
+                       r"jobs.pretrain: a \*ForPreTraining or \*ForMaskedLM\)"):
+        D.check_teacher("mlm", {"architectures": ["BertForSequenceClassification"]}, "/m")
     teacher = {"id2label": {"0": "a", "1": "b", "2": "c"}}
     D.check_labels(teacher, LABELS, "/m")
     with pytest.raises(JobError, match=r"trained for labels \['a', 'b', 'c'\], the data has \['a', 'c', 'b'\]"):
@@ -262,3 +269,108 @@ def test_a_hidden_state_term_between_other_widths_is_refused_before_any_worker(t
         D.plan_student(cfg, str(tmp_path / "teacher"), teacher_cfg)
     same = build(D.DistillConfig, {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0}})
     assert D.plan_student(same, str(tmp_path / "teacher"), teacher_cfg)["layers"] == 2
+
+
+def _bert_pretraining(layers: int):
+    from transformers import BertForPreTraining
+
+    torch.manual_seed(layers)
+    return BertForPreTraining(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=32, pad_token_id=0,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def test_a_masked_lm_student_learns_the_teachers_distribution_at_the_masked_tokens_only():
+    # The soft term reads BertForPreTraining's `prediction_logits` (it has no `logits`) and averages
+    # over the tokens the MLM labels score, not over every position the attention mask keeps.
+    from cluster.objectives.distill import _token_logits
+
+    class Task:  # the masked-LM objective's call and loss, with its labels
+        name = "mlm"
+
+        def forward(self, model, inputs):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return torch.nn.functional.cross_entropy(out.prediction_logits.flatten(0, 1), inputs["labels"].flatten(),
+                                                     ignore_index=-100), {}
+
+    student, teacher = _bert_pretraining(1).train(), _bert_pretraining(2).eval()
+    ids = torch.randint(5, 40, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 4], labels[1, 5] = ids[0, 1], ids[1, 4], ids[1, 5]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    hard, _ = Task().forward(student, inputs)
+    loss, stats = Distill(Task(), teacher, 0.4, 2.0, positions="labels").forward(student, inputs)
+    assert float(stats["kd_positions"]) == 3
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=inputs["attention_mask"]).prediction_logits
+        t = teacher(input_ids=ids, attention_mask=inputs["attention_mask"]).prediction_logits
+    kept = labels != -100
+    soft = float(soft_target_nats(s[kept], t[kept], 2.0)[0] / 3)
+    assert float(loss.detach()) == pytest.approx(0.4 * 4 * soft + 0.6 * float(hard.detach()), rel=1e-4)
+    _, every = Distill(Task(), teacher, 0.4, 2.0).forward(student, inputs)  # positions="attention": all 12
+    assert float(every["kd_positions"]) == 12
+    assert float(every["kd_nats"]) == pytest.approx(float(soft_target_nats(s, t, 2.0)[0]), rel=1e-4)
+    assert _token_logits(type("Out", (), {"logits": t})()) is t
+
+
+def test_an_encoder_student_gets_the_teachers_pretraining_heads_and_every_kth_block(tmp_path):
+    teacher = _bert_pretraining(4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    cfg = build(D.DistillConfig, {"task": "mlm", "teacher": "t", "corpus": "c"})
+    plan = D.plan_student(cfg, str(tmp_path / "teacher"), teacher.config.to_dict())
+    assert (plan["layers"], plan["picks"]) == (2, [0, 2]) and plan["params"] < plan["teacher_params"]
+    student = D.build_student(cfg, {"teacher": str(tmp_path / "teacher"), "student": plan, "pad_id": 0}, teacher)
+    assert type(student).__name__ == "BertForPreTraining" and student.config.num_hidden_layers == 2
+    assert torch.equal(student.state_dict()["bert.encoder.layer.1.output.dense.weight"],
+                       teacher.state_dict()["bert.encoder.layer.2.output.dense.weight"])
+    assert torch.equal(student.state_dict()["cls.seq_relationship.weight"],
+                       teacher.state_dict()["cls.seq_relationship.weight"])
+
+
+def test_the_teachers_context_counts_the_position_slots_roberta_leaves_unused():
+    from cluster.stages.distill_corpus import teacher_context
+
+    assert teacher_context({"model_type": "bert", "max_position_embeddings": 128}) == 128
+    # hf_config gives a RoBERTa of max_len 128 with pad 1 max_position_embeddings 131: positions 2..130
+    assert teacher_context({"model_type": "roberta", "max_position_embeddings": 131, "pad_token_id": 1}) == 129
+    assert teacher_context({"model_type": "gpt2", "n_positions": 64}) == 64
+
+
+def test_a_sweep_over_a_distillation_checks_its_keys_and_refuses_what_trials_cannot_run():
+    from tune.config import SweepConfig, check_sweep
+
+    base = {"name": "s", "distill": {"task": "classification", "teacher": "t"},
+            "search": {"distill.alpha": {"uniform": [0.1, 0.9]}, "student.layers": {"randint": [1, 3]}}}
+    cfg = build(SweepConfig, base)
+    check_sweep(cfg)
+    assert (cfg.base is cfg.distill, cfg.base_key, cfg.objective) == (True, "distill", ("val_accuracy", "max"))
+    assert cfg.search["student.layers"].values() == [1, 2]  # randint's high is excluded
+    with pytest.raises(ConfigError, match="give exactly one of finetune"):
+        build(SweepConfig, {"name": "s"})
+    with pytest.raises(ConfigError, match="give exactly one of finetune"):
+        build(SweepConfig, {**base, "finetune": {"task": "classification", "model": {"checkpoint": "x"}}})
+    with pytest.raises(ConfigError, match="distill.task 'lm': a sweep distils on a fine-tuning task's data"):
+        build(SweepConfig, {**base, "distill": {"task": "lm", "teacher": "t", "corpus": "c"}})
+    with pytest.raises(ConfigError, match="distill.compare_baseline: a sweep's trials train with the teacher only"):
+        build(SweepConfig, {**base, "distill": {**base["distill"], "compare_baseline": True}})
+    problems = {"distill.alpha": {"uniform": [0.5, 1.5]}, "teacher": {"choice": ["a", "b"]},
+                "strategy.kind": {"choice": ["lora"]}}
+    with pytest.raises(ConfigError) as err:
+        check_sweep(build(SweepConfig, {**base, "search": problems}))
+    text = str(err.value)
+    assert "3 problem(s)" in text and "search keys ['teacher']" in text and "distill.*, student.* shape" in text
+    assert "search key 'distill.alpha'" in text and "'strategy'" in text
+
+
+def test_a_distillation_sweep_plans_every_searched_student_against_the_teacher_before_any_trial(tmp_path):
+    from cluster.runs import RunDir
+    from tune.config import SweepConfig
+    from tune.driver import base_setup
+
+    teacher = gpt_teacher(2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    cfg = build(SweepConfig, {"name": "s", "distill": {"task": "classification", "teacher": str(tmp_path / "teacher")},
+                              "search": {"student.layers": {"choice": [1, 3]}}})
+    with pytest.raises(JobError, match=r"search key 'student.layers' -> 3: student.layers 3: student.init "
+                       r"'teacher_layers' copies teacher blocks, and the teacher has 2"):
+        base_setup(cfg, str(tmp_path), RunDir("tune", "s", str(tmp_path)), fits=None)
