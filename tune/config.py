@@ -177,11 +177,11 @@ def check_sweep(cfg: SweepConfig) -> None:
     fixed = [k for k in cfg.search if k in ("task", "teacher", "corpus", "compare_baseline")
              or k.startswith(("model.checkpoint", "data.", "scaling.", "student.checkpoint"))]
     if fixed:
-        searchable = "optim.*, train.*, strategy.*" if cfg.finetune is not None else \
-            "optim.*, train.*, distill.*, student.* shape"
-        problems.append(f"search keys {fixed}: the data, base checkpoint or teacher and tokenizer are prepared once per "
-                        f"sweep and trial resources come from trial.*; search training keys ({searchable}) instead, "
-                        "or run one sweep per base model / dataset")
+        prepared, searchable = ("base checkpoint", "optim.*, train.*, strategy.*") if cfg.finetune is not None else \
+            ("teacher", "optim.*, train.*, distill.*, student.* shape")
+        problems.append(f"search keys {fixed}: the data, {prepared} and tokenizer are prepared once per sweep and trial "
+                        f"resources come from trial.*; search training keys ({searchable}) instead, or run one sweep "
+                        "per base model / dataset")
     base = cfg.base.to_dict()
     for key, domain in {**cfg.search, **cfg.scheduler.mutations}.items():
         for value in domain.values():

@@ -7,8 +7,10 @@ the same inputs and adds the soft-target term:
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * task loss
 
 T^2 keeps the soft term's gradients on the scale of the hard term's as T grows. With `hidden` > 0
-the mean squared error between both models' last hidden states (the same width: the student keeps
-the teacher's hidden_size) is added at that weight, as DistilBERT's cosine term aligns them. For
+the mean squared error between both models' last hidden states is added at that weight, as
+DistilBERT's cosine term aligns them; a student narrower or wider than its teacher carries a learned
+linear map from its width to the teacher's (`attach_projection`, TinyBERT's W_h), trained with it
+and kept out of its exported weights (cluster.train.checkpoint's train-only weights). For
 per-token logits (tagging, completion, causal language models) the KL is averaged over the
 positions the attention mask keeps; with `positions="labels"` (masked LM) over the positions the
 task scores (labels != -100, the masked tokens: DistilBERT's `restrict_ce_to_mask`), since at the
@@ -22,6 +24,23 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+
+from cluster.train.checkpoint import TRAIN_ONLY
+from cluster.train.placement import unwrap
+
+# the student's submodule mapping its hidden states to the teacher's width (hidden-state term)
+PROJECTION = "distill_projection"
+
+
+def attach_projection(student: torch.nn.Module, teacher_width: int, seed: int) -> None:
+    """A learned linear map from the student's width to the teacher's, as a submodule of the student:
+    the optimizer, DDP and checkpoints (resume) see it as any of its weights, and it is marked
+    train-only, so the exported checkpoint is the student alone."""
+    width = student.config.hidden_size
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # every rank starts from the same map
+        student.add_module(PROJECTION, torch.nn.Linear(width, teacher_width, bias=False))
+    setattr(student, TRAIN_ONLY, (*getattr(student, TRAIN_ONLY, ()), f"{PROJECTION}."))
 
 
 class _Recorder:
@@ -82,9 +101,14 @@ class Distill:
     exactly: the student trained alone, for comparison."""
 
     def __init__(self, inner: Any, teacher: torch.nn.Module | None, alpha: float, temperature: float,
-                 hidden: float = 0.0, positions: Literal["attention", "labels"] = "attention"):
+                 hidden: float = 0.0, positions: Literal["attention", "labels"] = "attention",
+                 teacher_autocast: torch.dtype | None = None):
         self.inner, self.teacher = inner, teacher
         self.alpha, self.temperature, self.hidden, self.positions = alpha, temperature, hidden, positions
+        # the training precision's autocast dtype: the loop's autocast already covers the teacher under
+        # DDP (this one then changes nothing); under FSDP the loop computes in the student's bf16 policy
+        # without autocast, and the teacher, not sharded, would otherwise run in fp32
+        self.teacher_autocast = teacher_autocast
         self.name, self.metrics = inner.name, getattr(inner, "metrics", ())
 
     def __getattr__(self, name: str) -> Any:  # `generate`, `sample_limit`, `score_samples` when inner has them
@@ -102,7 +126,9 @@ class Distill:
         task_loss, stats = self.inner.forward(student, inputs)
         if student.kwargs is None:
             raise RuntimeError(f"objective '{self.name}' did not call the model: nothing to distil")
-        with torch.no_grad():
+        device = next(self.teacher.parameters()).device.type
+        with torch.no_grad(), torch.autocast(device, dtype=self.teacher_autocast or torch.float32,
+                                             enabled=self.teacher_autocast is not None):
             teacher_out = self.teacher(**student.kwargs)
         logits, teacher_logits = _token_logits(student.output), _token_logits(teacher_out)
         mask = None
@@ -113,8 +139,11 @@ class Distill:
         loss = self.alpha * self.temperature ** 2 * soft + (1 - self.alpha) * task_loss
         out = {**stats, "kd_nats": nats.detach(), "kd_positions": count}
         if self.hidden > 0:
-            sq, n = hidden_state_sq_error(student.output.hidden_states[-1], teacher_out.hidden_states[-1],
-                                          student.kwargs.get("attention_mask"))
+            states = student.output.hidden_states[-1]
+            projection = getattr(unwrap(model), PROJECTION, None)
+            if projection is not None:
+                states = projection(states)
+            sq, n = hidden_state_sq_error(states, teacher_out.hidden_states[-1], student.kwargs.get("attention_mask"))
             loss = loss + self.hidden * sq / n.clamp(min=1)
             out.update({"kd_hidden_sq": sq.detach(), "kd_hidden_positions": n})
         return loss, out

@@ -10,9 +10,13 @@ device, under the same autocast. With `compare_baseline` the same student, from 
 initialisation, is trained again for the same steps without the teacher, so the summary says what
 the teacher added.
 
+With `scaling.strategy: fsdp` the student is sharded (FSDP2) and the teacher, frozen, stays whole
+on every worker: it runs no collective, and under FSDP's bf16 policy on a GPU it runs under bf16
+autocast (Distill's `teacher_autocast`), as the student computes.
+
 Causal and masked LM distillation on a prepared corpus is cluster.stages.distill_corpus. A
-hidden-state term between different widths (a learned projection) and FSDP are not built yet: a
-config that asks for them is refused.
+hidden-state term between different widths trains a projection (cluster.objectives.distill) under
+DDP; with FSDP it is refused.
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ class DistillSection(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets (1 - alpha: the task's labels)")
     temperature: float = Field(2.0, gt=0, description="softmax temperature of both models' logits in the soft term")
     hidden: float = Field(0.0, ge=0, description="weight of the mean squared error between the student's and the "
-                          "teacher's last hidden states, added to the loss (the student keeps the teacher's width)")
+                          "teacher's last hidden states, added to the loss (another width: through a learned "
+                          "projection, not exported)")
 
 
 class DistillConfig(Section):
@@ -124,9 +129,10 @@ class DistillConfig(Section):
         if (self.task in CORPUS_TASKS) != (self.corpus is not None):
             raise ValueError("tasks 'lm' and 'mlm' distil on a prepared corpus: give corpus with them, and data "
                              "(not corpus) with the fine-tuning tasks")
-        if self.scaling.strategy == "fsdp":
-            raise ValueError("distillation runs with scaling.strategy 'ddp' (a teacher beside an FSDP-sharded student "
-                             "is not supported)")
+        if self.task == "completion" and self.scaling.strategy == "fsdp" and self.scaling.num_workers > 1:
+            # as fine-tuning (FinetuneConfig): evaluation generates per rank, which sharded forwards cannot follow
+            raise ValueError("task 'completion' runs with scaling.strategy 'ddp' (generation with a model "
+                             "sharded across workers is not supported)")
         return self
 
     @property
@@ -273,15 +279,17 @@ def plan_student(cfg: DistillConfig, teacher: str, teacher_cfg: dict[str, Any]) 
         path, config = None, student_config(cfg.student, tconfig)
         layers = _layers(config)
         picks = picked_layers(_layers(tconfig), layers) if cfg.student.init == "teacher_layers" else None
-    if cfg.distill.hidden and config.hidden_size != tconfig.hidden_size:
+    projection = bool(cfg.distill.hidden) and config.hidden_size != tconfig.hidden_size
+    if projection and cfg.scaling.strategy == "fsdp":
         raise JobError(f"distill.hidden: the student's width ({config.hidden_size}) is not the teacher's "
-                       f"({tconfig.hidden_size}); the hidden-state term compares the two as they are (no projection): "
-                       "keep the teacher's hidden_size or set distill.hidden 0")
+                       f"({tconfig.hidden_size}), and the learned projection between them runs with scaling.strategy "
+                       "'ddp' only: use ddp, keep the teacher's hidden_size or set distill.hidden 0")
     with torch.device("meta"):
         student_params = sum(p.numel() for p in model_cls.from_config(config).parameters())
         teacher_params = sum(p.numel() for p in model_cls.from_config(tconfig).parameters())
     return {"init": cfg.student.init, "checkpoint": path, "layers": layers, "teacher_layers": _layers(tconfig),
-            "picks": picks, "params": student_params, "teacher_params": teacher_params}
+            "picks": picks, "params": student_params, "teacher_params": teacher_params,
+            "projection": [config.hidden_size, tconfig.hidden_size] if projection else None}
 
 
 def _check_same_vocabulary(student: str, teacher: str) -> None:
@@ -305,7 +313,17 @@ def check_labels(teacher_cfg: dict[str, Any], labels: list[str] | None, where: s
 
 
 def build_student(cfg: DistillConfig, meta: dict[str, Any], teacher: Any | None) -> Any:
-    """This worker's student, seeded: every rank starts from the same weights."""
+    """This worker's student, seeded: every rank starts from the same weights. Taught by a teacher of
+    another width with `distill.hidden`, it carries the learned projection to the teacher's width."""
+    from cluster.objectives.distill import attach_projection
+
+    model = _student_model(cfg, meta, teacher)
+    if teacher is not None and cfg.distill.hidden and model.config.hidden_size != teacher.config.hidden_size:
+        attach_projection(model, teacher.config.hidden_size, cfg.train.seed)
+    return model
+
+
+def _student_model(cfg: DistillConfig, meta: dict[str, Any], teacher: Any | None) -> Any:
     import torch
     import transformers
 
@@ -333,6 +351,7 @@ def run_worker(cfg: DistillConfig, plan: Plan, meta: dict[str, Any], session: An
     from cluster.data import task_prep
     from cluster.objectives.distill import Distill
     from cluster.train.loop import Loop
+    from cluster.train.placement import autocast_dtype
 
     launcher.start_worker(cfg.scaling, cfg.train.seed, plan.run_dir, session.rank)
     tokenizer = task_prep.tokenizer_from_files(meta["tokenizer_files"])
@@ -342,7 +361,8 @@ def run_worker(cfg: DistillConfig, plan: Plan, meta: dict[str, Any], session: An
     model = build_student(cfg, meta, teacher)
     ft = cfg.as_finetune(meta["teacher"])
     objective = Distill(objectives.build(finetune.objective_spec(ft, meta), tokenizer), teacher,
-                        cfg.distill.alpha, cfg.distill.temperature, cfg.distill.hidden)
+                        cfg.distill.alpha, cfg.distill.temperature, cfg.distill.hidden,
+                        teacher_autocast=autocast_dtype(cfg.train.precision, session.device))
     loop = Loop(cfg, plan, objective, model, tokenizer, session)
     loop.resume()
     if teacher is not None:
@@ -427,7 +447,8 @@ def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
             "teacher": {"checkpoint": teacher, "params": student["teacher_params"], "layers": student["teacher_layers"],
                         "metrics": (teacher_scores or {}).get("metrics")},
             "student": {"init": student["init"], "checkpoint": student["checkpoint"], "layers": student["layers"],
-                        "params": student["params"], "picked_teacher_layers": student["picks"]},
+                        "params": student["params"], "picked_teacher_layers": student["picks"],
+                        "hidden_projection": student.get("projection")},
             "distill": cfg.distill.to_dict(),
             "alone": alone,
             "seconds": round(time.time() - t0, 2)}

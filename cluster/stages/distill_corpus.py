@@ -137,7 +137,8 @@ def distill_on_corpus(cfg: Any, run: RunDir, teacher: str, student: dict[str, An
         "teacher": {"checkpoint": teacher, "params": student["teacher_params"], "layers": student["teacher_layers"],
                     "metrics": scores.get("metrics")},
         "student": {"init": student["init"], "checkpoint": student["checkpoint"], "layers": student["layers"],
-                    "params": student["params"], "picked_teacher_layers": student["picks"]},
+                    "params": student["params"], "picked_teacher_layers": student["picks"],
+                    "hidden_projection": student.get("projection")},
         "distill": cfg.distill.to_dict(), "alone": alone, "plan": asdict(plan), "metrics": run.file("metrics.jsonl"),
         "seconds": round(time.time() - t0, 2),
     }
@@ -151,6 +152,7 @@ def corpus_worker(cfg: Any, plan: Plan, meta: dict[str, Any], alone: bool) -> No
     from cluster.objectives.distill import Distill
     from cluster.train.batches import FirstBatchAhead, epoch_batches, resume_epoch
     from cluster.train.loop import Loop
+    from cluster.train.placement import autocast_dtype
     from cluster.train.session import TrainSession
 
     session = TrainSession()
@@ -174,7 +176,8 @@ def corpus_worker(cfg: Any, plan: Plan, meta: dict[str, Any], alone: bool) -> No
     else:  # pretraining's masked LM (cluster.stages.pretrain.objective_spec), on the teacher's context
         spec = {"kind": "mlm", "mlm": cfg.objective.masking(meta["pair"], meta["max_len"]), "seed": cfg.train.seed}
     objective = Distill(objectives.build(spec, tokenizer), teacher, cfg.distill.alpha, cfg.distill.temperature,
-                        cfg.distill.hidden, positions="attention" if cfg.task == "lm" else "labels")
+                        cfg.distill.hidden, positions="attention" if cfg.task == "lm" else "labels",
+                        teacher_autocast=autocast_dtype(cfg.train.precision, session.device))
     loop = Loop(cfg, plan, objective, model, tokenizer, session, ahead=ahead)
     loop.resume()
     if teacher is not None:

@@ -43,6 +43,26 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+# A model attribute: state-dict key prefixes of weights that train with the model and resume with it
+# but are no part of the model a user loads (a distillation student's projection to its teacher's
+# width). They go to train_state/TRAIN_ONLY_FILE, not to model.safetensors.
+TRAIN_ONLY = "raylm_train_only"
+TRAIN_ONLY_FILE = "train_only.safetensors"
+
+
+def split_train_only(model: Any, weights: dict[str, torch.Tensor] | None) -> tuple[dict | None, dict]:
+    """(the weights to export, the train-only ones) of `weights` (None: the model's own state dict,
+    left None when nothing is train-only, so save_pretrained handles tied weights itself)."""
+    prefixes = tuple(getattr(model, TRAIN_ONLY, ()))
+    if not prefixes:
+        return weights, {}
+    if weights is None:
+        tied = tied_keys(model) if getattr(model.config, "tie_word_embeddings", False) else set()
+        weights = {k: v for k, v in model.state_dict().items() if k not in tied}
+    export = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
+    return export, {k: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith(prefixes)}
+
+
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """A sharded model's whole weights on rank 0's CPU ({} on other ranks; every rank must call it,
     it is a collective). None for a model that is not sharded: it saves its own."""
@@ -112,6 +132,11 @@ def save_checkpoint(
         save_file(adapter, os.path.join(sd, ADAPTER_FILE))
         merged_export(inner).save_pretrained(dirpath, safe_serialization=True)
     else:
+        weights, train_only = split_train_only(inner, weights)
+        if train_only:
+            from safetensors.torch import save_file
+
+            save_file(train_only, os.path.join(sd, TRAIN_ONLY_FILE))
         inner.save_pretrained(dirpath, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(dirpath)
     torch.save(
@@ -175,6 +200,9 @@ def restore_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     weights = load_file(os.path.join(ckpt_dir, "model.safetensors"), device="cpu")
+    train_only = os.path.join(ckpt_dir, STATE_DIR, TRAIN_ONLY_FILE)
+    if os.path.exists(train_only):
+        weights.update(load_file(train_only, device="cpu"))
     missing, unexpected = set_model_state_dict(
         inner, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     # Tied output embeddings are not stored twice; anything else missing is a real mismatch.

@@ -104,9 +104,11 @@ def test_a_distilled_run_publishes_its_student(distilled, tmp_path):
 
 
 def test_a_killed_distillation_resumes_at_its_checkpoint(teacher, ray_session):
-    # with the hidden-state term (the student keeps the teacher's width)
+    # with the hidden-state term through the learned projection (a student half the teacher's width):
+    # the resumed run must find the projection in the checkpoint's train_state/
     cfg = distill_config("t-dist-resume", f"teacher={teacher}", "compare_baseline=false", "train.max_steps=40",
-                         "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=1", "distill.hidden=0.5")
+                         "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=1", "distill.hidden=0.5",
+                         "student.init=fresh", "student.hidden_size=64", "student.heads=2")
     run_dir = os.path.join(os.environ["RAYLM_STORAGE"], "distill", cfg.name)
     path = os.path.join(os.environ["RAYLM_STORAGE"], f"{cfg.name}.yaml")
     with open(path, "w") as f:
@@ -137,14 +139,42 @@ def test_a_killed_distillation_resumes_at_its_checkpoint(teacher, ray_session):
     assert s["final"]["metrics"]["step"] == 40 and s["teacher"]["metrics"]["val_accuracy"] > 0.5
     train = [r for r in rows if r["split"] == "train"]
     assert train and all(r["train_kd_hidden_mse"] > 0 for r in train), train[-1]
+    assert s["student"]["hidden_projection"] == [64, 128]
+    ckpt = s["final"]["checkpoint"]
+    assert os.path.exists(os.path.join(ckpt, "train_state", "train_only.safetensors"))
+    from transformers import AutoModelForSequenceClassification
+
+    _, info = AutoModelForSequenceClassification.from_pretrained(ckpt, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+
+
+def test_a_sharded_student_learns_from_its_teacher_as_a_ddp_one_does(teacher):
+    # FSDP2 over gloo on two CPU workers: the student is sharded, the teacher whole on each worker
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        distill_job.run(distill_config(f"t-dist-{strategy}", f"teacher={teacher}", "student.init=fresh",
+                                       "compare_baseline=false", "scaling.num_workers=2", "train.batch_size=8",
+                                       f"scaling.strategy={strategy}", "train.max_steps=20", "train.eval_every=20",
+                                       "train.checkpoint_every=20", "train.log_every=5"))
+        runs[strategy] = summary(f"t-dist-{strategy}")
+    ddp, fsdp = (runs[k]["final"]["metrics"]["val_loss"] for k in ("ddp", "fsdp"))
+    assert abs(fsdp - ddp) / ddp < 0.03, (ddp, fsdp)
+    rows = [json.loads(line) for line in open(runs["fsdp"]["metrics"])]
+    val = [r for r in rows if r["split"] == "validation"]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] and all("train_kd" in r for r in rows if r["split"] == "train")
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(runs["fsdp"]["final"]["checkpoint"])
+    assert model.config.num_hidden_layers == 1 and sum(p.numel() for p in model.parameters()) == \
+        runs["fsdp"]["student"]["params"]
 
 
 @pytest.mark.parametrize("sets, message", [
     (["student.layers=3"], "student.layers 3: student.init 'teacher_layers' copies teacher blocks, and the teacher has 2"),
     (["student.init=fresh", "student.hidden_size=100", "student.heads=3"], "hidden_size 100 is not a multiple of heads 3"),
     (["data.synthetic=entities", "task=tagging"], "distilling 'tagging' needs a teacher fine-tuned for it"),
-    (["student.init=fresh", "student.hidden_size=16", "student.heads=2", "distill.hidden=1"],
-     "distill.hidden: the student's width (16) is not the teacher's"),
+    (["student.init=fresh", "student.hidden_size=16", "student.heads=2", "distill.hidden=1", "scaling.num_workers=2",
+      "scaling.strategy=fsdp"], "distill.hidden: the student's width (16) is not the teacher's"),
 ])
 def test_a_config_that_cannot_work_fails_before_any_worker_starts(teacher, sets, message, capsys):
     rc = distill_job.main(["--config", os.path.join(REPO, "configs", "distill-topic-tiny.yaml"),

@@ -127,8 +127,9 @@ def test_configs_that_cannot_run_are_refused_before_anything_starts():
         build(D.DistillConfig, {**base, "student": {"init": "checkpoint"}})
     with pytest.raises(ConfigError, match="student.checkpoint is read only with student.init 'checkpoint'"):
         build(D.DistillConfig, {**base, "student": {"checkpoint": "x"}})
-    with pytest.raises(ConfigError, match="scaling.strategy 'ddp'"):
-        build(D.DistillConfig, {**base, "scaling": {"strategy": "fsdp"}})
+    assert build(D.DistillConfig, {**base, "scaling": {"strategy": "fsdp", "num_workers": 2}}).scaling.strategy == "fsdp"
+    with pytest.raises(ConfigError, match="generation with a model sharded across workers"):
+        build(D.DistillConfig, {**base, "task": "completion", "scaling": {"strategy": "fsdp", "num_workers": 2}})
     with pytest.raises(ConfigError, match="alpha"):
         build(D.DistillConfig, {**base, "distill": {"alpha": 1.5}})
     for task in ("lm", "mlm"):
@@ -259,16 +260,74 @@ def test_the_hidden_state_term_adds_the_masked_mse_of_the_last_hidden_states():
         hidden_state_sq_error(torch.zeros(1, 2, 16), torch.zeros(1, 2, 32))
 
 
-def test_a_hidden_state_term_between_other_widths_is_refused_before_any_worker(tmp_path):
+def test_a_hidden_state_term_between_other_widths_is_refused_only_with_fsdp(tmp_path):
     teacher = gpt_teacher(4)
     teacher.save_pretrained(tmp_path / "teacher")
     teacher_cfg = teacher.config.to_dict()
-    cfg = build(D.DistillConfig, {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0},
-                                  "student": {"init": "fresh", "hidden_size": 16, "heads": 2}})
-    with pytest.raises(JobError, match=r"distill.hidden: the student's width \(16\) is not the teacher's \(32\)"):
-        D.plan_student(cfg, str(tmp_path / "teacher"), teacher_cfg)
+    narrow = {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0},
+              "student": {"init": "fresh", "hidden_size": 16, "heads": 2}}
+    assert D.plan_student(build(D.DistillConfig, narrow), str(tmp_path / "teacher"), teacher_cfg)["projection"] == [16, 32]
+    sharded = build(D.DistillConfig, {**narrow, "scaling": {"strategy": "fsdp", "num_workers": 2}})
+    with pytest.raises(JobError, match=r"distill.hidden: the student's width \(16\) is not the teacher's \(32\), and the "
+                       r"learned projection between them runs with scaling.strategy 'ddp' only"):
+        D.plan_student(sharded, str(tmp_path / "teacher"), teacher_cfg)
     same = build(D.DistillConfig, {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0}})
-    assert D.plan_student(same, str(tmp_path / "teacher"), teacher_cfg)["layers"] == 2
+    plan = D.plan_student(same, str(tmp_path / "teacher"), teacher_cfg)
+    assert (plan["layers"], plan["projection"]) == (2, None)
+
+
+def test_a_narrower_student_learns_the_teachers_hidden_states_through_a_projection_kept_out_of_its_export(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from cluster.objectives.distill import PROJECTION
+    from cluster.train.checkpoint import STATE_DIR, TRAIN_ONLY_FILE, TrainState, restore, save_checkpoint
+    from serve import tiny
+
+    teacher = gpt_teacher(2).eval()  # width 32
+    teacher.save_pretrained(tmp_path / "teacher")
+    cfg = build(D.DistillConfig, {"task": "classification", "teacher": "t", "distill": {"hidden": 1.0, "alpha": 0.0},
+                                  "student": {"init": "fresh", "hidden_size": 16, "heads": 2}})
+    plan = D.plan_student(cfg, str(tmp_path / "teacher"), teacher.config.to_dict())
+    meta = {"teacher": str(tmp_path / "teacher"), "student": plan, "pad_id": 0}
+    student = D.build_student(cfg, meta, teacher).train()
+    assert getattr(student, PROJECTION).weight.shape == (32, 16)
+    assert not hasattr(D.build_student(cfg, meta, None), PROJECTION)  # trained alone: no teacher, no projection
+
+    task = SequenceClassification(LABELS, pad_id=0, token_types=False)
+    batch = _batch()
+    hard, _ = task.forward(student, batch)
+    loss, stats = Distill(task, teacher, 0.0, 2.0, hidden=1.0).forward(student, batch)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        mask = batch["attention_mask"].float()
+        projected = getattr(student, PROJECTION)(s.hidden_states[-1])
+        mse = float((((projected - t.hidden_states[-1]) ** 2).mean(-1) * mask).sum() / mask.sum())
+    assert float(loss.detach()) == pytest.approx(float(hard.detach()) + mse, rel=1e-4)
+    loss.backward()
+    assert getattr(student, PROJECTION).weight.grad.abs().sum() > 0  # the projection learns with the student
+
+    # checkpoint: the export is the student alone (loads with transformers, no unused weights); the
+    # projection is in train_state/ and comes back on resume
+    tok = AutoTokenizer.from_pretrained(tiny.save_gpt(str(tmp_path / "gpt"), max_len=16))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    opt.step()
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(ckpt, student, tok, opt, sched, TrainState(step=1), {}, rank=0)
+    with safe_open(f"{ckpt}/model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if PROJECTION in k]
+    assert (tmp_path / "ckpt" / STATE_DIR / TRAIN_ONLY_FILE).exists()
+    exported, info = GPT2ForSequenceClassification.from_pretrained(ckpt, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not hasattr(exported, PROJECTION)
+    resumed = D.build_student(cfg, meta, teacher)
+    with torch.no_grad():
+        getattr(resumed, PROJECTION).weight.zero_()
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    restore(ckpt, resumed, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 1.0))
+    assert torch.equal(getattr(resumed, PROJECTION).weight, getattr(student, PROJECTION).weight)
+    assert torch.equal(resumed.score.weight, student.score.weight)
 
 
 def _bert_pretraining(layers: int):
@@ -374,3 +433,15 @@ def test_a_distillation_sweep_plans_every_searched_student_against_the_teacher_b
     with pytest.raises(JobError, match=r"search key 'student.layers' -> 3: student.layers 3: student.init "
                        r"'teacher_layers' copies teacher blocks, and the teacher has 2"):
         base_setup(cfg, str(tmp_path), RunDir("tune", "s", str(tmp_path)), fits=None)
+
+
+def test_the_teacher_runs_at_the_training_precision_when_no_outer_autocast_covers_it():
+    # Under FSDP the loop computes in the student's bf16 policy with autocast off; the whole (not
+    # sharded) teacher then runs under its own autocast, else it would run in fp32.
+    student, teacher = gpt_teacher(1).train(), gpt_teacher(2).eval()
+    task = SequenceClassification(LABELS, pad_id=0, token_types=False)
+    seen = []
+    teacher.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    Distill(task, teacher, 0.5, 2.0, teacher_autocast=torch.bfloat16).forward(student, _batch())
+    Distill(task, teacher, 0.5, 2.0).forward(student, _batch())
+    assert seen == [torch.bfloat16, torch.float32]
