@@ -1,6 +1,6 @@
 """Prepare throughput (raw MB/s) against the same trained tokenizer's batch encode, same cores.
 
-    python -m bench.prepare [--docs 240000] [--repeat 3]
+    python -m bench.prepare [--docs 240000] [--repeat 3] [--part-mb MiB]
 
 Both sides read the same JSONL file and use the same tokenizer (trained once beforehand, reused by
 prepare through tokenizer.path), so the ratio is the cost of raylm's pipeline (reading, cleaning,
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=240000)
     p.add_argument("--repeat", type=int, default=3,
                    help="baseline/raylm pairs, run alternately so that a slow spell of the machine hits both")
+    p.add_argument("--part-mb", type=float, default=None, help="the source's part_mb in MiB (default: auto)")
     args = p.parse_args()
     os.environ.setdefault("RAYLM_DASHBOARD", "0")
     from cluster import runtime
@@ -78,7 +79,8 @@ def main() -> None:
 
     runtime.connect()
     cfg = PrepareConfig.model_validate({
-        "name": "bench", "sources": [{"kind": "files", "paths": [data]}],
+        "name": "bench",
+        "sources": [{"kind": "files", "paths": [data], **({"part_mb": args.part_mb} if args.part_mb else {})}],
         "tokenizer": {"path": tok_dir}, "pack": {"block_size": 128},
     })
     prepare(cfg, root=work)  # warm: Ray worker processes started, imports done
@@ -91,7 +93,7 @@ def main() -> None:
         prepare(cfg, root=work)
         raylm_s, cpu2 = time.perf_counter() - t0, busy_cpu_s()
         rows.append((base_s, raylm_s, None if cpu0 is None else (cpu1 - cpu0, cpu2 - cpu1)))
-    print(f"| corpus | {args.docs} docs, {mb:.1f} MB raw JSONL |")
+    print(f"| corpus | {args.docs} docs, {mb:.1f} MB raw JSONL, part_mb {cfg.sources[0].part_mb} |")
     for i, (base_s, raylm_s, cpu) in enumerate(rows, 1):
         line = (f"| pair {i} | baseline (json + tokenizer.encode_batch_fast, all cores) {mb / base_s:.2f} MB/s "
                 f"({base_s:.2f} s); raylm prepare (Ray Data, reused tokenizer) {mb / raylm_s:.2f} MB/s "

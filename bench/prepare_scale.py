@@ -1,7 +1,7 @@
 """Does jobs.prepare's driver stay small as the corpus grows? Peak driver RSS and throughput, small
 corpus against large, one run.
 
-    python -m bench.prepare_scale [--docs 60000 480000] [--near-dedup] [--part-mb 8]
+    python -m bench.prepare_scale [--docs 60000 480000] [--near-dedup] [--part-mb auto]
 
 Each size is prepared by its own process (a fresh interpreter and embedded Ray, so the large run
 inherits nothing from the small one), from a synthetic JSONL corpus with 2% exact duplicates and
@@ -45,7 +45,7 @@ def write_corpus(path: str, docs: int) -> int:
     return os.path.getsize(path)
 
 
-def one(docs: int, near_dedup: bool, part_mb: float) -> dict:
+def one(docs: int, near_dedup: bool, part_mb: str) -> dict:
     """Prepare a corpus of `docs` documents in this process: peak driver RSS, seconds, MB."""
     import psutil
 
@@ -66,7 +66,7 @@ def one(docs: int, near_dedup: bool, part_mb: float) -> dict:
             peak[0] = max(peak[0], me.memory_info().rss)
 
     clean = {"near_dedup": {"threshold": 0.8}} if near_dedup else {}
-    cfg = PrepareConfig.model_validate({"name": "scale", "sources": [{"kind": "files", "paths": [data], "part_mb": part_mb}],
+    cfg = PrepareConfig.model_validate({"name": "scale", "sources": [{"kind": "files", "paths": [data], "part_mb": _part_mb(part_mb)}],
                                         "tokenizer": {"vocab_size": 2048}, "pack": {"block_size": 128}, "clean": clean})
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -80,11 +80,15 @@ def one(docs: int, near_dedup: bool, part_mb: float) -> dict:
             "rss_peak_mb": peak[0] / 2**20, "dropped": documents.get("dropped")}
 
 
+def _part_mb(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--docs", type=int, nargs=2, default=[60000, 480000], metavar=("SMALL", "LARGE"))
     p.add_argument("--near-dedup", action="store_true", help="also remove near-duplicates (clean.near_dedup)")
-    p.add_argument("--part-mb", type=float, default=8.0, help="the source's part_mb (read parts, hence blocks)")
+    p.add_argument("--part-mb", default="auto", help="the source's part_mb (read parts, hence blocks): MiB or auto")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:

@@ -43,11 +43,19 @@ def duplicate_rows(hashes: pa.Array | pa.ChunkedArray, keys: np.ndarray,
     """True for each row whose text is kept more than once and whose key is not its lowest: the
     copies that de-duplication drops."""
     sorted_hashes, lowest = resolve(duplicated)
-    if not len(sorted_hashes) or not len(keys):
-        return np.zeros(len(keys), dtype=bool)
+    found, at = lookup(sorted_hashes, hashes)
+    return found & (lowest[at] != np.asarray(keys)) if found.any() else found
+
+
+def lookup(sorted_hashes: np.ndarray, hashes: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each of `hashes` is in `sorted_hashes` (numpy "S16", sorted), where it is there (0
+    where not)), by binary search."""
+    if not len(sorted_hashes) or not len(hashes):
+        return np.zeros(len(hashes), dtype=bool), np.zeros(len(hashes), dtype=np.int64)
     h = digests(hashes)
     at = np.minimum(np.searchsorted(sorted_hashes, h), len(sorted_hashes) - 1)
-    return (sorted_hashes[at] == h) & (lowest[at] != np.asarray(keys))
+    found = sorted_hashes[at] == h
+    return found, np.where(found, at, 0)
 
 
 def duplicated_in_block(batch: pa.Table) -> pa.Table:

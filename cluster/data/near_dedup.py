@@ -7,10 +7,11 @@ near-duplicate goes with it. Per text, `num_perm` MinHash values over its word n
 ideograph a word); the signature is cut into `bands` bands of `rows` values, and texts that share
 a band's values in any band are candidates (Ray Data sorts the bands' buckets across the cluster).
 A candidate pair is kept when its signatures agree on at least `threshold` of their values (the
-estimated Jaccard similarity), which removes LSH's false positives. The driver holds only the
-candidate pairs and their signatures, both in proportion to the near-duplicates, never to the
-corpus. In each connected component the text with the lowest document key is kept; the others are
-dropped with reason `near_duplicate`.
+estimated Jaccard similarity), which removes LSH's false positives. The candidate pairs and their
+signatures, both in proportion to the near-duplicates, are grouped and joined by two Ray tasks; the
+driver holds a reference to the result and its count, never anything in proportion to the corpus.
+In each connected component the text with the lowest document key is kept; the others are dropped
+with reason `near_duplicate`.
 
 Why not datasketch: its MinHash is an object per document fed one shingle at a time; here one
 numpy expression signs a whole text, the shingle hash (crc32) is the same in every worker process
@@ -27,10 +28,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 from pydantic import Field, model_validator
 
 from cluster.config import Section
-from cluster.data.duplicates import sort_blocks
+from cluster.data.duplicates import digests, lookup, sort_blocks
 
 DROP_NEAR_DUPLICATE = "near_duplicate"
 _PRIME = np.uint64((1 << 61) - 1)
@@ -142,42 +144,78 @@ def components_to_drop(pairs: list[tuple[bytes, bytes]], sigs: dict[bytes, tuple
     return {x for x in parent if _root(parent, x) != x}
 
 
-def _involved(batch: pa.Table, hashes: set[bytes]) -> pa.Table:
-    return batch.filter(pa.array([h in hashes for h in batch.column("hash").to_pylist()], pa.bool_()))
+def candidate_pairs(*parts: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """One task: what `shared_in_block` sent from each (band, bucket)-sorted block, in order ->
+    (the candidate pairs (a, b), distinct; the sorted hashes they involve, numpy "S16"). Work and
+    memory in proportion to the near-duplicates: the rest of the corpus never reaches here."""
+    parts = tuple(p for p in parts if p.num_rows)
+    if not parts:
+        return pa.table({"a": pa.array([], pa.binary()), "b": pa.array([], pa.binary())}), np.zeros(0, dtype="S16")
+    table = pa.concat_tables(parts).sort_by([("band", "ascending"), ("bucket", "ascending")])
+    band, bucket = table.column("band").to_numpy(), table.column("bucket").to_numpy()
+    starts = np.flatnonzero(np.concatenate([[True], (band[1:] != band[:-1]) | (bucket[1:] != bucket[:-1]), [True]]))
+    pairs: set[tuple[bytes, bytes]] = set()
+    for start, end in zip(starts[:-1], starts[1:], strict=True):
+        if end - start > 1:
+            found = bucket_pairs(table.slice(start, end - start))
+            pairs.update(zip(found.column("a").to_pylist(), found.column("b").to_pylist(), strict=True))
+    ordered = sorted(pairs)
+    out = pa.table({"a": pa.array([x for x, _ in ordered], pa.binary()), "b": pa.array([y for _, y in ordered], pa.binary())})
+    involved = np.unique(np.concatenate([digests(out.column("a")), digests(out.column("b"))])) if ordered else \
+        np.zeros(0, dtype="S16")
+    return out, involved
 
 
-def near_duplicates(cleaned: Any, cfg: NearDedupConfig) -> set[bytes]:
-    """The content hashes of the texts `cleaned` (rows with key, hash, text, drop) holds that are
-    near-duplicates of a text with a lower key."""
+def in_sorted(hashes: pa.Array | pa.ChunkedArray, sorted_hashes: np.ndarray | ray.ObjectRef) -> np.ndarray:
+    """True for each content hash found in `sorted_hashes` (numpy "S16", or its reference)."""
+    table = ray.get(sorted_hashes) if isinstance(sorted_hashes, ray.ObjectRef) else sorted_hashes
+    return lookup(table, hashes)[0]
+
+
+def involved_rows(batch: pa.Table, involved: np.ndarray | ray.ObjectRef) -> pa.Table:
+    """The signature rows of the texts some candidate pair involves."""
+    return batch.filter(pa.array(in_sorted(batch.column("hash"), involved)))
+
+
+def texts_to_drop(pairs: pa.Table, threshold: float, *sig_parts: pa.Table) -> tuple[np.ndarray, int]:
+    """One task: the candidate pairs and their texts' signatures -> (the hashes to drop, sorted numpy
+    "S16"; how many)."""
+    found: dict[bytes, tuple[int, np.ndarray]] = {}
+    for part in sig_parts:
+        for key, digest, sig in zip(*(part.column(c).to_pylist() for c in ("key", "hash", "sig")), strict=True):
+            if digest not in found or key < found[digest][0]:
+                found[digest] = (key, np.frombuffer(sig, dtype=np.uint32))
+    pairs_list = list(zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist(), strict=True))
+    drop = np.sort(np.array(list(components_to_drop(pairs_list, found, threshold)), dtype="S16"))
+    return drop, len(drop)
+
+
+_pairs_task = ray.remote(num_cpus=1, num_returns=2)(candidate_pairs)
+_drop_task = ray.remote(num_cpus=1, num_returns=2)(texts_to_drop)
+
+
+def near_duplicates(cleaned: Any, cfg: NearDedupConfig) -> tuple[ray.ObjectRef, int]:
+    """(the reference to the sorted content hashes of the texts `cleaned` (rows with key, hash, text,
+    drop) holds that are near-duplicates of a text with a lower key; how many). The driver holds
+    the reference and the count: the buckets, pairs and signatures go from Ray Data's blocks to
+    two tasks (`candidate_pairs`, `texts_to_drop`) through the object store."""
     sigs = cleaned.map_batches(signature_batch, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow").materialize()
     bands = sigs.map_batches(band_batch, fn_kwargs={"bands": cfg.bands}, batch_format="pyarrow")
-    # Sorted by bucket, each block keeps its shared buckets (Arrow-speed), and the driver groups
-    # what is left: rows in proportion to the near-duplicates. Ray Data's groupby().map_groups()
-    # calls Python once per bucket, i.e. `bands` times per document.
+    # Sorted by bucket, each block keeps its shared buckets (Arrow-speed) and one task groups what is
+    # left: rows in proportion to the near-duplicates. Ray Data's groupby().map_groups() calls Python
+    # once per bucket, i.e. `bands` times per document.
     shared = sort_blocks(bands).sort(["band", "bucket"]).map_batches(shared_in_block, batch_format="pyarrow",
                                                                      batch_size=None)
-    buckets: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
-    for r in shared.iter_rows():
-        buckets.setdefault((r["band"], r["bucket"]), []).append((r["key"], r["hash"]))
-    pairs: set[tuple[bytes, bytes]] = set()
-    for rows in buckets.values():
-        if len(rows) > 1:
-            group = pa.table({"key": [k for k, _ in rows], "hash": pa.array([h for _, h in rows], pa.binary())})
-            found = bucket_pairs(group)
-            pairs.update(zip(found.column("a").to_pylist(), found.column("b").to_pylist(), strict=True))
-    if not pairs:
-        return set()
-    hashes = {h for pair in pairs for h in pair}
-    found: dict[bytes, tuple[int, np.ndarray]] = {}
-    for r in sigs.map_batches(_involved, fn_kwargs={"hashes": hashes}, batch_format="pyarrow").iter_rows():
-        if r["hash"] not in found or r["key"] < found[r["hash"]][0]:
-            found[r["hash"]] = (r["key"], np.frombuffer(r["sig"], dtype=np.uint32))
-    return components_to_drop(sorted(pairs), found, cfg.threshold)
+    pairs, involved = _pairs_task.remote(*shared.to_arrow_refs())
+    sig_parts = sigs.map_batches(involved_rows, fn_kwargs={"involved": involved}, batch_format="pyarrow")
+    drop, count = _drop_task.remote(pairs, cfg.threshold, *sig_parts.to_arrow_refs())
+    return drop, ray.get(count)
 
 
-def mark_batch(batch: pa.Table, hashes: set[bytes]) -> pa.Table:
-    """Every not yet dropped row whose text is a near-duplicate gets drop reason `near_duplicate`."""
-    drops = [DROP_NEAR_DUPLICATE if not d and h in hashes else d
-             for d, h in zip(batch.column("drop").to_pylist(), batch.column("hash").to_pylist(), strict=True)]
+def mark_batch(batch: pa.Table, hashes: np.ndarray | ray.ObjectRef) -> pa.Table:
+    """Every not yet dropped row whose text is a near-duplicate (its hash in `hashes`, sorted numpy
+    "S16" or their reference) gets drop reason `near_duplicate`."""
+    near = in_sorted(batch.column("hash"), hashes)
+    drops = [DROP_NEAR_DUPLICATE if not d and n else d for d, n in zip(batch.column("drop").to_pylist(), near, strict=True)]
     i = batch.column_names.index("drop")
     return batch.set_column(i, pa.field("drop", pa.string()), pa.array(drops, pa.string()))

@@ -269,8 +269,8 @@ def drop_near_duplicates(cfg: PrepareConfig, cleaned: Any) -> Any:
     log.info("near-duplicates: MinHash LSH over every kept document")
     if not cfg.tokenizer.path:
         cleaned = cleaned.materialize()  # read and cleaned once for the signatures and the rest
-    near = near_duplicates(cleaned, cfg.clean.near_dedup)
-    log.info("near-duplicates: %d distinct text(s) to drop", len(near))
+    near, count = near_duplicates(cleaned, cfg.clean.near_dedup)
+    log.info("near-duplicates: %d distinct text(s) to drop", count)
     return cleaned.map_batches(mark_batch, fn_kwargs={"hashes": near}, batch_format="pyarrow")
 
 

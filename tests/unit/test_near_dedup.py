@@ -61,7 +61,33 @@ def test_components_keep_their_lowest_keyed_text_and_verify_each_pair():
 def test_marking_spares_rows_already_dropped():
     h1, h2 = content_hash("a"), content_hash("b")
     batch = pa.table({"key": [1, 2, 3], "hash": pa.array([h1, h1, h2], pa.binary()), "drop": ["", "too_short", ""]})
-    assert mark_batch(batch, {h1}).column("drop").to_pylist() == [DROP_NEAR_DUPLICATE, "too_short", ""]
+    assert mark_batch(batch, np.array([h1], dtype="S16")).column("drop").to_pylist() == \
+        [DROP_NEAR_DUPLICATE, "too_short", ""]
+    assert mark_batch(batch, np.zeros(0, dtype="S16")).column("drop").to_pylist() == ["", "too_short", ""]
+
+
+def test_buckets_cut_across_blocks_pair_as_one_and_the_drop_set_is_sorted_for_lookup():
+    # What the sorted blocks send: bucket (0, 7) straddles the first two parts; (1, 3) is alone.
+    from cluster.data.near_dedup import candidate_pairs, texts_to_drop
+
+    h = [content_hash(t) for t in "abcde"]
+
+    def part(rows):
+        return pa.table({"band": pa.array([r[0] for r in rows], pa.int32()), "bucket": pa.array([r[1] for r in rows]),
+                         "key": [r[2] for r in rows], "hash": pa.array([h[r[3]] for r in rows], pa.binary())})
+
+    parts = [part([(0, 5, 0, 0), (0, 5, 1, 1), (0, 7, 2, 2)]), part([(0, 7, 3, 3)]), part([(1, 3, 4, 4)]),
+             part([(1, 9, 0, 0), (1, 9, 1, 1)])]  # band 1 repeats pair (a, b)
+    pairs, involved = candidate_pairs(*parts)
+    assert sorted(zip(pairs.column("a").to_pylist(), pairs.column("b").to_pylist(), strict=True)) == \
+        sorted([(h[0], h[1]), (h[2], h[3])])
+    assert list(involved) == sorted(h[:4])
+    same = np.arange(64, dtype=np.uint32)
+    sigs = pa.table({"key": [0, 1, 2, 3], "hash": pa.array(h[:4], pa.binary()),
+                     "sig": pa.array([same.tobytes(), same.tobytes(), same.tobytes(), (same + 1).tobytes()], pa.binary())})
+    drop, count = texts_to_drop(pairs, 0.8, sigs.slice(0, 2), sigs.slice(2))
+    assert count == 1 and list(drop) == [h[1]]  # (c, d) disagree on every value: no near-duplicates
+    assert candidate_pairs()[1].size == 0 and texts_to_drop(candidate_pairs()[0], 0.8)[1] == 0
 
 
 def test_bands_must_divide_the_signature():

@@ -242,3 +242,20 @@ def test_a_hub_dataset_on_a_machine_without_network_fails_at_once_and_leaves_onl
         hf_dataset(SourceConfig(kind="hf", dataset="someone/mistyped"), 0)
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
     assert (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
+def test_auto_parts_grow_with_the_source_within_their_bounds(tmp_path):
+    # auto: 8 MiB parts for a small source (as the fixed default was: its shards do not change),
+    # about 64 parts for a larger one (fewer blocks for the driver to track), at most 64 MiB each
+    source = SourceConfig(kind="files", paths=["x"])
+    assert source.part_mb == "auto"
+    mib = 2**20
+    assert [source.part_bytes(n * mib) / mib for n in (1, 512, 2048, 10**6)] == [8, 8, 32, 64]
+    assert SourceConfig(kind="files", paths=["x"], part_mb=0.5).part_bytes(10**12) == mib // 2
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(100)))
+    assert len(file_parts([str(path)], source, 0)) == 1  # far under 8 MiB
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(b"\x1f\x8b")
+    parts = file_parts([str(path), str(gz)], SourceConfig(kind="files", paths=["x"], part_mb=0.001), 0)
+    assert [p["path"] for p in parts].count(str(path)) == 2 and [p["path"] for p in parts].count(str(gz)) == 1
