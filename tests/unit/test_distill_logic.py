@@ -18,6 +18,7 @@ from cluster.errors import JobError
 from cluster.objectives.distill import Distill, soft_target_nats
 from cluster.objectives.tasks import SequenceClassification
 from cluster.stages import distill as D
+from cluster.stages import distill_student as S
 
 LABELS = ["a", "b", "c"]
 
@@ -79,15 +80,15 @@ def test_distill_loss_mixes_soft_and_hard_terms_and_evaluation_is_the_task_alone
 
 
 def test_student_shape_defaults_to_half_the_teachers_blocks_and_keeps_its_width():
-    config = D.student_config(D.StudentSection(), gpt_teacher(4).config)
+    config = S.student_config(D.StudentSection(), gpt_teacher(4).config)
     assert (config.n_layer, config.n_embd, config.n_head, config.num_labels) == (2, 32, 2, 3)
-    assert D.student_config(D.StudentSection(), gpt_teacher(3).config).n_layer == 2  # rounded up
-    fresh = D.student_config(D.StudentSection(init="fresh", layers=1, hidden_size=16, heads=4, intermediate_size=24),
+    assert S.student_config(D.StudentSection(), gpt_teacher(3).config).n_layer == 2  # rounded up
+    fresh = S.student_config(D.StudentSection(init="fresh", layers=1, hidden_size=16, heads=4, intermediate_size=24),
                              gpt_teacher(4).config)
     assert (fresh.n_layer, fresh.n_embd, fresh.n_head, fresh.n_inner) == (1, 16, 4, 24)
     llama = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=4, intermediate_size=64)
-    small = D.student_config(D.StudentSection(init="fresh", hidden_size=16, heads=2), llama)
+    small = S.student_config(D.StudentSection(init="fresh", hidden_size=16, heads=2), llama)
     assert (small.num_hidden_layers, small.hidden_size, small.num_attention_heads, small.num_key_value_heads,
             small.head_dim) == (2, 16, 2, 2, 8)
 
@@ -99,15 +100,15 @@ def test_student_shape_defaults_to_half_the_teachers_blocks_and_keeps_its_width(
 ])
 def test_student_shapes_that_cannot_work_are_refused_naming_the_key(student, message):
     with pytest.raises(JobError, match=message):
-        D.student_config(student, gpt_teacher(4).config)
+        S.student_config(student, gpt_teacher(4).config)
 
 
 def test_teacher_layers_copies_embeddings_head_and_every_kth_block():
     teacher = gpt_teacher(4)
-    student = GPT2ForSequenceClassification(D.student_config(D.StudentSection(), teacher.config))
-    picks = D.picked_layers(4, 2)
-    assert picks == [0, 2] and D.picked_layers(6, 3) == [0, 2, 4] and D.picked_layers(2, 1) == [0]
-    D.copy_teacher_layers(student, teacher.state_dict(), picks)
+    student = GPT2ForSequenceClassification(S.student_config(D.StudentSection(), teacher.config))
+    picks = S.picked_layers(4, 2)
+    assert picks == [0, 2] and S.picked_layers(6, 3) == [0, 2, 4] and S.picked_layers(2, 1) == [0]
+    S.copy_teacher_layers(student, teacher.state_dict(), picks)
     t, s = teacher.state_dict(), student.state_dict()
     assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"])
     assert torch.equal(s["score.weight"], t["score.weight"])
@@ -115,8 +116,8 @@ def test_teacher_layers_copies_embeddings_head_and_every_kth_block():
     assert torch.equal(s["transformer.h.0.mlp.c_fc.weight"], t["transformer.h.0.mlp.c_fc.weight"])
     bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
                                                     num_attention_heads=2, intermediate_size=32, num_labels=3))
-    small = BertForSequenceClassification(D.student_config(D.StudentSection(layers=1), bert.config))
-    D.copy_teacher_layers(small, bert.state_dict(), [1])
+    small = BertForSequenceClassification(S.student_config(D.StudentSection(layers=1), bert.config))
+    S.copy_teacher_layers(small, bert.state_dict(), [1])
     assert torch.equal(small.state_dict()["bert.encoder.layer.0.output.dense.weight"],
                        bert.state_dict()["bert.encoder.layer.1.output.dense.weight"])
 
