@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.config import Section
 from cluster.objectives import masking
@@ -69,9 +69,13 @@ class MaskedLM:
     unless `static` (then it depends only on the example, as in the original BERT)."""
 
     def __init__(self, tokenizer: Any, pair: str | None, max_len: int, rate: float, whole_word: bool,
-                 static: bool, seed: int):
+                 static: bool, seed: int, word_segmenter: str | None = None):
         self.special = masking.SpecialTokens.from_tokenizer(tokenizer)
         self.word_starts = torch.from_numpy(masking.word_start_table(tokenizer)) if whole_word else None
+        if word_segmenter and not whole_word:
+            raise ValueError(f"word segmenter '{word_segmenter}' without whole-word masking")
+        # CJK runs regrouped into the segmenter's words
+        self.cjk_words = masking.CJKWords(tokenizer, masking.segmenter(word_segmenter)) if word_segmenter else None
         self.pair, self.max_len, self.rate, self.static, self.seed = pair, max_len, rate, static, seed
         self.name = "mlm" + (f"+{pair}" if pair else "")
 
@@ -80,7 +84,7 @@ class MaskedLM:
         """spec["mlm"]: ObjectiveConfig.masking's dict; spec["seed"]: the run's seed."""
         m = spec["mlm"]
         return cls(tokenizer, m["pair"], m["max_len"], m["mask_rate"], m["whole_word"], m["static_masking"],
-                   spec["seed"])
+                   spec["seed"], m.get("word_segmenter"))
 
     def _rows(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         return [
@@ -89,14 +93,18 @@ class MaskedLM:
         ]
 
     def _mask(self, ids: torch.Tensor, rows: list[dict], seed: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.word_starts
+        if self.cjk_words is not None:
+            starts = self.cjk_words.starts(ids, self.word_starts)  # (B, T)
         if not self.static:
             gen = masking.dynamic_mask_generator(*seed)
-            return masking.mask_tokens(ids, self.special, self.rate, gen, self.word_starts)
+            return masking.mask_tokens(ids, self.special, self.rate, gen, starts)
         masked, labels = [], []
         for i, row in enumerate(rows):
             key = int.from_bytes(np.asarray(row["input_ids"][:16], dtype=np.int64).tobytes()[:8], "little") ^ row["doc_id"]
             gen = masking.static_mask_generator(self.seed, key)
-            m, lab = masking.mask_tokens(ids[i : i + 1], self.special, self.rate, gen, self.word_starts)
+            row_starts = starts[i : i + 1] if starts is not None and starts.dim() == 2 else starts
+            m, lab = masking.mask_tokens(ids[i : i + 1], self.special, self.rate, gen, row_starts)
             masked.append(m)
             labels.append(lab)
         return torch.cat(masked), torch.cat(labels)
@@ -157,7 +165,28 @@ class ObjectiveConfig(Section):
     )
     mask_rate: float = Field(0.15, gt=0, lt=1, description="share of non-special tokens selected for MLM")
     whole_word: bool = Field(False, description="select whole words instead of sub-word tokens")
+    word_segmenter: Literal["none", "jieba"] = Field(
+        "none", description="whole_word: cut runs of CJK characters into words with this segmenter (Chinese "
+        "BERT-wwm); none: each character is a word")
     static_masking: bool = Field(False, description="fixed mask per example (original BERT) instead of dynamic")
+
+    @model_validator(mode="after")
+    def _segmenter(self) -> ObjectiveConfig:
+        if self.word_segmenter != "none" and not self.whole_word:
+            raise ValueError(f"word_segmenter '{self.word_segmenter}' groups characters into words for whole-word "
+                             "masking: set whole_word true as well")
+        return self
+
+    def check_segmenter(self) -> str | None:
+        """A problem with the configured word segmenter on this machine (its package missing), or None."""
+        if self.word_segmenter == "none":
+            return None
+        import importlib.util
+
+        if importlib.util.find_spec(self.word_segmenter) is None:
+            return (f"objective.word_segmenter '{self.word_segmenter}': the {self.word_segmenter} package is not "
+                    f"installed (pip install {self.word_segmenter}, on every node)")
+        return None
 
     def pair_task(self, family: str) -> str | None:
         if self.pair == "auto":
@@ -167,4 +196,5 @@ class ObjectiveConfig(Section):
     def masking(self, pair: str | None, max_len: int) -> dict[str, Any]:
         """MaskedLM's options as the plain dict an objective spec carries (`spec["mlm"]`)."""
         return {"pair": pair, "max_len": max_len, "mask_rate": self.mask_rate, "whole_word": self.whole_word,
-                "static_masking": self.static_masking}
+                "static_masking": self.static_masking,
+                "word_segmenter": None if self.word_segmenter == "none" else self.word_segmenter}

@@ -1,10 +1,17 @@
 """Masked-LM masking for the BERT family: token-level or whole-word selection at the configured
 rate, BERT's 80/10/10 replacement, and seeded generators so that masks are reproducible (static:
 per example; dynamic: per epoch, step and rank).
+
+Whole words come from the tokenizer (a token starts a word or continues one), so an unspaced
+Chinese run is one word per character. With a word segmenter (`CJKWords`, jieba) the characters of
+each CJK run are regrouped into the segmenter's words, as Chinese BERT-wwm masks them.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +98,62 @@ def word_start_table(tok) -> np.ndarray:
     return table
 
 
+# the word segmenters whole-word masking can use for CJK runs (ObjectiveConfig.word_segmenter)
+SEGMENTERS = ("jieba",)
+
+
+def segmenter(name: str) -> Callable[[str], list[str]]:
+    """A function cutting a run of CJK characters into words. Raises ImportError naming the package."""
+    if name not in SEGMENTERS:
+        raise ValueError(f"unknown word segmenter '{name}' (known: {', '.join(SEGMENTERS)})")
+    try:
+        import jieba
+    except ImportError:
+        raise ImportError("word segmenter 'jieba' needs the jieba package: pip install jieba") from None
+    jieba.setLogLevel(logging.WARNING)  # else it logs its dictionary's loading from every process
+    return lambda text: jieba.lcut(text, HMM=True)
+
+
+class CJKWords:
+    """Word starts inside runs of CJK characters from a word segmenter. A token counts as a CJK
+    character when it decodes to exactly one ideograph (WordPiece here keeps each ideograph whole);
+    every maximal run of such tokens in a row is joined into text, cut by the segmenter, and only
+    its words' first characters start a word. Other tokens keep the tokenizer's word starts."""
+
+    def __init__(self, tok, segment: Callable[[str], list[str]]):
+        from cluster.data.tokenizer import CJK_IDEOGRAPHS
+
+        ideograph = re.compile(CJK_IDEOGRAPHS)
+        size = max(len(tok), max(tok.get_vocab().values()) + 1)
+        self.chars = np.full(size, "", dtype=object)  # token id -> its ideograph, "" for others
+        special = set(tok.all_special_ids)
+        for token, token_id in tok.get_vocab().items():
+            if token_id in special:
+                continue
+            text = tok.convert_tokens_to_string([token]).strip()
+            if len(text) == 1 and ideograph.fullmatch(text):
+                self.chars[token_id] = text
+        self.is_cjk = self.chars != ""
+        self.segment = segment
+
+    def starts(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: where a word begins, for (B, T) `ids` and the tokenizer's bool[vocab] `table`."""
+        arr = ids.detach().cpu().numpy()
+        starts = table.cpu().numpy()[arr].copy()
+        cjk = self.is_cjk[arr]
+        for row in range(arr.shape[0]):
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], cjk[row].astype(np.int8), [0]])))
+            for a, b in zip(edges[::2], edges[1::2], strict=True):
+                if b - a < 2:
+                    continue
+                lengths = [len(w) for w in self.segment("".join(self.chars[arr[row, a:b]]))]
+                if sum(lengths) != b - a:  # a segmenter that changed the text: each character a word
+                    continue
+                starts[row, a:b] = False
+                starts[row, a + np.cumsum([0, *lengths[:-1]])] = True
+        return torch.from_numpy(starts)
+
+
 def _check_mask_args(input_ids: torch.Tensor, rate: float, random_ratio: float, keep_ratio: float) -> None:
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be in (0, 1), got {rate}")
@@ -113,9 +176,11 @@ def _select_words(
 ) -> torch.Tensor:
     """Select each whole word with probability `rate`, so each token is selected with probability
     `rate` too. A word is a start token plus the non-start tokens after it; a continuation token
-    with no start before it (row begins mid-word, or after a special) begins its own word."""
+    with no start before it (row begins mid-word, or after a special) begins its own word.
+    `word_starts`: bool[vocab], or (B, T) where a word segmenter placed the starts."""
     prev_candidate = torch.nn.functional.pad(candidate[:, :-1], (1, 0), value=False)  # (B, T)
-    begins = candidate & (word_starts.to(torch.bool)[ids] | ~prev_candidate)  # (B, T)
+    at = word_starts.to(torch.bool) if word_starts.dim() == 2 else word_starts.to(torch.bool)[ids]
+    begins = candidate & (at | ~prev_candidate)  # (B, T)
     word_index = torch.cumsum(begins.flatten(), 0) - 1  # (B*T,) word of each position, row-major
     chosen = torch.rand(int(begins.sum()), generator=generator) < rate  # (W,)
     if chosen.numel() == 0:
@@ -135,7 +200,7 @@ def mask_tokens(
     """BERT masking of a (B, T) batch; returns (masked_ids, labels), both (B, T) long.
 
     Each non-special token is selected independently with probability `rate` (with `word_starts`,
-    a bool[vocab] tensor, whole words are selected instead). Of the selected, `random_ratio` become
+    a bool[vocab] tensor or the (B, T) starts `CJKWords` gives, whole words are selected instead). Of the selected, `random_ratio` become
     a random non-special id, `keep_ratio` stay unchanged and the rest become `mask_id`. labels hold
     the original id at selected positions and -100 elsewhere; a row may have none selected.
 

@@ -72,6 +72,9 @@ def check_corpus(cfg: Any, corpus: Corpus, teacher: str, teacher_cfg: dict[str, 
         return None
     if tokenizer.mask_token is None:
         raise JobError(f"teacher '{teacher}': its tokenizer has no mask token, so it cannot fill masked tokens")
+    segmenter = cfg.objective.check_segmenter()
+    if segmenter:
+        raise JobError(segmenter)
     need = corpus.manifest["max_segment_tokens"] + 3  # [CLS] A [SEP] B [SEP]
     if context and need > context:
         raise JobError(f"corpus '{corpus.path}' has segments of up to {need - 3} tokens (+3 special), longer than the "

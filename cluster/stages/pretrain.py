@@ -85,6 +85,9 @@ def check_inputs(cfg: PretrainConfig, corpus: Corpus) -> None:
             )
         from transformers import PreTrainedTokenizerFast
 
+        segmenter = cfg.objective.check_segmenter()
+        if segmenter:
+            problems.append(segmenter)
         tok = PreTrainedTokenizerFast.from_pretrained(corpus.local_tokenizer_dir())
         if tok.mask_token is None:
             problems.append(

@@ -90,3 +90,41 @@ def test_a_bert_fills_masked_chinese_characters_above_the_unigram_baseline(zh_co
     masked = sentence[:3] + tok.mask_token + sentence[4:]
     answers = pipeline("fill-mask", model=ckpt, tokenizer=ckpt)(masked)
     assert len(answers) == 5 and any(ord(ch) in CJK for a in answers for ch in a["token_str"])
+
+
+def test_whole_word_masking_with_jieba_masks_whole_chinese_words_on_the_workers(zh_corpus):
+    # The corpus's own rows through pretraining's masking: every selected jieba word is selected
+    # whole. Then a short run on Ray Train workers with the segmenter (jieba imported there).
+    import torch
+    from transformers import AutoTokenizer
+
+    from cluster.objectives.lm import MaskedLM
+    from cluster.objectives.masking import segmenter
+
+    tok = AutoTokenizer.from_pretrained(zh_corpus.local_tokenizer_dir())
+    objective = MaskedLM(tok, None, 128, 0.3, whole_word=True, static=False, seed=0, word_segmenter="jieba")
+    table = pq.read_table(zh_corpus.shard_paths("train")[0], columns=["input_ids", "sentence_starts", "doc_id"])
+    batch = {k: np.array(table.column(k).to_pylist()[:64], dtype=object) for k in table.column_names}
+    inputs = objective.collate(batch, (0, 0, 0, 0))
+    ids, selected = inputs["input_ids"], inputs["labels"] != -100
+    original = torch.where(selected, inputs["labels"], ids)
+    cjk, cut, whole, split = objective.cjk_words.is_cjk, segmenter("jieba"), 0, 0
+    for row in range(ids.shape[0]):
+        is_cjk = cjk[original[row].numpy()]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], is_cjk.astype(np.int8), [0]])))
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            at = a
+            for word in cut("".join(objective.cjk_words.chars[original[row, a:b].numpy()])):
+                chosen = selected[row, at:at + len(word)]
+                whole += bool(chosen.all() and len(word) > 1)
+                split += bool(chosen.any() and not chosen.all())
+                at += len(word)
+    assert whole > 20 and split == 0, (whole, split)
+
+    cfg = load_config(PretrainConfig, os.path.join(REPO, "configs", "bert-tiny.yaml"),
+                      ["name=t-zh-wwm", "corpus=t-zh", "objective.whole_word=true", "objective.word_segmenter=jieba",
+                       "train.max_steps=30", "train.eval_every=30", "train.checkpoint_every=30",
+                       "train.eval_batches=4", "scaling.threads_per_worker=2"])
+    with open(pretrain_job.run(cfg)) as f:
+        summary = json.load(f)
+    assert summary["steps"] == 30 and summary["final"]["metrics"]["val_mlm_loss"] > 0

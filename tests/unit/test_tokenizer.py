@@ -106,3 +106,60 @@ def test_wordpiece_byte_pieces_are_vocabulary_not_special_tokens(wordpiece):
     assert sorted(wordpiece.all_special_tokens) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     ids = wordpiece("a ##b x")["input_ids"]
     assert wordpiece.convert_ids_to_tokens(ids)[1:-1] == ["a", "#", "#", "b", "x"]
+
+
+def test_a_word_segmenter_masks_whole_chinese_words_and_english_words_as_before():
+    # Chinese BERT-wwm: the characters of a CJK run are grouped into jieba's words, so a selected word
+    # is masked with all its characters; without a segmenter each character is its own word.
+    import numpy as np
+    import torch
+
+    from cluster.objectives.masking import CJKWords, SpecialTokens, mask_tokens, segmenter, word_start_table
+
+    sentence = "我们喜欢自然语言处理和机器学习。"
+    texts = ENGLISH + [sentence, "今天天气很好，我们去公园散步。"] * 50
+    tok = train_tokenizer(texts, TokenizerConfig(kind="wordpiece", vocab_size=1200, min_frequency=1))
+    cut = segmenter("jieba")
+    words = CJKWords(tok, cut)
+    ids = torch.tensor([tok(sentence + " hello world")["input_ids"]])
+    table = torch.from_numpy(word_start_table(tok))
+    starts = words.starts(ids, table)[0].tolist()
+    chars = [c for c in sentence if c != "。"]
+    offsets, at = set(), 0
+    for w in cut("".join(chars)):
+        offsets.add(at)
+        at += len(w)
+    assert len(offsets) < len(chars)  # jieba found words of more than one character
+    # position 0 is [CLS]; the characters follow one token each, then 。, hello, world, [SEP]
+    assert [starts[1 + i] for i in range(len(chars))] == [i in offsets for i in range(len(chars))]
+    assert starts[len(chars) + 1:] == table[ids[0, len(chars) + 1:]].tolist()
+
+    special = SpecialTokens.from_tokenizer(tok)
+    batch = ids.repeat(200, 1)
+    masked, labels = mask_tokens(batch, special, 0.3, torch.Generator().manual_seed(0),
+                                 words.starts(batch, table))
+    selected = (labels != -100)[:, 1:1 + len(chars)].numpy()
+    bounds = sorted(offsets) + [len(chars)]
+    words_at = list(zip(bounds[:-1], bounds[1:], strict=True))
+    for a, b in words_at:  # every word is selected whole or not at all
+        assert np.all(selected[:, a:b].all(axis=1) | ~selected[:, a:b].any(axis=1))
+    assert selected.any() and not selected.all()
+    every_char, _ = mask_tokens(batch, special, 0.3, torch.Generator().manual_seed(0), table)
+    split = (every_char != batch)[:, 1:1 + len(chars)].numpy()  # per-character words: some split
+    assert any(split[:, a:b].any(axis=1).sum() > split[:, a:b].all(axis=1).sum() for a, b in words_at if b - a > 1)
+
+
+def test_a_word_segmenter_needs_whole_word_masking_and_its_package(monkeypatch):
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from cluster.objectives.lm import ObjectiveConfig
+
+    with pytest.raises(ValidationError, match="set whole_word true as well"):
+        ObjectiveConfig(word_segmenter="jieba")
+    cfg = ObjectiveConfig(word_segmenter="jieba", whole_word=True)
+    assert cfg.check_segmenter() is None and cfg.masking(None, 64)["word_segmenter"] == "jieba"
+    assert ObjectiveConfig().masking(None, 64)["word_segmenter"] is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "the jieba package is not installed (pip install jieba" in cfg.check_segmenter()
