@@ -8,6 +8,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -324,7 +325,16 @@ def test_a_sweep_over_distillation_searches_the_soft_targets_and_publishes_the_b
         "distill.train.eval_every=15", "distill.scaling.threads_per_worker=1", "scheduler.kind=fifo",
         "distill.optim.lr=3e-3",
         "search={distill.alpha: {grid: [0.2, 0.9]}, student.layers: {grid: [1]}}", "num_samples=1"])
-    s = summary_of(sweep_job.run(cfg))
+    from cluster import registry
+
+    try:
+        s = summary_of(sweep_job.run(cfg))
+        _check_distill_sweep(s)
+    finally:  # the session's registry is served whole by tests/integration/test_serve.py: leave it as found
+        shutil.rmtree(registry.entry_path("t-sw-dist"), ignore_errors=True)
+
+
+def _check_distill_sweep(s: dict) -> None:
     with open(s["results"]) as f:
         rows = list(csv.DictReader(f))
     assert sorted(float(r["distill.alpha"]) for r in rows) == [0.2, 0.9] and all(r["status"] == "DONE" for r in rows)
