@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from cluster import registry, storage
-from cluster.checkpoints import TASKS, local_copy
+from cluster.checkpoints import TASKS
 from cluster.config import same_config
 from cluster.errors import JobError
 from cluster.runs import RunDir
@@ -110,11 +110,7 @@ def base_setup(cfg: SweepConfig, root: str | None, run: RunDir, fits: Any) -> tu
     from cluster.stages import distill as D
 
     d = cfg.distill
-    teacher = D.resolve_teacher(d.teacher, root)
-    teacher_cfg = D.base_config(local_copy(teacher) if storage.is_uri(teacher) else teacher, key="distill.teacher",
-                                runs="a fine-tuning run")
-    D.check_teacher(d.task, teacher_cfg, teacher)
-    student = D.plan_student(d, teacher, teacher_cfg)
+    teacher, teacher_cfg, student = D.teacher_and_student(d, root)
     for key, domain in cfg.search.items():
         if key.startswith("student.") or key == "distill.hidden":
             for value in domain.values():
@@ -126,7 +122,7 @@ def base_setup(cfg: SweepConfig, root: str | None, run: RunDir, fits: Any) -> tu
     ft = d.as_finetune(teacher)
     ts = setup(ft, root, run, fits=fits)
     D.check_labels(teacher_cfg, ts.meta["labels"], teacher)
-    return ts, {**ts.meta, "teacher": teacher, "student": student}, ft
+    return ts, {**ts.meta, "teacher": teacher, "teacher_config": teacher_cfg, "student": student}, ft
 
 
 def publish_best(cfg: SweepConfig, ts: TaskSetup, best: dict[str, Any], trial_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -175,8 +171,7 @@ def finish(cfg: SweepConfig, run: RunDir, ts: TaskSetup, meta: dict[str, Any], r
     if cfg.distill is not None:
         from cluster.stages import distill as D
 
-        student = D.plan_student(D.DistillConfig.model_validate(trial_cfg), meta["teacher"],
-                                 D.base_config(local_copy(meta["teacher"])))
+        student = D.plan_student(D.DistillConfig.model_validate(trial_cfg), meta["teacher"], meta["teacher_config"])
         distilled = {"teacher": {"checkpoint": meta["teacher"], "params": student["teacher_params"],
                                  "layers": student["teacher_layers"]},
                      "student": {k: student[k] for k in ("init", "layers", "params")}}

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from cluster import storage
-from cluster.checkpoints import local_copy
 from cluster.data.ingest import epoch_datasets, quiet_data_logs
 from cluster.stages.finetune import FinetuneConfig, plan_run, run_worker
 from cluster.train.session import quiet_exit_on_sigterm
@@ -63,7 +62,7 @@ def trial_main(config: dict[str, Any], base: dict[str, Any], meta: dict[str, Any
 
         cfg = D.DistillConfig.model_validate(cfg_dict)
         # this trial's student: its shape may be searched (checked against the teacher before the sweep)
-        meta = {**meta, "student": D.plan_student(cfg, meta["teacher"], D.base_config(local_copy(meta["teacher"])))}
+        meta = {**meta, "student": D.plan_student(cfg, meta["teacher"], meta["teacher_config"])}
     else:
         cfg = FinetuneConfig.model_validate(cfg_dict)
     run_dir = storage.join(sweep_dir, os.path.basename(ctx.get_trial_dir().rstrip("/")))

@@ -216,14 +216,20 @@ def score_teacher(loop: Any, teacher: Any, plan: Plan, meta: dict[str, Any], ran
                                   {"checkpoint": meta["teacher"], "metrics": {f"val_{k}": v for k, v in scores.items()}})
 
 
-def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
-    t0 = time.time()
-    run = RunDir("distill", cfg.name, root)
+def teacher_and_student(cfg: DistillConfig, root: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(the teacher's checkpoint, its config.json, the student planned against it), all checked
+    before Ray starts (jobs.distill and a distillation sweep)."""
     teacher = resolve_teacher(cfg.teacher, root)
     teacher_cfg = base_config(local_copy(teacher) if storage.is_uri(teacher) else teacher, key="teacher",
                               runs="a fine-tuning run")
     check_teacher(cfg.task, teacher_cfg, teacher)
-    student = plan_student(cfg, teacher, teacher_cfg)
+    return teacher, teacher_cfg, plan_student(cfg, teacher, teacher_cfg)
+
+
+def distill(cfg: DistillConfig, root: str | None = None) -> dict[str, Any]:
+    t0 = time.time()
+    run = RunDir("distill", cfg.name, root)
+    teacher, teacher_cfg, student = teacher_and_student(cfg, root)
     log.info("student: %d of the teacher's %d blocks (%s), %.2fM of %.2fM parameters", student["layers"],
              student["teacher_layers"], student["init"], student["params"] / 1e6, student["teacher_params"] / 1e6)
     if cfg.task in CORPUS_TASKS:
